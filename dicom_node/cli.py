@@ -1,0 +1,219 @@
+"""``dicom-node``: serve, demo, jobs, retry, status, and the ``rules`` and ``models`` groups.
+
+Every verb takes ``--config FILE`` after the verb (default: the embedded defaults, then
+``DICOM_NODE_<KEY>`` environment variables).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from dicom_node import __version__
+from dicom_node.config import ConfigError, NodeConfig, load_config
+
+LOGGER = logging.getLogger(__name__)
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="Node configuration YAML (default: embedded defaults + DICOM_NODE_* variables).",
+)
+
+
+def get_config(path: Path | None) -> NodeConfig:
+    """Load the configuration or exit with the precise error (exit code 2)."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at INFO: keep its noise (and any peer data) to warnings
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dicom-node")
+def main() -> None:
+    """A headless DICOM node serving AI segmentation: C-STORE in, DICOM SEG out."""
+
+
+@main.command()
+@config_option
+def serve(config_path: Path | None) -> None:
+    """Run the node in the foreground until SIGTERM/SIGINT (graceful stop)."""
+    config = get_config(config_path)
+    setup_logging(config.log_level)
+    from dicom_node.pipeline.node import Node
+
+    try:
+        node = Node(config)
+        node.start()
+    except OSError as exc:
+        raise click.ClickException(f"cannot start the node: {exc}") from exc
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        LOGGER.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    while not stop.wait(0.5):
+        pass
+    node.stop()
+
+
+@main.command()
+@config_option
+@click.option("--size", type=click.Choice(["256", "128"]), default="256", show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the demo's storage and the received SEG (default: a temp folder).")
+def demo(config_path: Path | None, size: str, seed: int, out: Path | None) -> None:
+    """The whole loop on one machine: node, synthetic thyroid study, SEG back, Dice printed."""
+    from dicom_node.demo import run_demo
+
+    config = get_config(config_path)
+    setup_logging("WARNING")
+    try:
+        report = run_demo(config, size=int(size), seed=seed, out=out)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    console = Console()
+    console.print(f"[bold green]SEG received[/] {report.seg_path}")
+    console.print(f"model {report.model} version {report.version}, rule {report.rule}")
+    console.print(f"time from C-STORE to SEG: {report.seconds:.2f} s")
+    for key, value in report.dice.items():
+        console.print(f"Dice {key}: {value:.3f}")
+
+
+def _open_store(config: NodeConfig) -> Any:
+    from dicom_node.jobstore import JobStore
+
+    if not (config.storage / "jobs.db").exists():
+        raise click.ClickException(
+            f"no job store at {config.storage / 'jobs.db'}: has a node run with this storage?"
+        )
+    return JobStore.open(config.storage)
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return ""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@main.command()
+@config_option
+@click.option("--failed", is_flag=True, help="Only failed jobs.")
+@click.option("--state", "states", multiple=True, help="Only jobs in this state (repeatable).")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--shadow", is_flag=True, help="Include shadow runs.")
+def jobs(config_path: Path | None, failed: bool, states: tuple[str, ...], limit: int,
+         as_json: bool, shadow: bool) -> None:
+    """List jobs, newest first: state, rule, model version, destinations, error."""
+    from dicom_node.jobstore import to_json
+
+    store = _open_store(get_config(config_path))
+    wanted = ["failed"] if failed else list(states)
+    rows = store.list_jobs(wanted or None, limit=limit, kind=None if shadow else "production")
+    if as_json:
+        for row in rows:
+            click.echo(to_json(row))
+        return
+    table = Table(title=f"jobs ({len(rows)} shown)")
+    for col in ("id", "state", "rule", "model", "to", "updated", "outcome / error"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        model = f"{r['model_name']}:{r['model_version']}" if r["model_version"] else (
+            r["model_ref"] or "")
+        if r["kind"] == "shadow":
+            model += " (shadow)"
+        table.add_row(str(r["id"]), r["state"], r["rule"] or "", model,
+                      ",".join(r["destinations"] or []), _when(r["updated_at"]),
+                      r["error"] or r["outcome"] or "")
+    Console().print(table)
+
+
+@main.command()
+@config_option
+@click.argument("job_id", type=int)
+def retry(config_path: Path | None, job_id: int) -> None:
+    """Re-queue a failed job (re-export its SEG if it was built, else run it again)."""
+    store = _open_store(get_config(config_path))
+    try:
+        job = store.retry(job_id)
+    except KeyError as exc:
+        raise click.ClickException(str(exc.args[0])) from exc
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"job {job_id} is {job['state']} again; a running node picks it up")
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Jobs by state, and the running node's readiness if it answers on http_port."""
+    config = get_config(config_path)
+    counts = _open_store(config).counts() if (config.storage / "jobs.db").exists() else {}
+    ready: Any
+    try:
+        url = f"http://127.0.0.1:{config.http_port}/readyz"
+        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (loopback only)
+            ready = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        ready = json.loads(exc.read() or b"{}")
+    except OSError:
+        ready = None
+    if as_json:
+        click.echo(json.dumps({"jobs": counts, "node": ready}, indent=1))
+        return
+    console = Console()
+    if ready is None:
+        console.print(f"node: [yellow]not answering[/] on http port {config.http_port}")
+    else:
+        flag = "[green]ready[/]" if ready.get("ready") else "[red]not ready[/]"
+        console.print(f"node: {flag}")
+        for name, check in ready.get("checks", {}).items():
+            console.print(f"  {name}: {'ok' if check['ok'] else 'FAIL'} - {check['detail']}")
+    table = Table(title=f"jobs in {config.storage}")
+    table.add_column("state")
+    table.add_column("jobs", justify="right")
+    for state, n in counts.items():
+        table.add_row(state, str(n))
+    console.print(table)
+
+
+def _add_groups() -> None:
+    from dicom_node.modelstore.cli import models
+    from dicom_node.routing.cli import rules
+
+    main.add_command(rules)
+    main.add_command(models)
+
+
+_add_groups()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The operator's HTTP port: ``GET /metrics`` (Prometheus), ``/healthz`` (alive), ``/readyz`` (ready).
+
+``/readyz`` answers 200 only when rules are loaded, every production model is loaded, and the SCP is
+listening; otherwise 503, and the JSON body says which check failed (including the last rule
+reload error), so an operator does not have to read logs to know why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from dicom_node.metrics import REGISTRY
+
+LOGGER = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], dict[str, tuple[bool, str]]]
+"""Returns ``{check name: (ok, detail)}``."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._send(200, b"ok\n", "text/plain")
+        elif path == "/readyz":
+            checks = self.server.readiness()
+            ready = all(ok for ok, _ in checks.values())
+            body = {"ready": ready, "checks": {k: {"ok": ok, "detail": d}
+                                               for k, (ok, d) in checks.items()}}
+            self._send(200 if ready else 503, json.dumps(body, indent=1).encode() + b"\n",
+                       "application/json")
+        else:
+            self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
+
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt: str, *args: object) -> None:
+        LOGGER.debug("http: " + fmt, *args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], readiness: ReadinessCheck) -> None:
+        self.readiness = readiness
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().server_bind()
+
+
+class HealthServer:
+    """Serves metrics and health in a background thread.
+
+    Parameters
+    ----------
+    host, port:
+        Where to listen; port 0 takes a free port (see :attr:`port`).
+    readiness:
+        Called on each ``/readyz``.
+    """
+
+    def __init__(self, host: str, port: int, readiness: ReadinessCheck) -> None:
+        self._server = _Server((host, port), readiness)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http",
+                                        daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,127 @@
+"""Assembly: route each new series on its header, then queue it when its rule says it is complete.
+
+Completion never depends on association release (pynetdicom #855): a series is complete when its
+rule's ``complete`` holds on what the job store has recorded, however the instances arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from dicom_node import metrics
+from dicom_node.jobstore import JobState, JobStore
+from dicom_node.pipeline.audit import AuditLog
+
+LOGGER = logging.getLogger(__name__)
+
+
+class Assembler:
+    """Moves jobs ``received -> routed | skipped`` and ``routed -> queued``.
+
+    Parameters
+    ----------
+    store:
+        The job store.
+    storage:
+        Root that the spool's relative paths start from.
+    ruleset:
+        Returns the active rule set (hot reload swaps it; a series keeps the decision it got).
+    default_idle:
+        Seconds of quiet that complete a series whose rule sets no ``complete``.
+    audit:
+        Where decisions are recorded.
+    """
+
+    def __init__(self, store: JobStore, storage: Path, ruleset: Callable[[], Any],
+                 default_idle: float, audit: AuditLog) -> None:
+        self.store = store
+        self.storage = Path(storage)
+        self.ruleset = ruleset
+        self.default_idle = default_idle
+        self.audit = audit
+
+    def tick(self) -> int:
+        """Route what arrived and queue what is complete; return the number of jobs queued."""
+        rules = self.ruleset()
+        if rules is not None:
+            for job in self.store.jobs_in(JobState.RECEIVED):
+                self._route(job, rules)
+        queued = 0
+        now = time.time()
+        for job in self.store.jobs_in(JobState.ROUTED):
+            queued += self._maybe_queue(job, now)
+        return queued
+
+    def _header(self, series_uid: str) -> pydicom.Dataset | None:
+        first = self.store.series_instances(series_uid)[:1]
+        if not first:
+            return None
+        return pydicom.dcmread(self.storage / first[0]["path"], stop_before_pixels=True)
+
+    def _route(self, job: dict[str, Any], rules: Any) -> None:
+        try:
+            header = self._header(job["series_uid"])
+            if header is None:
+                return
+            decision = rules.evaluate(header)
+        except Exception as exc:  # one unreadable series must not stop the others
+            LOGGER.exception("job %s: routing failed", job["id"])
+            self.store.skip(job["id"], f"routing failed: {exc}", None, rules.version)
+            self.audit.write("routing_failed", job=job["id"], error=str(exc))
+            return
+        matched = list(decision.matched)
+        if decision.discarded or not matched:
+            rule = matched[0].name if matched else None
+            outcome = f"discarded by rule {rule}" if decision.discarded else "no rule matched"
+            self.store.skip(job["id"], outcome, rule, rules.version)
+            metrics.ROUTING_DECISIONS.labels(rule=rule or "none").inc()
+            self.audit.write("skipped", job=job["id"], rule=rule, outcome=outcome,
+                             rules_version=rules.version, trace=_trace(decision))
+            LOGGER.info("job %s: %s", job["id"], outcome)
+            return
+        routes = [
+            {
+                "rule": r.name,
+                "model_ref": r.model,
+                "destinations": list(r.send_to),
+                "complete_instances": r.complete.instances if r.complete else None,
+                "complete_idle": r.complete.idle_seconds if r.complete else None,
+            }
+            for r in matched
+        ]
+        self.store.route(job["id"], routes, rules.version)
+        for r in matched:
+            metrics.ROUTING_DECISIONS.labels(rule=r.name).inc()
+        self.audit.write("routed", job=job["id"], rules=[r.name for r in matched],
+                         models=[r.model for r in matched], rules_version=rules.version,
+                         destinations=sorted({d for r in matched for d in r.send_to}))
+        LOGGER.info("job %s: routed by %s to %s", job["id"], matched[0].name, matched[0].model)
+
+    def _maybe_queue(self, job: dict[str, Any], now: float) -> int:
+        info = self.store.series_info(job["series_uid"])
+        if info is None:
+            return 0
+        need = job["complete_instances"]
+        idle = job["complete_idle"]
+        if need is None and idle is None:
+            idle = self.default_idle
+        complete = (need is not None and info["n_instances"] >= need) or (
+            idle is not None and now - info["last_received"] >= idle
+        )
+        if complete and self.store.queue(job["id"], info["n_instances"]):
+            metrics.SERIES_COMPLETED.inc()
+            LOGGER.info("job %s: series complete with %d instance(s), queued", job["id"],
+                        info["n_instances"])
+            return 1
+        return 0
+
+
+def _trace(decision: Any) -> Any:
+    to_dict = getattr(decision, "to_dict", None)
+    return to_dict() if callable(to_dict) else None

@@ -1,0 +1,79 @@
+"""Reading a spooled series back: source datasets in a stable order and their 2-D frames."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+LOGGER = logging.getLogger(__name__)
+
+
+class SeriesReadError(ValueError):
+    """A spooled instance cannot be decoded into frames (the job fails with this message)."""
+
+
+@dataclass(frozen=True)
+class SeriesFrames:
+    """A series ready for a 2-D model.
+
+    Attributes
+    ----------
+    sources:
+        The instances, sorted along the slice direction (or by InstanceNumber).
+    frames:
+        One 2-D array per frame, over ``sources`` in order (a multi-frame instance gives several).
+    """
+
+    sources: list[Dataset]
+    frames: list[np.ndarray]
+
+
+def _slice_key(ds: Dataset) -> tuple[float, float]:
+    """Sort along the normal of the image plane when geometry exists, else by InstanceNumber."""
+    number = float(getattr(ds, "InstanceNumber", 0) or 0)
+    ipp = getattr(ds, "ImagePositionPatient", None)
+    iop = getattr(ds, "ImageOrientationPatient", None)
+    if ipp is not None and iop is not None and len(ipp) == 3 and len(iop) == 6:
+        normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+        return float(np.dot(normal, np.asarray(ipp, float))), number
+    return number, 0.0
+
+
+def _frames_of(ds: Dataset, name: str) -> list[np.ndarray]:
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for bad pixel data
+        raise SeriesReadError(f"{name}: pixel data cannot be decoded: {exc}") from exc
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if samples > 1:  # colour: the models take one channel, so use luminance-like mean
+        pixels = pixels.mean(axis=-1)
+    if n_frames > 1 or pixels.ndim == 3:
+        return [np.asarray(f) for f in pixels.reshape(-1, *pixels.shape[-2:])]
+    return [np.asarray(pixels)]
+
+
+def read_series(paths: list[Path]) -> SeriesFrames:
+    """Read every instance of a series, sort them and return their frames.
+
+    Raises
+    ------
+    SeriesReadError
+        A file cannot be read or its pixel data decoded; the message names the file.
+    """
+    read: list[tuple[Dataset, str]] = []
+    for path in paths:
+        try:
+            read.append((pydicom.dcmread(path), path.name))
+        except Exception as exc:
+            raise SeriesReadError(f"{path.name}: not readable as DICOM: {exc}") from exc
+    read.sort(key=lambda pair: _slice_key(pair[0]))
+    frames: list[np.ndarray] = []
+    for ds, name in read:
+        frames.extend(_frames_of(ds, name))
+    return SeriesFrames(sources=[ds for ds, _ in read], frames=frames)

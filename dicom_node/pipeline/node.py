@@ -1,0 +1,180 @@
+"""The node: receiver, assembly, workers, model serving, rules and health, wired by the job store.
+
+apscheduler is the local driver (periodic polls of the job store); it owns no job state, so a
+second process on the same job store would not fight over it. Workers are a bounded thread pool fed
+by atomic claims from the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicom_node import metrics
+from dicom_node.config import NodeConfig
+from dicom_node.http import HealthServer
+from dicom_node.jobstore import InstanceRow, JobState, JobStore
+from dicom_node.modelstore import ModelRunner, ModelStore, ServingModels
+from dicom_node.pipeline.assembly import Assembler
+from dicom_node.pipeline.audit import AuditLog
+from dicom_node.pipeline.worker import Worker
+from dicom_node.routing import ActiveRules, RulesWatcher, load_rules
+from dicom_node.scp import StorageSCP
+from dicom_node.spool import Spool
+
+LOGGER = logging.getLogger(__name__)
+
+METRICS_INTERVAL = 2.0
+"""Seconds between refreshes of the job-state gauges."""
+
+
+class Node:
+    """A running dicom-node. ``start()`` returns once it listens; ``stop()`` is graceful.
+
+    Parameters
+    ----------
+    config:
+        The resolved configuration (see :func:`dicom_node.config.load_config`).
+    """
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        config.storage.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore.open(config.storage)
+        self.audit = AuditLog(config.storage / "audit.log")
+        self.spool = Spool(config.storage)
+        self.model_store = ModelStore(config.models)
+        self.models = ServingModels(self.model_store, ModelRunner(threads=config.inference_threads),
+                                    interval=config.reload_interval)
+        self.rules = ActiveRules()
+        self.rules_watcher = RulesWatcher(
+            config.rules, self._load_rules, on_change=self.rules.set,
+            on_error=self.rules.set_error, interval=config.reload_interval,
+        )
+        self.assembler = Assembler(self.store, config.storage, lambda: self.rules.current,
+                                   config.default_idle_seconds, self.audit)
+        self.worker = Worker(config, self.store, self.models, self.audit)
+        self.scp = StorageSCP(config, self.spool, self._on_instance)
+        self.http = HealthServer(config.http_host, config.http_port, self.readiness)
+        self._pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="worker")
+        self._slots = threading.BoundedSemaphore(config.workers)
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+        self._stopping = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load rules and models, resume unfinished jobs, then listen for DICOM and HTTP."""
+        resumed = self.store.release_running()
+        if resumed:
+            LOGGER.info("resuming %d interrupted job(s)", resumed)
+        self.rules_watcher.start()
+        self.models.start()
+        self.http.start()
+        interval = self.config.poll_interval
+        self._scheduler.add_job(self._tick, "interval", seconds=interval, id="pipeline",
+                                max_instances=1, coalesce=True, next_run_time=_now())
+        self._scheduler.add_job(self._update_gauges, "interval", seconds=METRICS_INTERVAL,
+                                id="gauges", max_instances=1, coalesce=True)
+        self._scheduler.start()
+        self.scp.start()
+        LOGGER.info("dicom-node %s listening on DICOM port %d, HTTP port %d",
+                    self.config.ae_title, self.scp.port, self.http.port)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop accepting associations, let running jobs finish (or persist), then close."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        LOGGER.info("stopping: no new associations; finishing running jobs")
+        self.scp.stop()
+        self._scheduler.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.rules_watcher.stop()
+        self.models.stop()
+        self.http.stop()
+        self.store.close()
+        LOGGER.info("stopped")
+
+    @property
+    def dicom_port(self) -> int:
+        return int(self.scp.port)
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port
+
+    # -- stages -------------------------------------------------------------------------------
+    def _load_rules(self) -> Any:
+        return load_rules(self.config.rules, destinations=set(self.config.destinations),
+                          model_exists=self.model_store.model_exists)
+
+    def _on_instance(self, record: Any) -> None:
+        """SCP callback after fsync: the job row must exist before the SCP answers Success."""
+        self.store.record_instance(InstanceRow(**dataclasses.asdict(record)))
+
+    def _tick(self) -> None:
+        """One pass of the pipeline driver: route/queue, then hand due jobs to free workers."""
+        if self._stopping.is_set():
+            return
+        try:
+            self.assembler.tick()
+            self._dispatch()
+        except Exception:  # a bad pass must not kill the scheduler's job
+            LOGGER.exception("pipeline pass failed")
+
+    def _dispatch(self) -> None:
+        while not self._stopping.is_set() and self._slots.acquire(blocking=False):
+            job = self.store.claim()
+            if job is None:
+                self._slots.release()
+                return
+            self._pool.submit(self._run, job)
+
+    def _run(self, job: dict[str, Any]) -> None:
+        try:
+            self.worker.process(job)
+        finally:
+            self._slots.release()
+
+    def _update_gauges(self) -> None:
+        counts = self.store.counts()
+        for state, n in counts.items():
+            metrics.JOBS.labels(state=state).set(n)
+        metrics.QUEUE_DEPTH.set(counts[JobState.QUEUED.value])
+
+    def readiness(self) -> dict[str, tuple[bool, str]]:
+        """The checks behind ``/readyz``."""
+        rules = self.rules.current
+        rules_detail = f"rule set {rules.version} active" if rules is not None else "no rules"
+        if self.rules.error:
+            rules_detail += f"; last reload rejected: {self.rules.error}"
+        models_ok, models_detail = self.models.ready()
+        listening = bool(self.scp.listening) and not self._stopping.is_set()
+        return {
+            "rules": (rules is not None, rules_detail),
+            "models": (models_ok, models_detail),
+            "scp": (listening, f"port {self.scp.port}" if listening else "not listening"),
+        }
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until no job is waiting or running (for the demo and tests)."""
+        deadline = time.monotonic() + timeout
+        busy = {s.value for s in (JobState.RECEIVED, JobState.ROUTED, JobState.QUEUED,
+                                  JobState.RUNNING, JobState.EXPORTING)}
+        while time.monotonic() < deadline:
+            if not any(n for s, n in self.store.counts().items() if s in busy):
+                return True
+            time.sleep(0.1)
+        return False
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
