@@ -1,0 +1,353 @@
+"""The version manifest (``models/<name>/<version>/manifest.yaml``) as validated value objects.
+
+Everything the node needs to run a version without model-specific code is declared here: input
+tensor name and size, normalisation, output activation and threshold, and the segment list with
+coded concepts. Unknown keys are refused (typos must not silently change behaviour) and every
+error names the file and the field path, e.g.
+``models/thyroid-seg/2/manifest.yaml: output.threshold: Input should be less than 1 (got 1.5)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ruamel.yaml import YAML
+
+LOGGER = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.yaml"
+"""File name of the manifest inside a version folder."""
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(ValueError):
+    """A manifest is unreadable or invalid; the message names the file and the field path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Code(_Strict):
+    """A coded concept (value, coding scheme designator, meaning), e.g. SNOMED CT ``69748006``."""
+
+    value: str = Field(min_length=1, max_length=64)
+    scheme: str = Field(min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _value_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+
+class Normalization(_Strict):
+    """How a frame's intensities are scaled before the network.
+
+    ``percentile``: clip to the ``lower``/``upper`` percentiles and scale to [0, 1];
+    ``minmax``: scale min..max to [0, 1]; ``zscore``: subtract mean, divide by std;
+    ``fixed``: ``x * scale + offset``; ``none``: cast only.
+    """
+
+    method: Literal["percentile", "minmax", "zscore", "fixed", "none"]
+    lower: float | None = Field(None, ge=0, le=100)
+    upper: float | None = Field(None, ge=0, le=100)
+    scale: float | None = None
+    offset: float | None = None
+
+    @model_validator(mode="after")
+    def _params(self) -> Normalization:
+        allowed = {
+            "percentile": {"lower", "upper"},
+            "fixed": {"scale", "offset"},
+        }.get(self.method, set())
+        for param in ("lower", "upper", "scale", "offset"):
+            if getattr(self, param) is not None and param not in allowed:
+                raise ValueError(f"'{param}' is not a parameter of method '{self.method}'")
+        if self.method == "percentile":
+            lower = 0.0 if self.lower is None else self.lower
+            upper = 100.0 if self.upper is None else self.upper
+            if not lower < upper:
+                raise ValueError(f"lower must be below upper, got {lower} and {upper}")
+        if self.method == "fixed" and self.scale is None:
+            raise ValueError("method 'fixed' needs 'scale' (and optionally 'offset')")
+        return self
+
+
+class InputSpec(_Strict):
+    """The network input: ONNX input name, spatial size, channels, modalities, normalisation."""
+
+    name: str = Field(min_length=1)
+    size: tuple[int, int]
+    channels: int = Field(1, ge=1, le=16)
+    modalities: list[str] = Field(default_factory=list)
+    normalization: Normalization = Normalization(method="none")
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not all(1 <= v <= 8192 for v in value):
+            raise ValueError(f"size must be [rows, cols] between 1 and 8192, got {list(value)}")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, value: list[str]) -> list[str]:
+        return [v.strip().upper() for v in value]
+
+
+class OutputSpec(_Strict):
+    """The network output: ONNX output name, activation and binarisation threshold."""
+
+    name: str = Field(min_length=1)
+    activation: Literal["sigmoid", "softmax", "none"] = "sigmoid"
+    threshold: float = Field(0.5, gt=0, lt=1)
+
+
+class Segment(_Strict):
+    """One output segment: short key, label, output channel, codes, display colour."""
+
+    key: str
+    label: str = Field(min_length=1, max_length=64)
+    channel: int = Field(ge=0)
+    category: Code
+    type: Code
+    color: tuple[int, int, int] = (255, 0, 0)
+    description: str | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if not _KEY_RE.match(value):
+            raise ValueError(
+                f"key must be lower-case letters, digits or '_' starting with a letter "
+                f"(at most 32), got {value!r}"
+            )
+        return value
+
+    @field_validator("color")
+    @classmethod
+    def _color(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not all(0 <= c <= 255 for c in value):
+            raise ValueError(f"color must be three values 0-255, got {list(value)}")
+        return value
+
+
+class Manifest(_Strict):
+    """A model version's manifest. See ``models/README.md`` for every field."""
+
+    name: str
+    version: str
+    description: str = ""
+    created: str | None = None
+    model_file: str = "model.onnx"
+    sha256: str
+    input: InputSpec
+    output: OutputSpec
+    segments: list[Segment] = Field(min_length=1)
+    reference_data: str | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(
+                f"name must be 1-64 letters, digits, '.', '_' or '-' starting with a letter or "
+                f"digit, got {value!r}"
+            )
+        return value
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if isinstance(value, str) and not _NAME_RE.match(value):
+            raise ValueError(
+                f"version must be 1-64 letters, digits, '.', '_' or '-', got {value!r}"
+            )
+        return value
+
+    @field_validator("created", mode="before")
+    @classmethod
+    def _created(cls, value: Any) -> Any:
+        return value.isoformat() if hasattr(value, "isoformat") else value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _SHA_RE.match(value):
+            raise ValueError(f"sha256 must be 64 hex digits, got {value!r}")
+        return value
+
+    @field_validator("model_file", "reference_data")
+    @classmethod
+    def _relative(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        path = Path(value)
+        if path.is_absolute() or ".." in path.parts or not value.strip():
+            raise ValueError(f"must be a path inside the version folder, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _segments(self) -> Manifest:
+        keys = [s.key for s in self.segments]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"segments: duplicate key(s) {dupes}")
+        channels = [s.channel for s in self.segments]
+        dupes_c = sorted({c for c in channels if channels.count(c) > 1})
+        if dupes_c and self.output.activation == "softmax":
+            raise ValueError(f"segments: channel(s) {dupes_c} used twice with softmax")
+        if self.output.activation == "softmax" and 0 in channels:
+            raise ValueError("segments: with softmax, channel 0 is the background, not a segment")
+        return self
+
+    @property
+    def max_channel(self) -> int:
+        """The highest output channel any segment reads."""
+        return max(s.channel for s in self.segments)
+
+    def segment(self, key: str) -> Segment:
+        """Return the segment with ``key``; KeyError naming the known keys otherwise."""
+        for seg in self.segments:
+            if seg.key == key:
+                return seg
+        raise KeyError(f"segment {key!r} not in {[s.key for s in self.segments]}")
+
+    def contract(self) -> list[tuple[str, str, str, str, str, str, int]]:
+        """Return the output contract: what a PACS and the rules see of this version.
+
+        One tuple per segment, sorted by key: ``(key, label, category scheme, category value,
+        type scheme, type value, channel)``. Two versions with equal contracts are
+        interchangeable for consumers of their SEGs.
+        """
+        return sorted(
+            (
+                s.key,
+                s.label,
+                s.category.scheme,
+                s.category.value,
+                s.type.scheme,
+                s.type.value,
+                s.channel,
+            )
+            for s in self.segments
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the manifest as plain YAML-able data (tuples as lists)."""
+        return self.model_dump(mode="json")
+
+
+def contract_differences(old: Manifest, new: Manifest) -> list[str]:
+    """Return human-readable differences between two output contracts (empty when equal)."""
+    diffs: list[str] = []
+    old_by_key = {s.key: s for s in old.segments}
+    new_by_key = {s.key: s for s in new.segments}
+    for key in sorted(old_by_key.keys() - new_by_key.keys()):
+        diffs.append(f"segment {key!r} removed")
+    for key in sorted(new_by_key.keys() - old_by_key.keys()):
+        diffs.append(f"segment {key!r} added")
+    for key in sorted(old_by_key.keys() & new_by_key.keys()):
+        a, b = old_by_key[key], new_by_key[key]
+        for field in ("label", "channel"):
+            if getattr(a, field) != getattr(b, field):
+                diffs.append(
+                    f"segment {key!r} {field}: {getattr(a, field)!r} -> {getattr(b, field)!r}"
+                )
+        for field in ("category", "type"):
+            ca, cb = getattr(a, field), getattr(b, field)
+            if (ca.scheme, ca.value) != (cb.scheme, cb.value):
+                diffs.append(
+                    f"segment {key!r} {field}: {ca.scheme} {ca.value} -> {cb.scheme} {cb.value}"
+                )
+    return diffs
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    """Return ``source: field.path: message (got value); ...`` for a pydantic error."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (not part of the manifest; check the spelling)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        elif "input" in err and not isinstance(err["input"], dict | list) and "got" not in msg:
+            msg = f"{msg} (got {err['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_manifest(data: Any, source: str = "manifest") -> Manifest:
+    """Validate already-parsed manifest data.
+
+    Raises
+    ------
+    ManifestError
+        ``data`` is not a mapping or a field is invalid; the message names ``source`` and fields.
+    """
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source}: must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return Manifest(**data)
+    except ValidationError as exc:
+        raise ManifestError(format_validation_error(source, exc)) from exc
+
+
+def load_manifest(path: str | Path, check_folder: bool = True) -> Manifest:
+    """Read and validate a manifest.
+
+    Parameters
+    ----------
+    path:
+        The ``manifest.yaml`` file, or a version folder containing one.
+    check_folder:
+        Require the folder holding the manifest to be named like ``version`` (true for folders
+        inside the store; ``add`` takes folders named anything).
+
+    Returns
+    -------
+    Manifest
+        The validated manifest.
+
+    Raises
+    ------
+    ManifestError
+        The file is missing or unreadable, is not valid YAML, or a field is invalid. The message
+        starts with the file path and names the field path.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{path}: no manifest (expected {MANIFEST_FILE} here)") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: cannot read manifest: {exc}") from exc
+    try:
+        data = YAML(typ="safe").load(text)
+    except Exception as exc:  # ruamel raises many error types; all mean "not YAML"
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from exc
+    manifest = parse_manifest(data, str(path))
+    folder = path.parent.name
+    if check_folder and folder != manifest.version:
+        raise ManifestError(
+            f"{path}: version: must equal the version folder name {folder!r}, "
+            f"got {manifest.version!r}"
+        )
+    return manifest

@@ -1,0 +1,130 @@
+"""Evaluate a rule set on a series header, with a trace a person can read.
+
+Rules run in order (priority descending, then file, then position). Every rule whose conditions
+hold fires; a firing rule with ``stop`` (every discard rule) ends the evaluation. For each rule
+that did not fire, the trace records the first condition that failed and the value it saw.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dicom_node.routing.rules import Rule, RuleSet
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    """What happened to one rule during an evaluation.
+
+    Attributes
+    ----------
+    rule, priority, file, line:
+        The rule.
+    outcome:
+        ``fired``, ``failed`` (a condition did not hold) or ``not evaluated`` (an earlier
+        rule stopped the evaluation).
+    condition, condition_line, seen:
+        For ``failed``: the first condition that failed, its line and the value it saw
+        (``missing`` when the element is absent).
+    """
+
+    rule: str
+    priority: int
+    file: str
+    line: int
+    outcome: str
+    condition: str | None = None
+    condition_line: int | None = None
+    seen: str | None = None
+
+    def to_dict(self, include_values: bool = True) -> dict[str, Any]:
+        """JSON-ready form; ``include_values=False`` drops the header values seen."""
+        out = {"rule": self.rule, "priority": self.priority, "file": self.file,
+               "line": self.line, "outcome": self.outcome, "condition": self.condition,
+               "condition_line": self.condition_line}
+        if include_values:
+            out["seen"] = self.seen
+        return out
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """The result of evaluating a rule set on one header.
+
+    Attributes
+    ----------
+    matched:
+        Rules that fired, in order (the last one stopped evaluation if it has ``stop``).
+    discarded:
+        A discard rule fired: take no (further) action and say so in the audit log.
+    trace:
+        One entry per rule of the set, in evaluation order.
+    version:
+        The rule set's version.
+    """
+
+    matched: list[Rule]
+    discarded: bool
+    trace: list[TraceEntry] = field(default_factory=list)
+    version: str = ""
+
+    @property
+    def jobs(self) -> list[Rule]:
+        """The fired rules that run a model (what the node queues)."""
+        return [r for r in self.matched if r.model is not None]
+
+    @property
+    def rule_names(self) -> list[str]:
+        """Names of the fired rules (``[]`` when none)."""
+        return [r.name for r in self.matched]
+
+    def to_dict(self, include_values: bool = True) -> dict[str, Any]:
+        """JSON-ready form for the audit log and ``rules explain --json``."""
+        return {
+            "version": self.version,
+            "matched": [r.to_dict() for r in self.matched],
+            "discarded": self.discarded,
+            "trace": [t.to_dict(include_values) for t in self.trace],
+        }
+
+
+def evaluate(ruleset: RuleSet, header: Any) -> RoutingDecision:
+    """Evaluate ``ruleset`` on ``header`` (a pydicom Dataset or a mapping keyword -> value).
+
+    Returns
+    -------
+    RoutingDecision
+        Never raises for any header content: unreadable values make conditions false.
+    """
+    if not isinstance(header, Mapping) and not hasattr(header, "data_element"):
+        raise TypeError(
+            f"header must be a pydicom Dataset or a mapping of keyword -> value, "
+            f"got {type(header).__name__}"
+        )
+    matched: list[Rule] = []
+    trace: list[TraceEntry] = []
+    stopped_by: Rule | None = None
+    for rule in ruleset.rules:
+        base = {"rule": rule.name, "priority": rule.priority, "file": rule.file,
+                "line": rule.line}
+        if stopped_by is not None:
+            trace.append(TraceEntry(**base, outcome="not evaluated",
+                                    condition=f"stopped by '{stopped_by.name}'"))
+            continue
+        outcome = rule.conditions.evaluate(header)
+        if outcome.ok:
+            matched.append(rule)
+            trace.append(TraceEntry(**base, outcome="fired"))
+            if rule.stop:
+                stopped_by = rule
+        else:
+            trace.append(TraceEntry(**base, outcome="failed", condition=outcome.condition,
+                                    condition_line=outcome.line, seen=outcome.seen))
+    discarded = any(r.discard for r in matched)
+    LOGGER.debug("rules %s: fired %s", ruleset.version, [r.name for r in matched])
+    return RoutingDecision(matched, discarded, trace, ruleset.version)

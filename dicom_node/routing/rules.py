@@ -1,0 +1,244 @@
+"""Value objects of the routing rules: problems, completion, a rule, and the loaded rule set.
+
+A :class:`Rule` is built by :mod:`dicom_node.routing.loader` from one entry of a ``rules/*.yaml``
+file; it validates its own fields in ``__post_init__`` so that no half-valid rule can exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dicom_node.routing.conditions import AllOf
+
+if TYPE_CHECKING:
+    from dicom_node.routing.engine import RoutingDecision
+
+LOGGER = logging.getLogger(__name__)
+
+RULE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+"""Rule names: letters, digits, ``_ . -``; 1-64 characters (they appear in metrics and audit)."""
+
+MODEL_REF_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)(?:@([A-Za-z0-9_.-]+)|:([A-Za-z0-9_.-]+))$")
+"""``<model>@<alias>`` or ``<model>:<version>``."""
+
+RESERVED_NAMES = frozenset({"none"})
+"""Names a rule may not take (``none`` means "no rule" in test cases and metrics)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a rule file, pointing at the file, line and rule.
+
+    ``str()`` gives ``rules/thyroid.yaml:12: rule 'x': unknown operator 'regexp' ...``.
+    """
+
+    file: str
+    line: int | None
+    rule: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        who = f" rule '{self.rule}':" if self.rule else ""
+        return f"{where}:{who} {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the problem as a JSON-ready mapping."""
+        return {"file": self.file, "line": self.line, "rule": self.rule, "message": self.message}
+
+
+class RulesError(ValueError):
+    """A rule set is invalid; ``problems`` lists every problem found (all files, not the first)."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(str(p) for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the rules:\n{lines}")
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """Split ``name@alias`` / ``name:version`` into ``(name, alias, version)``.
+
+    Raises
+    ------
+    ValueError
+        ``ref`` does not have one of the two forms.
+    """
+    match = MODEL_REF_RE.match(ref) if isinstance(ref, str) else None
+    if match is None:
+        raise ValueError(
+            f"model must be '<model>@<alias>' or '<model>:<version>' "
+            f"(e.g. thyroid-seg@production), got {ref!r}"
+        )
+    return match.group(1), match.group(2), match.group(3)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """When a series is ready: after ``instances`` instances, or ``idle_seconds`` of quiet.
+
+    Both ``None`` means "the node's ``default_idle_seconds``". Both set: whichever holds first.
+    """
+
+    instances: int | None = None
+    idle_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.instances is not None and (
+            isinstance(self.instances, bool) or not isinstance(self.instances, int)
+            or self.instances < 1
+        ):
+            raise ValueError(f"instances must be a whole number >= 1, got {self.instances!r}")
+        if self.idle_seconds is not None and (
+            isinstance(self.idle_seconds, bool)
+            or not isinstance(self.idle_seconds, int | float)
+            or not 0 < self.idle_seconds <= 86400
+        ):
+            raise ValueError(
+                f"idle_seconds must be a number of seconds > 0 and <= 86400, "
+                f"got {self.idle_seconds!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return ``{instances, idle_seconds}``."""
+        return {"instances": self.instances, "idle_seconds": self.idle_seconds}
+
+    def describe(self) -> str:
+        """Human wording, e.g. ``after 1 instance(s)``."""
+        parts = []
+        if self.instances is not None:
+            parts.append(f"after {self.instances} instance(s)")
+        if self.idle_seconds is not None:
+            parts.append(f"after {self.idle_seconds:g} s without new instances")
+        return " or ".join(parts) if parts else "after the node's default idle time"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One routing rule: conditions on the header and what to do when they hold.
+
+    Attributes
+    ----------
+    name, priority, file, line:
+        Identity, order (higher first) and where it was written (file name within the rules
+        folder, 1-based line of the rule's first key).
+    conditions:
+        The ``when`` block as one :class:`~dicom_node.routing.conditions.AllOf`.
+    complete, model, send_to, stop, discard:
+        Actions. Exactly one of ``model`` and ``discard`` applies; a discard rule always stops.
+    position:
+        Index of the rule in its file (ties in priority are broken by file, then position).
+    """
+
+    name: str
+    priority: int
+    file: str
+    line: int
+    conditions: AllOf
+    complete: Completion = field(default_factory=Completion)
+    model: str | None = None
+    send_to: tuple[str, ...] = ()
+    stop: bool = False
+    discard: bool = False
+    position: int = 0
+    description: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not RULE_NAME_RE.match(self.name):
+            raise ValueError(
+                f"name must be 1-64 letters, digits, '_', '.' or '-', got {self.name!r}"
+            )
+        if self.name.lower() in RESERVED_NAMES:
+            raise ValueError(f"name {self.name!r} is reserved; choose another")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise TypeError(f"priority must be a whole number, got {self.priority!r}")
+        if self.discard:
+            if self.model is not None:
+                raise ValueError("a rule takes either 'model' or 'discard: true', not both")
+            if self.send_to:
+                raise ValueError("'send_to' has no effect on a discard rule; remove it")
+            if not self.stop:
+                raise ValueError("a discard rule always stops; remove 'stop: false'")
+        else:
+            if self.model is None:
+                raise ValueError("a rule needs 'model: <model>@<alias>' or 'discard: true'")
+            parse_model_ref(self.model)
+            if not self.send_to:
+                raise ValueError("'send_to' is required with 'model' (destination names)")
+
+    @property
+    def sort_key(self) -> tuple[int, str, int]:
+        """Evaluation order: priority descending, then file name, then position in the file."""
+        return (-self.priority, self.file, self.position)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return what the audit log and ``--json`` show of the rule."""
+        return {
+            "name": self.name,
+            "priority": self.priority,
+            "file": self.file,
+            "line": self.line,
+            "model": self.model,
+            "send_to": list(self.send_to),
+            "complete": self.complete.to_dict(),
+            "stop": self.stop,
+            "discard": self.discard,
+        }
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Every rule of a rules folder, in evaluation order, with the content hash of its files.
+
+    Attributes
+    ----------
+    rules:
+        Sorted by priority (descending), then file name, then position.
+    version:
+        Short content hash of the ``*.yaml`` files (``dicom_node_rules_info{version}``).
+    directory:
+        The folder the rules came from (display form).
+    files:
+        The file names that were read.
+    """
+
+    rules: tuple[Rule, ...]
+    version: str
+    directory: str = ""
+    files: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        ordered = tuple(sorted(self.rules, key=lambda r: r.sort_key))
+        object.__setattr__(self, "rules", ordered)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def get(self, name: str) -> Rule | None:
+        """Return the rule called ``name`` or ``None``."""
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        return None
+
+    def evaluate(self, header: Any) -> RoutingDecision:
+        """Evaluate the rules on a header (pydicom Dataset or mapping keyword -> value).
+
+        Returns
+        -------
+        RoutingDecision
+            The rules that fire (honouring ``stop``), whether a discard rule fired, and a
+            trace with the first failing condition of every rule that did not fire.
+        """
+        from dicom_node.routing.engine import evaluate
+
+        return evaluate(self, header)
+
+
+def is_mapping(value: Any) -> bool:
+    """True for a YAML mapping (ruamel's CommentedMap, dict)."""
+    return isinstance(value, Mapping)

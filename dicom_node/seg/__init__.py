@@ -1,0 +1,21 @@
+"""DICOM SEG results: value objects, deterministic UIDs and the highdicom builder.
+
+``build_seg(sources, masks, segments, algorithm)`` returns a BINARY ``highdicom.seg.Segmentation``
+for NM (including the multi-frame NM IOD highdicom 0.28 trips over), Secondary Capture and
+single- or multi-slice CT/MR series; see :mod:`dicom_node.seg.sop` for how NM is handled.
+"""
+
+from dicom_node.seg.content import ARTIFICIAL_INTELLIGENCE, AlgorithmInfo, Code, SegmentSpec
+from dicom_node.seg.sop import CONTENT_LABEL, build_seg
+from dicom_node.seg.uids import ai_series_description, seg_uids
+
+__all__ = [
+    "ARTIFICIAL_INTELLIGENCE",
+    "CONTENT_LABEL",
+    "AlgorithmInfo",
+    "Code",
+    "SegmentSpec",
+    "ai_series_description",
+    "build_seg",
+    "seg_uids",
+]

@@ -1,0 +1,75 @@
+"""Deterministic identifiers and labels of a SEG result.
+
+One SEG exists per (source series, rule, resolved model version). Its Series and SOP Instance UIDs
+are hashes of exactly that tuple, so re-exporting after a crash or a ``dicom-node retry`` sends the
+same instance again and the PACS replaces it instead of storing a duplicate. A new model version or
+another rule gives new UIDs: a different result is a different object.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydicom.uid import UID, generate_uid
+
+LOGGER = logging.getLogger(__name__)
+
+UID_NAMESPACE = "dicom-node/seg/v1"
+"""Mixed into every hash; bump only if the meaning of the derived UIDs ever has to change."""
+
+UID_PREFIX = "1.2.826.0.1.3680043.8.498."
+"""pydicom's UID root, under which ``generate_uid`` derives UIDs from a SHA-512 of the inputs."""
+
+SERIES_DESCRIPTION_MAX = 64
+"""SeriesDescription is LO: at most 64 characters."""
+
+
+def seg_uids(source_series_uid: str, rule: str, model: str, version: str) -> tuple[UID, UID]:
+    """Return ``(series_instance_uid, sop_instance_uid)`` of the SEG for one result.
+
+    Parameters
+    ----------
+    source_series_uid
+        SeriesInstanceUID of the segmented series.
+    rule
+        Name of the routing rule that asked for the segmentation.
+    model, version
+        Model name and *resolved* version (never an alias: an alias moves, a version does not).
+
+    Returns
+    -------
+    tuple of pydicom.uid.UID
+        Two distinct valid UIDs; equal inputs always give equal outputs.
+
+    Raises
+    ------
+    ValueError
+        If an argument is empty.
+    """
+    parts = {"source_series_uid": source_series_uid, "rule": rule, "model": model,
+             "version": version}
+    for name, value in parts.items():
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    sources = [UID_NAMESPACE, source_series_uid, rule, model, version]
+    series = generate_uid(prefix=UID_PREFIX, entropy_srcs=[*sources, "series"])
+    instance = generate_uid(prefix=UID_PREFIX, entropy_srcs=[*sources, "instance"])
+    return series, instance
+
+
+def ai_series_description(model: str, version: str) -> str:
+    """Return a SeriesDescription (at most 64 characters) that marks the series as AI-generated.
+
+    ``"AI segmentation (thyroid-seg v1) - not for diagnosis alone"``; shorter forms are used when
+    the model name is long, and the model name is cut last.
+    """
+    candidates = [
+        f"AI segmentation ({model} v{version}) - not for diagnosis alone",
+        f"AI segmentation ({model} v{version}) - not for diagnosis",
+        f"AI segmentation ({model} v{version})",
+        f"AI seg ({model} v{version})",
+    ]
+    for text in candidates:
+        if len(text) <= SERIES_DESCRIPTION_MAX:
+            return text
+    return f"AI seg ({model} v{version})"[: SERIES_DESCRIPTION_MAX - 1] + ")"

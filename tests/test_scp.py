@@ -1,0 +1,430 @@
+"""The C-ECHO/C-STORE SCP against real DCMTK peers, and pynetdicom SCUs for crafted bad input."""
+
+from __future__ import annotations
+
+import errno
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+)
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import NuclearMedicineImageStorage  # type: ignore[attr-defined]
+
+from dicom_node import metrics
+from dicom_node.config import NodeConfig
+from dicom_node.scp import (
+    STATUS_BAD_GEOMETRY,
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_MISSING_UID,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SUCCESS,
+    STATUS_TRUNCATED_PIXEL_DATA,
+    InstanceRecord,
+    StorageSCP,
+    encode_file_meta,
+    parse_header,
+)
+from dicom_node.spool import Spool
+from tests.helpers.dicom_factory import make_ct_series, make_nm, write_series
+from tests.helpers.peers import echoscu, storescu
+
+NODE_AE = "DICOMNODE"
+
+
+class Recorder:
+    """The ``on_instance`` callback: records, or raises ``error`` when set."""
+
+    def __init__(self) -> None:
+        self.records: list[InstanceRecord] = []
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, record: InstanceRecord) -> None:
+        if self.error is not None:
+            raise self.error
+        with self._lock:
+            self.records.append(record)
+
+
+class Node:
+    """A running StorageSCP with its spool folder and recorder."""
+
+    def __init__(self, scp: StorageSCP, recorder: Recorder, storage: Path) -> None:
+        self.scp = scp
+        self.recorder = recorder
+        self.storage = storage
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    def spooled(self) -> list[Path]:
+        return sorted((self.storage / "spool").rglob("*.dcm"))
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Start StorageSCPs on ephemeral loopback ports; all are stopped at teardown."""
+    started: list[StorageSCP] = []
+
+    def start(**overrides: Any) -> Node:
+        values: dict[str, Any] = {
+            "ae_title": NODE_AE, "host": "127.0.0.1", "port": 0,
+            "storage": tmp_path / f"var{len(started)}", "min_free_disk": 0,
+        }
+        values.update(overrides)
+        config = NodeConfig(**values)
+        recorder = Recorder()
+        scp = StorageSCP(config, Spool(config.storage), recorder)
+        started.append(scp)
+        scp.start()
+        return Node(scp, recorder, config.storage)
+
+    yield start
+    for scp in started:
+        scp.stop()
+
+
+@pytest.fixture
+def chunked_send() -> Iterator[None]:
+    """Let pynetdicom send a file's data set bytes as they are on disk (for crafted bytes)."""
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    yield
+    _config.STORE_SEND_CHUNKED_DATASET = previous
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The data set part of a DICOM file (after preamble and File Meta)."""
+    raw = path.read_bytes()
+    assert raw[128:132] == b"DICM"
+    group, element, vr, _, length = struct.unpack_from("<HH2sHL", raw, 132)
+    assert (group, element, vr) == (2, 0, b"UL")
+    return raw[144 + length :]
+
+
+def pynetdicom_store(
+    port: int, items: list[Dataset | Path], transfer_syntax: str = ExplicitVRLittleEndian,
+    calling_ae: str = "PYSCU",
+) -> list[int | None]:
+    """Send datasets or files over one association; return each status (None: no response)."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(NuclearMedicineImageStorage, transfer_syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+    assert assoc.is_established, "association was not established"
+    statuses: list[int | None] = []
+    try:
+        for item in items:
+            rsp = assoc.send_c_store(item)
+            statuses.append(int(rsp.Status) if rsp else None)
+    finally:
+        assoc.release()
+    return statuses
+
+
+def rejected(reason: str) -> float:
+    return metrics.REGISTRY.get_sample_value(
+        "dicom_node_instances_rejected_total", {"reason": reason}
+    ) or 0.0
+
+
+def counter(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels or None) or 0.0
+
+
+class TestEcho:
+    def test_echoscu_is_answered(self, start_node: Callable[..., Node]) -> None:
+        node = start_node()
+        result = echoscu(node.port, NODE_AE)
+        assert result.returncode == 0, result.stderr
+        assert node.scp.listening
+
+    def test_stop_closes_the_port(self, start_node: Callable[..., Node]) -> None:
+        node = start_node()
+        port = node.port
+        node.scp.stop()
+        assert not node.scp.listening
+        assert echoscu(port, NODE_AE).returncode != 0
+
+
+class TestStore:
+    def test_nm_files_are_spooled_byte_identical(
+        self, start_node: Callable[..., Node], tmp_path: Path
+    ) -> None:
+        node = start_node()
+        before = counter("dicom_node_instances_received_total")
+        files = write_series([make_nm(seed=i, frames=1 + i % 2) for i in range(4)], tmp_path / "in")
+        result = storescu(tmp_path / "in", node.port, NODE_AE)
+        assert result.returncode == 0, result.stderr
+        records = {r.sop_instance_uid: r for r in node.recorder.records}
+        assert len(records) == 4
+        assert counter("dicom_node_instances_received_total") == before + 4
+        for path in files:
+            src = pydicom.dcmread(path)
+            record = records[src.SOPInstanceUID]
+            assert record.path == (
+                f"spool/{src.StudyInstanceUID}/{src.SeriesInstanceUID}/{src.SOPInstanceUID}.dcm"
+            )
+            assert (record.study_uid, record.series_uid) == (
+                src.StudyInstanceUID, src.SeriesInstanceUID,
+            )
+            assert record.modality == "NM"
+            assert record.sop_class_uid == NuclearMedicineImageStorage
+            assert record.calling_ae == "STORESCU"
+            assert record.transfer_syntax == ExplicitVRLittleEndian
+            spooled = node.storage / record.path
+            assert record.size == spooled.stat().st_size
+            assert dataset_bytes(spooled) == dataset_bytes(path)
+            copy = pydicom.dcmread(spooled)
+            assert copy.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+            assert copy.file_meta.MediaStorageSOPInstanceUID == src.SOPInstanceUID
+            assert copy.file_meta.SourceApplicationEntityTitle == "STORESCU"
+            assert copy.pixel_array.shape == src.pixel_array.shape
+
+    def test_ct_series_in_implicit_vr(
+        self, start_node: Callable[..., Node], tmp_path: Path
+    ) -> None:
+        node = start_node()
+        write_series(make_ct_series(n_slices=3, rows=128, cols=128), tmp_path / "ct")
+        result = storescu(tmp_path / "ct", node.port, NODE_AE, extra_args=["-xi"])
+        assert result.returncode == 0, result.stderr
+        assert {r.modality for r in node.recorder.records} == {"CT"}
+        assert {r.transfer_syntax for r in node.recorder.records} == {ImplicitVRLittleEndian}
+        assert len(node.spooled()) == 3
+
+    @pytest.mark.parametrize(
+        "transfer_syntax", [DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
+    )
+    def test_deflate_and_big_endian_are_kept_as_sent(
+        self, start_node: Callable[..., Node], transfer_syntax: str
+    ) -> None:
+        node = start_node()
+        ds = make_nm(rows=64, cols=64, seed=str(transfer_syntax))
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        assert pynetdicom_store(node.port, [ds], transfer_syntax) == [STATUS_SUCCESS]
+        (spooled,) = node.spooled()
+        copy = pydicom.dcmread(spooled)
+        assert copy.file_meta.TransferSyntaxUID == transfer_syntax
+        assert copy.SOPInstanceUID == ds.SOPInstanceUID
+        assert (copy.pixel_array == ds.pixel_array).all()
+
+    def test_duplicate_is_stored_once(
+        self, start_node: Callable[..., Node], tmp_path: Path
+    ) -> None:
+        node = start_node()
+        (path,) = write_series([make_nm(seed="dup")], tmp_path / "in")
+        before = counter("dicom_node_instances_duplicate_total")
+        for _ in range(2):
+            result = storescu([path], node.port, NODE_AE)
+            assert result.returncode == 0, result.stderr
+        assert len(node.spooled()) == 1
+        assert counter("dicom_node_instances_duplicate_total") == before + 1
+        # the callback hears the resend too (idempotent job store heals a lost job row)
+        assert {r.path for r in node.recorder.records} == {node.recorder.records[0].path}
+
+    def test_sixteen_concurrent_senders(
+        self, start_node: Callable[..., Node], tmp_path: Path
+    ) -> None:
+        node = start_node(max_associations=16)
+        folders = []
+        for sender in range(16):
+            datasets = [
+                make_nm(rows=64, cols=64, seed=f"s{sender}", instance_number=i + 1)
+                for i in range(4)
+            ]
+            write_series(datasets, tmp_path / f"sender{sender}")
+            folders.append(tmp_path / f"sender{sender}")
+        results: dict[int, Any] = {}
+
+        def send(i: int) -> None:
+            results[i] = storescu(folders[i], node.port, NODE_AE, calling_ae=f"SENDER{i}")
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        failures = {i: r.stderr for i, r in results.items() if r.returncode != 0}
+        assert failures == {}
+        uids = [r.sop_instance_uid for r in node.recorder.records]
+        assert len(uids) == 64 and len(set(uids)) == 64
+        assert len(node.spooled()) == 64
+
+
+class TestBadInput:
+    """Each bad instance gets its own failure status; the node keeps serving."""
+
+    def assert_still_serving(self, node: Node, tmp_path: Path) -> None:
+        (good,) = write_series([make_nm(rows=32, cols=32, seed="good")], tmp_path / "good")
+        result = storescu([good], node.port, NODE_AE)
+        assert result.returncode == 0, result.stderr
+
+    def test_bytes_that_are_not_dicom(
+        self, start_node: Callable[..., Node], tmp_path: Path, chunked_send: None
+    ) -> None:
+        node = start_node()
+        ds = make_nm(rows=32, cols=32, seed="garbage")
+        path = tmp_path / "garbage.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        raw = path.read_bytes()
+        header_end = len(raw) - len(dataset_bytes(path))
+        path.write_bytes(raw[:header_end] + b"\xff\xff\x10\x00this is not a DICOM data set" * 7)
+        before = rejected("undecodable")
+        assert pynetdicom_store(node.port, [path]) == [STATUS_CANNOT_UNDERSTAND]
+        assert rejected("undecodable") == before + 1
+        assert node.spooled() == [] and node.recorder.records == []
+        self.assert_still_serving(node, tmp_path)
+
+    def test_truncated_pixel_data(self, start_node: Callable[..., Node], tmp_path: Path) -> None:
+        node = start_node()
+        ds = make_nm(rows=64, cols=64, seed="short")
+        ds.PixelData = ds.PixelData[: 64 * 64]  # half of what 16-bit 64x64 needs
+        before = rejected("truncated_pixel_data")
+        assert pynetdicom_store(node.port, [ds]) == [STATUS_TRUNCATED_PIXEL_DATA]
+        assert rejected("truncated_pixel_data") == before + 1
+        assert node.spooled() == []
+        self.assert_still_serving(node, tmp_path)
+
+    def test_stream_cut_inside_pixel_data(
+        self, start_node: Callable[..., Node], tmp_path: Path, chunked_send: None
+    ) -> None:
+        node = start_node()
+        path = tmp_path / "cut.dcm"
+        make_nm(rows=64, cols=64, seed="cut").save_as(path, enforce_file_format=True)
+        path.write_bytes(path.read_bytes()[:-1000])
+        assert pynetdicom_store(node.port, [path]) == [STATUS_TRUNCATED_PIXEL_DATA]
+        self.assert_still_serving(node, tmp_path)
+
+    @pytest.mark.parametrize(("rows", "cols"), [(0, 64), (64, 20000), (99999, 99999)])
+    def test_absurd_rows_columns(
+        self, start_node: Callable[..., Node], tmp_path: Path, rows: int, cols: int
+    ) -> None:
+        node = start_node()
+        ds = make_nm(rows=64, cols=64, seed=f"absurd{rows}")
+        ds.Rows, ds.Columns = rows, cols
+        assert pynetdicom_store(node.port, [ds]) == [STATUS_BAD_GEOMETRY]
+        assert node.spooled() == []
+        self.assert_still_serving(node, tmp_path)
+
+    @pytest.mark.parametrize(
+        ("keyword", "value"),
+        [("StudyInstanceUID", None), ("SeriesInstanceUID", None), ("StudyInstanceUID", "1.2.x")],
+    )
+    def test_missing_or_bad_uids(
+        self, start_node: Callable[..., Node], tmp_path: Path, keyword: str, value: str | None
+    ) -> None:
+        node = start_node()
+        ds = make_nm(rows=32, cols=32, seed=f"nouid{keyword}{value}")
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+        before = rejected("missing_uid")
+        # the good one on the same association is still served
+        good = make_nm(rows=32, cols=32, seed="after-bad")
+        assert pynetdicom_store(node.port, [ds, good]) == [STATUS_MISSING_UID, STATUS_SUCCESS]
+        assert rejected("missing_uid") == before + 1
+        assert [r.sop_instance_uid for r in node.recorder.records] == [good.SOPInstanceUID]
+
+    def test_unknown_calling_ae_is_rejected(
+        self, start_node: Callable[..., Node], tmp_path: Path
+    ) -> None:
+        node = start_node(allowed_callers=["ORTHANC", "STORESCU@127.0.0.1", "ECHOSCU@10.9.9.9"])
+        before = counter("dicom_node_associations_total", outcome="rejected")
+        refused = echoscu(node.port, NODE_AE, calling_ae="INTRUDER")
+        assert refused.returncode != 0
+        assert "Calling AE Title Not Recognized" in refused.stderr + refused.stdout
+        wrong_host = echoscu(node.port, NODE_AE, calling_ae="ECHOSCU")
+        assert wrong_host.returncode != 0
+        assert counter("dicom_node_associations_total", outcome="rejected") == before + 2
+        assert echoscu(node.port, NODE_AE, calling_ae="ORTHANC").returncode == 0
+        self.assert_still_serving(node, tmp_path)  # STORESCU from 127.0.0.1
+
+    def test_disk_guard_refuses_with_out_of_resources(
+        self, start_node: Callable[..., Node], tmp_path: Path
+    ) -> None:
+        node = start_node(min_free_disk="1000TB")
+        before = rejected("disk_full")
+        ds = make_nm(rows=32, cols=32, seed="full")
+        assert pynetdicom_store(node.port, [ds]) == [STATUS_OUT_OF_RESOURCES]
+        assert rejected("disk_full") == before + 1
+        assert node.spooled() == [] and node.recorder.records == []
+
+    @pytest.mark.parametrize(
+        ("error", "status"),
+        [
+            (RuntimeError("job store down"), STATUS_PROCESSING_FAILURE),
+            (OSError(errno.ENOSPC, "No space left on device"), STATUS_OUT_OF_RESOURCES),
+        ],
+    )
+    def test_callback_failure_is_not_success_and_resend_heals(
+        self, start_node: Callable[..., Node], error: BaseException, status: int
+    ) -> None:
+        node = start_node()
+        node.recorder.error = error
+        ds = make_nm(rows=32, cols=32, seed=f"cb{status}")
+        assert pynetdicom_store(node.port, [ds]) == [status]
+        node.recorder.error = None
+        assert pynetdicom_store(node.port, [ds]) == [STATUS_SUCCESS]
+        assert [r.sop_instance_uid for r in node.recorder.records] == [ds.SOPInstanceUID]
+        assert len(node.spooled()) == 1
+
+    def test_association_limit(self, start_node: Callable[..., Node]) -> None:
+        node = start_node(max_associations=1)
+        ae = AE(ae_title="HOLDER")
+        ae.add_requested_context(NuclearMedicineImageStorage)
+        held = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+        try:
+            assert held.is_established
+            result = echoscu(node.port, NODE_AE)
+            assert result.returncode != 0
+        finally:
+            held.release()
+        assert echoscu(node.port, NODE_AE).returncode == 0
+
+
+class TestParseHeader:
+    def test_encapsulated_pixel_data_is_not_measured(self) -> None:
+        ds = make_nm(rows=16, cols=16, seed="jpeg")
+        frame = b"\xff\xd8" + b"\x00" * 30 + b"\xff\xd9"
+        ds.PixelData = pydicom.encaps.encapsulate([frame])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        from pydicom.filewriter import write_dataset
+        from pydicom.filebase import DicomBytesIO
+
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_dataset(fp, ds)
+        header = parse_header(fp.getvalue(), JPEGBaseline8Bit)
+        assert header.pixel_data_length == -1
+        assert (header.rows, header.columns, header.modality) == (16, 16, "NM")
+
+    def test_deflated_bytes_that_do_not_inflate(self) -> None:
+        with pytest.raises(ValueError, match="does not inflate"):
+            parse_header(b"not deflate at all", DeflatedExplicitVRLittleEndian)
+        good = zlib.compressobj(wbits=-15)
+        assert good  # the happy path is covered end to end above
+
+    def test_file_meta_is_readable_by_pydicom(self, tmp_path: Path) -> None:
+        meta = encode_file_meta("1.2.840.10008.5.1.4.1.1.20", "1.2.3", ExplicitVRLittleEndian, "AE1")
+        path = tmp_path / "meta.dcm"
+        path.write_bytes(meta)
+        read = pydicom.filereader.read_file_meta_info(path)
+        assert read.MediaStorageSOPInstanceUID == "1.2.3"
+        assert read.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert read.SourceApplicationEntityTitle == "AE1"

@@ -1,0 +1,439 @@
+"""Training loop: U-Net, Dice + BCE loss, AdamW, per-epoch validation, early stopping.
+
+``train(config, out_dir)`` writes into ``out_dir``:
+
+- ``best.pt``: the checkpoint with the best validation score (state dict, config, data hash,
+  epoch, validation figures) - what ``export`` takes;
+- ``last.pt``: the last epoch's weights;
+- ``history.csv`` and ``history.json``: the learning curve (loss, validation Dice per segment,
+  learning rate, seconds per epoch);
+- ``split.json``: which cases and patients went to training and validation.
+
+Reproducible: the seed drives the split, the weight initialisation, the batch order and every
+augmentation (CPU; CUDA kernels may add non-determinism). The validation score is the mean of
+the per-segment Dice over the validation set (pixels pooled per segment).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ruamel.yaml import YAML
+
+from dicom_node.modelstore.manifest import InputSpec
+from training.data import Case, FrameDataset, SegmentRef, dataset_hash, load_dataset, patient_split
+from training.transforms import Compose, ToNetworkInput, build_augmentation
+from training.unet import build_unet, count_parameters
+
+LOGGER = logging.getLogger(__name__)
+
+REQUIRED_SECTIONS = ("model", "network", "data", "train")
+"""Top-level sections a training config must have."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced."""
+
+    out_dir: Path
+    best_checkpoint: Path
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, float]]
+    skipped: list[str]
+    stopped: str
+
+
+def load_config(path: Path | str) -> dict[str, Any]:
+    """Read a training config (YAML) and check its sections.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ValueError
+        A required section is missing or the model input is invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {str(path)!r} does not exist")
+    data = YAML(typ="safe").load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping, got {type(data).__name__}")
+    missing = [s for s in REQUIRED_SECTIONS if s not in data]
+    if missing:
+        raise ValueError(f"config {path} lacks section(s) {missing}; needs {list(REQUIRED_SECTIONS)}")
+    InputSpec(**data["model"]["input"])  # validates early, with pydantic's message
+    return data
+
+
+def segment_refs(config: dict[str, Any]) -> list[SegmentRef]:
+    """The config's segments, ordered by output channel."""
+    segs = sorted(config["model"]["segments"], key=lambda s: int(s["channel"]))
+    return [
+        SegmentRef(key=s["key"], label=s.get("label", ""), type_code=str(s["type"]["value"]))
+        for s in segs
+    ]
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy's legacy global state (transforms use their own generators)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def dice_bce_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    bce_weight: float = 1.0,
+    dice_weight: float = 1.0,
+    channel_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Binary cross-entropy (mean) plus soft Dice per channel (pooled over the batch).
+
+    ``channel_weights`` weighs each channel's Dice term (normalised to sum to the channel count).
+    """
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    probs = torch.sigmoid(logits)
+    dims = (0, 2, 3)
+    inter = (probs * target).sum(dims)
+    denom = probs.sum(dims) + target.sum(dims)
+    soft_dice = 1.0 - (2.0 * inter + 1.0) / (denom + 1.0)
+    if channel_weights is not None:
+        w = channel_weights * (len(channel_weights) / channel_weights.sum())
+        soft_dice = soft_dice * w
+    return bce_weight * bce + dice_weight * soft_dice.mean()
+
+
+def _collate(samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(np.stack([s["image"] for s in samples]))
+    masks = torch.from_numpy(np.stack([s["masks"] for s in samples]).astype(np.float32))
+    return images, masks
+
+
+def _worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        info.dataset.transform.set_random_state(int(info.seed % 2**32))
+
+
+def _validate(
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    device: torch.device,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch_size: int,
+) -> tuple[float, list[float]]:
+    """Validation loss and pooled Dice per channel (threshold 0.5)."""
+    net.eval()
+    losses, inter, total = [], None, None
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+            y = masks[i : i + batch_size].to(device)
+            logits = net(x)
+            losses.append(float(loss_fn(logits, y)) * len(x))
+            pred = (logits > 0).float()
+            bi = (pred * y).sum((0, 2, 3))
+            bt = pred.sum((0, 2, 3)) + y.sum((0, 2, 3))
+            inter = bi if inter is None else inter + bi
+            total = bt if total is None else total + bt
+    assert inter is not None and total is not None
+    dices = [(2 * float(a) / float(b)) if float(b) > 0 else 1.0 for a, b in zip(inter, total, strict=True)]
+    return sum(losses) / len(images), dices
+
+
+def _lr_at(epoch_progress: float, epochs: int, warmup: int, base: float) -> float:
+    """Linear warm-up then cosine decay to 2% of ``base``."""
+    if warmup > 0 and epoch_progress < warmup:
+        return base * max(epoch_progress / warmup, 0.05)
+    span = max(epochs - warmup, 1)
+    t = min((epoch_progress - warmup) / span, 1.0)
+    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(
+    config: dict[str, Any],
+    out_dir: Path | str,
+    *,
+    data_dir: Path | str | None = None,
+    skip_bad: bool = False,
+    config_path: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> TrainResult:
+    """Train a U-Net as ``config`` says and write checkpoints and the learning curve.
+
+    Parameters
+    ----------
+    config : dict
+        Parsed config (:func:`load_config`).
+    out_dir : path
+        Output folder (created).
+    data_dir : path, optional
+        Overrides ``config["data"]["train"]``.
+    skip_bad : bool
+        Skip (and list) bad cases instead of stopping at the first.
+    config_path : str, optional
+        Recorded in the checkpoint's provenance.
+    progress : callable, optional
+        ``progress(stage, done, total)`` for a progress bar (stages ``load``, ``epoch N``).
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    DataError
+        A bad case (without ``skip_bad``).
+    ValueError
+        No usable case, or fewer than two patients for a validation split.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(config.get("seed", 0))
+    seed_everything(seed)
+    tcfg = config["train"]
+    threads = tcfg.get("threads") or os.cpu_count() or 1
+    torch.set_num_threads(int(threads))
+    device = pick_device()
+    refs = segment_refs(config)
+    input_spec = InputSpec(**config["model"]["input"])
+
+    root = Path(data_dir or config["data"]["train"])
+    cases, skipped = load_dataset(
+        root,
+        refs,
+        skip_bad=skip_bad,
+        nifti_labels=config["data"].get("nifti_labels"),
+        progress=(lambda n: progress("load", n, 0)) if progress else None,
+    )
+    train_cases, val_cases = patient_split(cases, float(config["data"].get("val_fraction", 0.15)), seed)
+    if not val_cases:
+        raise ValueError(
+            f"validation split is empty: {len(cases)} case(s) from "
+            f"{len({c.patient_id for c in cases})} patient(s); need at least two patients"
+        )
+    _write_split(out / "split.json", train_cases, val_cases)
+    LOGGER.info(
+        "%d training frames, %d validation frames (%d skipped)",
+        sum(c.frames.shape[0] for c in train_cases),
+        sum(c.frames.shape[0] for c in val_cases),
+        len(skipped),
+    )
+
+    to_input = ToNetworkInput(input_spec)
+    augment = Compose([*build_augmentation(config.get("augment") or {}), to_input]).set_random_state(seed)
+    train_set = FrameDataset(train_cases, augment)
+    val_samples = [s for s in FrameDataset(val_cases, Compose([to_input]))]  # noqa: C416
+    val_x, val_y = _collate(val_samples)
+
+    net_cfg = config["network"]
+    net = build_unet(input_spec.channels, len(refs), int(net_cfg["depth"]), int(net_cfg["base_channels"]))
+    net = net.to(device).to(memory_format=torch.channels_last)
+    optimiser = torch.optim.AdamW(
+        net.parameters(), lr=float(tcfg["lr"]), weight_decay=float(tcfg.get("weight_decay", 1e-4))
+    )
+    weights = torch.tensor(
+        [float(tcfg.get("nodule_weight", 1.0)) if r.key == "nodule" else 1.0 for r in refs],
+        device=device,
+    )
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return dice_bce_loss(
+            logits, target, float(tcfg.get("bce_weight", 1.0)), float(tcfg.get("dice_weight", 1.0)), weights
+        )
+
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=int(tcfg["batch_size"]),
+        shuffle=True,
+        drop_last=len(train_set) > int(tcfg["batch_size"]),
+        collate_fn=_collate,
+        num_workers=int(tcfg.get("num_workers", 0)),
+        worker_init_fn=_worker_init,
+        generator=generator,
+        persistent_workers=False,
+    )
+    epochs = int(tcfg["epochs"])
+    warmup = int(tcfg.get("warmup_epochs", 0))
+    patience = int(tcfg.get("patience", epochs))
+    budget = float(tcfg.get("max_minutes", 1e9)) * 60.0
+    meta = {
+        "config": config,
+        "config_path": config_path,
+        "data_dir": str(root),
+        "data_hash": dataset_hash(cases),
+        "n_train_cases": len(train_cases),
+        "n_val_cases": len(val_cases),
+        "n_patients": len({c.patient_id for c in cases}),
+        "seed": seed,
+        "parameters": count_parameters(net),
+        "device": str(device),
+        "torch": torch.__version__,
+    }
+    history: list[dict[str, float]] = []
+    best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(net.state_dict())
+    started = time.monotonic()
+    stopped = "completed all epochs"
+    steps_per_epoch = max(len(loader), 1)
+    for epoch in range(1, epochs + 1):
+        net.train()
+        t0 = time.monotonic()
+        running, seen = 0.0, 0
+        for step, (x, y) in enumerate(loader):
+            # the schedule runs over the epochs or the time budget, whichever ends first, so a
+            # budget-limited run still ends at a low learning rate
+            done = max(
+                (epoch - 1 + step / steps_per_epoch) / epochs,
+                (time.monotonic() - started) / budget,
+            )
+            lr = _lr_at(done * epochs, epochs, warmup, float(tcfg["lr"]))
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            y = y.to(device)
+            optimiser.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x), y)
+            loss.backward()
+            optimiser.step()
+            running += float(loss.detach()) * len(x)
+            seen += len(x)
+            if progress:
+                progress(f"epoch {epoch}/{epochs}", step + 1, steps_per_epoch)
+        val_loss, val_dice = _validate(net, val_x, val_y, device, loss_fn, int(tcfg["batch_size"]))
+        score = float(np.mean(val_dice))
+        row: dict[str, float] = {
+            "epoch": epoch,
+            "train_loss": running / max(seen, 1),
+            "val_loss": val_loss,
+            **{f"val_dice_{r.key}": d for r, d in zip(refs, val_dice, strict=True)},
+            "val_score": score,
+            "lr": lr,
+            "seconds": time.monotonic() - t0,
+        }
+        history.append(row)
+        LOGGER.info(
+            "epoch %d: train loss %.4f, val loss %.4f, val Dice %s (%.0f s)",
+            epoch, row["train_loss"], val_loss, ", ".join(f"{d:.3f}" for d in val_dice), row["seconds"],
+        )
+        _write_history(out, history)
+        if score > best_score:
+            best_score, best_epoch = score, epoch
+            best_state = copy.deepcopy(net.state_dict())
+            _save(out / "best.pt", best_state, meta, epoch, row, history, net_cfg, input_spec, refs)
+        elapsed = time.monotonic() - started
+        if epoch - best_epoch >= patience:
+            stopped = f"early stop: no improvement for {patience} epochs"
+            break
+        if elapsed + row["seconds"] > budget and epoch < epochs:
+            stopped = f"time budget of {budget / 60:.0f} min reached"
+            break
+    _save(out / "last.pt", net.state_dict(), meta, len(history), history[-1], history, net_cfg, input_spec, refs)
+    # best.pt is rewritten with the complete history (the learning curve the report shows)
+    best_row = history[best_epoch - 1]
+    _save(out / "best.pt", best_state, meta, best_epoch, best_row, history, net_cfg, input_spec, refs)
+    LOGGER.info("best epoch %d, score %.4f; %s", best_epoch, best_score, stopped)
+    return TrainResult(
+        out_dir=out,
+        best_checkpoint=out / "best.pt",
+        best_epoch=best_epoch,
+        best_score=best_score,
+        history=history,
+        skipped=[str(e) for e in skipped],
+        stopped=stopped,
+    )
+
+
+def _save(
+    path: Path,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    epoch: int,
+    row: dict[str, float],
+    history: list[dict[str, float]],
+    net_cfg: dict[str, Any],
+    input_spec: InputSpec,
+    refs: list[SegmentRef],
+) -> None:
+    payload = {
+        "state_dict": state,
+        "network": {
+            "in_channels": input_spec.channels,
+            "out_channels": len(refs),
+            "depth": int(net_cfg["depth"]),
+            "base_channels": int(net_cfg["base_channels"]),
+        },
+        "epoch": epoch,
+        "validation": row,
+        "history": history,
+        **meta,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def _write_history(out: Path, history: list[dict[str, float]]) -> None:
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    with (out / "history.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _write_split(path: Path, train_cases: list[Case], val_cases: list[Case]) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "train": sorted(c.name for c in train_cases),
+                "val": sorted(c.name for c in val_cases),
+                "train_patients": len({c.patient_id for c in train_cases}),
+                "val_patients": len({c.patient_id for c in val_cases}),
+            },
+            indent=1,
+        )
+    )
+
+
+def load_checkpoint(path: Path | str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the network from a checkpoint; returns (network in eval mode, checkpoint dict).
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        The file is not a training checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "network" not in ckpt:
+        raise ValueError(f"{path} is not a training checkpoint (no state_dict/network)")
+    from training.unet import UNet
+
+    net = UNet(**ckpt["network"])
+    net.load_state_dict(ckpt["state_dict"])
+    net.eval()
+    return net, ckpt

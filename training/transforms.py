@@ -1,0 +1,250 @@
+"""Sample transforms: small callable classes, each owning its randomness.
+
+A sample is a dict ``{"image": (H, W) counts, "masks": bool (K, H, W), "case": str}``.
+Augmentations work on raw counts at the acquired matrix size; :class:`ToNetworkInput` comes last
+and applies the node's own :class:`~dicom_node.modelstore.processing.Preprocess` (resample to the
+manifest's input size, then normalise), so the network is trained on exactly what the node feeds
+it.
+
+Which augmentations are allowed is a question of anatomy: an anterior neck view is roughly
+left-right symmetric (the lobes differ, but either can be the larger), so left-right flips are
+allowed; up-down flips are not (the salivary glands are always above the thyroid, the isthmus in
+its lower half).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from dicom_node.modelstore.manifest import InputSpec
+from dicom_node.modelstore.processing import Preprocess, resize_bilinear
+
+LOGGER = logging.getLogger(__name__)
+
+Sample = dict[str, Any]
+
+
+class Randomizable:
+    """Mixin: the transform owns a ``numpy.random.Generator`` in ``self.R``."""
+
+    R: np.random.Generator = np.random.default_rng(0)
+
+    def set_random_state(self, seed: int | None = None) -> Randomizable:
+        """Re-seed this transform; returns ``self`` so it chains."""
+        self.R = np.random.default_rng(seed)
+        return self
+
+
+def _check_prob(prob: float) -> float:
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"prob must be between 0 and 1, got {prob!r}")
+    return float(prob)
+
+
+class RandCountScale(Randomizable):
+    """Simulate a shorter acquisition: keep each count with probability ``f`` (binomial thinning).
+
+    Thinning a Poisson image gives a Poisson image of ``f`` times the mean, so noise stays
+    physically right (multiplying the pixel values would not).
+
+    Parameters
+    ----------
+    prob : float
+        Probability of applying.
+    low, high : float
+        Range of the kept fraction ``f``, ``0 < low <= high <= 1``.
+    """
+
+    def __init__(self, prob: float = 0.5, low: float = 0.3, high: float = 1.0) -> None:
+        self.prob = _check_prob(prob)
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"low/high must satisfy 0 < low <= high <= 1, got {low!r}, {high!r}")
+        self.low, self.high = float(low), float(high)
+
+    def __call__(self, sample: Sample) -> Sample:
+        if self.R.random() >= self.prob:
+            return sample
+        image = np.asarray(sample["image"])
+        counts = np.clip(np.rint(image), 0, None).astype(np.int64)
+        fraction = self.R.uniform(self.low, self.high)
+        return {**sample, "image": self.R.binomial(counts, fraction).astype(np.float32)}
+
+
+class RandFlipLR(Randomizable):
+    """Flip image and masks left-right with probability ``prob`` (never up-down: see module doc)."""
+
+    def __init__(self, prob: float = 0.5) -> None:
+        self.prob = _check_prob(prob)
+
+    def __call__(self, sample: Sample) -> Sample:
+        if self.R.random() >= self.prob:
+            return sample
+        return {
+            **sample,
+            "image": np.ascontiguousarray(sample["image"][..., ::-1]),
+            "masks": np.ascontiguousarray(sample["masks"][..., ::-1]),
+        }
+
+
+def warp_affine(image: np.ndarray, matrix: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Bilinear resampling of the last two axes: ``out[p] = image[matrix @ p + offset]``.
+
+    Coordinates are (row, col) pixel centres; outside the image the value is 0.
+    """
+    arr = np.asarray(image, dtype=np.float32)
+    h, w = arr.shape[-2:]
+    rr, cc = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32),
+                         indexing="ij")
+    src_r = matrix[0, 0] * rr + matrix[0, 1] * cc + offset[0]
+    src_c = matrix[1, 0] * rr + matrix[1, 1] * cc + offset[1]
+    r0 = np.floor(src_r).astype(np.intp)
+    c0 = np.floor(src_c).astype(np.intp)
+    fr = (src_r - r0).astype(np.float32)
+    fc = (src_c - c0).astype(np.float32)
+    out = np.zeros(arr.shape, dtype=np.float32)
+    for dr, wr in ((0, 1.0 - fr), (1, fr)):
+        for dc, wc in ((0, 1.0 - fc), (1, fc)):
+            ri, ci = r0 + dr, c0 + dc
+            inside = (ri >= 0) & (ri < h) & (ci >= 0) & (ci < w)
+            vals = arr[..., np.clip(ri, 0, h - 1), np.clip(ci, 0, w - 1)]
+            out += vals * (wr * wc * inside)
+    return out
+
+
+class RandAffine(Randomizable):
+    """Small rotation, isotropic scaling and translation about the image centre.
+
+    Parameters
+    ----------
+    prob : float
+        Probability of applying.
+    rotate_deg : float
+        Rotation drawn from ``[-rotate_deg, rotate_deg]``.
+    scale : (float, float)
+        Zoom factor range (> 1 enlarges the anatomy).
+    translate : float
+        Shift drawn from ``[-translate, translate]`` times the image size, per axis.
+    """
+
+    def __init__(
+        self,
+        prob: float = 0.7,
+        rotate_deg: float = 12.0,
+        scale: Sequence[float] = (0.85, 1.15),
+        translate: float = 0.08,
+    ) -> None:
+        self.prob = _check_prob(prob)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale!r}")
+        self.rotate_deg, self.scale, self.translate = float(rotate_deg), tuple(scale), translate
+
+    def __call__(self, sample: Sample) -> Sample:
+        if self.R.random() >= self.prob:
+            return sample
+        image = np.asarray(sample["image"], dtype=np.float32)
+        h, w = image.shape[-2:]
+        angle = np.deg2rad(self.R.uniform(-self.rotate_deg, self.rotate_deg))
+        zoom = self.R.uniform(*self.scale)
+        shift = self.R.uniform(-self.translate, self.translate, size=2) * np.array([h, w])
+        ca, sa = np.cos(angle), np.sin(angle)
+        inverse = np.array([[ca, -sa], [sa, ca]]) / zoom
+        centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
+        offset = centre - inverse @ (centre + shift)
+        warped = warp_affine(image, inverse, offset)
+        masks = warp_affine(sample["masks"].astype(np.float32), inverse, offset) >= 0.5
+        return {**sample, "image": warped, "masks": masks}
+
+
+class RandBlur(Randomizable):
+    """Extra system blur: separable Gaussian with sigma drawn from ``[0, sigma_px]`` pixels."""
+
+    def __init__(self, prob: float = 0.3, sigma_px: float = 1.2) -> None:
+        self.prob = _check_prob(prob)
+        if sigma_px <= 0:
+            raise ValueError(f"sigma_px must be positive, got {sigma_px!r}")
+        self.sigma_px = float(sigma_px)
+
+    def __call__(self, sample: Sample) -> Sample:
+        if self.R.random() >= self.prob:
+            return sample
+        sigma = self.R.uniform(0.3, self.sigma_px)
+        radius = int(np.ceil(3 * sigma))
+        x = np.arange(-radius, radius + 1, dtype=np.float32)
+        kernel = np.exp(-0.5 * (x / sigma) ** 2)
+        kernel /= kernel.sum()
+        image = np.asarray(sample["image"], dtype=np.float32)
+        padded = np.pad(image, radius, mode="edge")
+        rows = sum(k * padded[i : i + image.shape[0], :] for i, k in enumerate(kernel))
+        out = sum(k * rows[:, i : i + image.shape[1]] for i, k in enumerate(kernel))
+        return {**sample, "image": np.asarray(out, dtype=np.float32)}
+
+
+class ToNetworkInput:
+    """The node's preprocessing for the image; masks resampled to the same grid.
+
+    Masks are resampled bilinearly and thresholded at 0.5, which mirrors what
+    :class:`~dicom_node.modelstore.processing.Postprocess` does on the way back.
+    """
+
+    def __init__(self, input_spec: InputSpec) -> None:
+        self.preprocess = Preprocess(input_spec)
+        self.size = tuple(input_spec.size)
+
+    def __call__(self, sample: Sample) -> Sample:
+        image = self.preprocess(np.asarray(sample["image"]))
+        masks = np.asarray(sample["masks"])
+        if masks.shape[-2:] != self.size:
+            masks = resize_bilinear(masks.astype(np.float32), self.size) >= 0.5
+        return {**sample, "image": image, "masks": masks.astype(np.float32)}
+
+
+class Compose:
+    """Apply transforms in order; failures name the transform and the case."""
+
+    def __init__(self, transforms: Sequence[Callable[[Sample], Sample]]) -> None:
+        self.transforms = list(transforms)
+
+    def set_random_state(self, seed: int) -> Compose:
+        """Seed every randomizable member from one seed; returns ``self``."""
+        seeds = np.random.SeedSequence(seed).spawn(len(self.transforms))
+        for transform, child in zip(self.transforms, seeds, strict=True):
+            if isinstance(transform, Randomizable):
+                transform.set_random_state(int(child.generate_state(1)[0]))
+        return self
+
+    def __call__(self, sample: Sample) -> Sample:
+        for transform in self.transforms:
+            try:
+                sample = transform(sample)
+            except Exception as exc:  # noqa: BLE001 - re-raised with context
+                raise RuntimeError(
+                    f"applying transform {type(transform).__name__} to case "
+                    f"{sample.get('case', '?')}"
+                ) from exc
+        return sample
+
+
+def build_augmentation(config: dict[str, Any]) -> list[Callable[[Sample], Sample]]:
+    """Augmentations from the config's ``augment`` mapping (see ``configs/thyroid.yaml``).
+
+    Keys: ``counts: {prob, low, high}``, ``flip_lr: prob``, ``affine: {prob, rotate_deg, scale,
+    translate}``, ``blur: {prob, sigma_px}``. Unknown keys raise ``ValueError``.
+    """
+    known = {"counts", "flip_lr", "affine", "blur"}
+    unknown = set(config) - known
+    if unknown:
+        raise ValueError(f"augment has unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+    out: list[Callable[[Sample], Sample]] = []
+    if config.get("counts"):
+        out.append(RandCountScale(**config["counts"]))
+    if config.get("blur"):
+        out.append(RandBlur(**config["blur"]))
+    if config.get("flip_lr"):
+        out.append(RandFlipLR(float(config["flip_lr"])))
+    if config.get("affine"):
+        out.append(RandAffine(**config["affine"]))
+    return out
