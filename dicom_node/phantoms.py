@@ -219,7 +219,11 @@ def _render(
         ncy = lobe["centre"][1] + u * sa2 + v * ca2
         ratio = shape_rng.uniform(0.8, 1.0)
         mask, t = _ellipsoid(
-            x, y, (ncx, ncy), (diam / 2, diam / 2 * ratio), shape_rng.uniform(0, np.pi),
+            x,
+            y,
+            (ncx, ncy),
+            (diam / 2, diam / 2 * ratio),
+            shape_rng.uniform(0, np.pi),
             _smooth_radius(shape_rng, 0.05, 3),
         )
         mask &= thyroid
@@ -228,9 +232,14 @@ def _render(
         depth = np.clip(t * 1.6, 0.0, 1.0)
         activity = activity * (1.0 - (1.0 - residual) * depth * mask)
         nodule |= mask
-        nodules.append({"diameter_mm": round(diam, 2), "residual": round(residual, 3),
-                        "centre_mm": [round(float(ncx), 2), round(float(ncy), 2)],
-                        "pixels": int(mask.sum())})
+        nodules.append(
+            {
+                "diameter_mm": round(diam, 2),
+                "residual": round(residual, 3),
+                "centre_mm": [round(float(ncx), 2), round(float(ncy), 2)],
+                "pixels": int(mask.sum()),
+            }
+        )
     hot = []
     for _ in range(anatomy["n_hot"]):
         lobe = lobes[int(shape_rng.integers(0, 2))]
@@ -251,12 +260,18 @@ def _render(
     for sign in (-1.0, 1.0):
         sx = gx + sign * rng.uniform(25.0, 45.0)
         sy = top - rng.uniform(15.0, 40.0)
-        _, t = _ellipsoid(x, y, (sx, sy), (rng.uniform(8, 16), rng.uniform(6, 11)),
-                          rng.uniform(-0.5, 0.5))
+        _, t = _ellipsoid(
+            x, y, (sx, sy), (rng.uniform(8, 16), rng.uniform(6, 11)), rng.uniform(-0.5, 0.5)
+        )
         extra += t * rng.uniform(0.1, 0.7) * peak
         if rng.random() < 0.4:
-            _, t = _ellipsoid(x, y, (sx + sign * rng.uniform(10, 25), sy - rng.uniform(20, 40)),
-                              (rng.uniform(10, 18), rng.uniform(14, 22)), 0.0)
+            _, t = _ellipsoid(
+                x,
+                y,
+                (sx + sign * rng.uniform(10, 25), sy - rng.uniform(20, 40)),
+                (rng.uniform(10, 18), rng.uniform(14, 22)),
+                0.0,
+            )
             extra += t * rng.uniform(0.1, 0.5) * peak
     marker = None
     if rng.random() < 0.7:
@@ -548,7 +563,9 @@ def write_cases(
     for i, item in enumerate(plan_cases(n, seed)):
         case_size = sizes[item["seed"] % len(sizes)]
         case = make_case(
-            item["seed"], case_size, patient_id=item["patient_id"],
+            item["seed"],
+            case_size,
+            patient_id=item["patient_id"],
             anatomy_seed=item["anatomy_seed"],
         )
         folders.append(write_case(case, out / item["case"]))

@@ -1,15 +1,15 @@
 """The node's DICOM listener: C-ECHO and C-STORE SCP writing raw bytes into the spool.
 
 The C-STORE handler never decodes and re-encodes a data set: it reads the few header elements it
-needs to validate and file the instance, writes the bytes as they came (behind a File Meta built from
-the request) into the :class:`~dicom_node.spool.Spool`, fsyncs, hands an :class:`InstanceRecord` to
-the injected ``on_instance`` callback (the job store) and only then answers Success. Every failure
-has its own status code (module constants ``STATUS_*``) and a ``reason`` label on
-``dicom_node_instances_rejected_total``; the handler never raises.
+needs to validate and file the instance, writes the bytes as they came (behind a File Meta built
+from the request) into the :class:`~dicom_node.spool.Spool`, fsyncs, hands an
+:class:`InstanceRecord` to the injected ``on_instance`` callback (the job store) and only then
+answers Success. Every failure has its own status code (module constants ``STATUS_*``) and a
+``reason`` label on ``dicom_node_instances_rejected_total``; the handler never raises.
 
 Example
 -------
->>> scp = StorageSCP(config, Spool(config.storage), jobstore.record_instance_from_scp)
+>>> scp = StorageSCP(config, Spool(config.storage), on_instance=records.append)
 >>> scp.start(); print(scp.port); ...; scp.stop()
 """
 
@@ -34,17 +34,17 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom import (
+    AE,
     ALL_TRANSFER_SYNTAXES,
     PYNETDICOM_IMPLEMENTATION_UID,
-    AE,
     AllStoragePresentationContexts,
     evt,
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import metrics
 from dicom_node.config import NodeConfig, TLSConfig
+from dicom_node.scp_transport import NodeAssociationServer
 from dicom_node.spool import InvalidUID, Spool, validate_uid
 
 LOGGER = logging.getLogger(__name__)
@@ -90,12 +90,21 @@ _TAG_PIXEL_DATA = 0x7FE00010
 _HEADER_TAGS: list[BaseTag | int] = [
     BaseTag(t)
     for t in (
-        _TAG_SOP_CLASS, _TAG_SOP_INSTANCE, _TAG_MODALITY, _TAG_STUDY, _TAG_SERIES,
-        _TAG_SAMPLES, _TAG_FRAMES, _TAG_ROWS, _TAG_COLUMNS, _TAG_BITS_ALLOCATED,
+        _TAG_SOP_CLASS,
+        _TAG_SOP_INSTANCE,
+        _TAG_MODALITY,
+        _TAG_STUDY,
+        _TAG_SERIES,
+        _TAG_SAMPLES,
+        _TAG_FRAMES,
+        _TAG_ROWS,
+        _TAG_COLUMNS,
+        _TAG_BITS_ALLOCATED,
     )
 ]
-_EXPLICIT_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
-                                b"UN", b"UR", b"UT", b"UV"})
+_EXPLICIT_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
 
 
 @dataclass(frozen=True)
@@ -171,6 +180,13 @@ def _int_value(ds: Any, tag: int) -> int | None:
     return None if value is None else int(value)
 
 
+@dataclass
+class _Walk:
+    last_tag: int = -1
+    count: int = 0
+    stopped: bool = False
+
+
 def parse_header(data: bytes, transfer_syntax: str) -> Header:
     """Read the handful of elements the receive path needs from an encoded data set.
 
@@ -201,13 +217,32 @@ def parse_header(data: bytes, transfer_syntax: str) -> Header:
             data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
         except zlib.error as exc:
             raise ValueError(f"deflated data set does not inflate: {exc}") from exc
+    if not data:
+        raise ValueError("the data set is empty")
     fp = io.BytesIO(data)
+    end = len(data)
+    walk = _Walk()
 
     def stop(tag: BaseTag, vr: str | None, length: int) -> bool:
-        return tag >= 0x7FE00008
+        # Called for every top-level element with fp at the start of its value: the cheapest
+        # place to notice bytes that only look like elements.
+        if tag <= walk.last_tag:
+            raise ValueError(f"element tags out of order at offset {fp.tell()}")
+        walk.last_tag = tag
+        if tag >= 0x7FE00008:
+            walk.stopped = True
+            return True
+        walk.count += 1
+        if length != 0xFFFFFFFF and fp.tell() + length > end:
+            raise ValueError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end")
+        return False
 
     try:
         ds = read_dataset(fp, implicit, little, stop_when=stop, specific_tags=_HEADER_TAGS)
+        if walk.count == 0:
+            raise ValueError("no data element before the pixel data")
+        if not walk.stopped and fp.tell() != end:
+            raise ValueError("the data set does not end where its elements end")
         header = Header(
             sop_class_uid=_str_value(ds, _TAG_SOP_CLASS),
             sop_instance_uid=_str_value(ds, _TAG_SOP_INSTANCE),
@@ -273,18 +308,22 @@ def check_header(header: Header, sop_class_uid: str, sop_instance_uid: str) -> N
             raise Refused(STATUS_MISSING_UID, "missing_uid", f"{name} is not valid: {why}")
     if header.sop_instance_uid != sop_instance_uid:
         raise Refused(
-            STATUS_DATASET_MISMATCH, "sop_mismatch",
+            STATUS_DATASET_MISMATCH,
+            "sop_mismatch",
             "SOPInstanceUID differs from the request's Affected SOP Instance UID",
         )
     if header.sop_class_uid is not None and header.sop_class_uid != sop_class_uid:
         raise Refused(
-            STATUS_DATASET_MISMATCH, "sop_mismatch",
+            STATUS_DATASET_MISMATCH,
+            "sop_mismatch",
             "SOPClassUID differs from the request's Affected SOP Class UID",
         )
     for name, value in (("Rows", header.rows), ("Columns", header.columns)):
         if value is not None and not 0 < value <= MAX_DIMENSION:
             raise Refused(
-                STATUS_BAD_GEOMETRY, "bad_geometry", f"{name} must be 1-{MAX_DIMENSION}, got {value}"
+                STATUS_BAD_GEOMETRY,
+                "bad_geometry",
+                f"{name} must be 1-{MAX_DIMENSION}, got {value}",
             )
     frames = 1 if header.number_of_frames is None else header.number_of_frames
     if frames < 1:
@@ -295,7 +334,8 @@ def check_header(header: Header, sop_class_uid: str, sop_instance_uid: str) -> N
     available = header.pixel_data_available or 0
     if length > available:
         raise Refused(
-            STATUS_TRUNCATED_PIXEL_DATA, "truncated_pixel_data",
+            STATUS_TRUNCATED_PIXEL_DATA,
+            "truncated_pixel_data",
             f"Pixel Data declares {length} bytes, only {available} arrived",
         )
     if header.rows is None or header.columns is None or header.bits_allocated is None:
@@ -305,7 +345,8 @@ def check_header(header: Header, sop_class_uid: str, sop_instance_uid: str) -> N
     expected = (bits + 7) // 8
     if length < expected:
         raise Refused(
-            STATUS_TRUNCATED_PIXEL_DATA, "truncated_pixel_data",
+            STATUS_TRUNCATED_PIXEL_DATA,
+            "truncated_pixel_data",
             f"Pixel Data has {length} bytes, the header needs {expected}",
         )
 
@@ -327,19 +368,21 @@ def encode_file_meta(
     Encoded directly (Explicit VR Little Endian, group length included) instead of through pydicom,
     because it runs on every C-STORE.
     """
-    body = b"".join((
-        _element(0x00020001, b"OB", b"\x00\x01"),
-        _element(0x00020002, b"UI", sop_class_uid.encode("ascii")),
-        _element(0x00020003, b"UI", sop_instance_uid.encode("ascii")),
-        _element(0x00020010, b"UI", transfer_syntax.encode("ascii")),
-        _element(0x00020012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
-        _element(0x00020013, b"SH", b"DICOM_NODE"),
-        *(
-            [_element(0x00020016, b"AE", source_ae.strip().encode("ascii", "replace"))]
-            if source_ae and source_ae.strip()
-            else []
-        ),
-    ))
+    body = b"".join(
+        (
+            _element(0x00020001, b"OB", b"\x00\x01"),
+            _element(0x00020002, b"UI", sop_class_uid.encode("ascii")),
+            _element(0x00020003, b"UI", sop_instance_uid.encode("ascii")),
+            _element(0x00020010, b"UI", transfer_syntax.encode("ascii")),
+            _element(0x00020012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
+            _element(0x00020013, b"SH", b"DICOM_NODE"),
+            *(
+                [_element(0x00020016, b"AE", source_ae.strip().encode("ascii", "replace"))]
+                if source_ae and source_ae.strip()
+                else []
+            ),
+        )
+    )
     group_length = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body))
     return b"\x00" * 128 + b"DICM" + group_length + body
 
@@ -441,7 +484,11 @@ def handle_store(event: evt.Event, ctx: StoreContext) -> int:
         if LOGGER.isEnabledFor(logging.DEBUG):
             LOGGER.debug(
                 "stored %s (%s) in %s, %d bytes, created=%s",
-                sop_instance, header.modality, stored.path, stored.size, stored.created,
+                sop_instance,
+                header.modality,
+                stored.path,
+                stored.size,
+                stored.created,
             )
         return STATUS_SUCCESS
     except Exception:  # the handler never raises: pynetdicom would answer a mute 0xC211
@@ -514,7 +561,9 @@ def handle_requested(event: evt.Event, policy: CallerPolicy | None) -> None:
     address = str(assoc.requestor.address)
     if policy.allows(calling_ae, address):
         return
-    LOGGER.warning("association from %s at %s rejected: calling AE not allowed", calling_ae, address)
+    LOGGER.warning(
+        "association from %s at %s rejected: calling AE not allowed", calling_ae, address
+    )
     metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
     # rejected-permanent, service-user, calling-AE-title-not-recognized
     assoc.acse.send_reject(0x01, 0x01, 0x03)
@@ -531,41 +580,6 @@ def handle_rejected(event: evt.Event) -> None:
     """Count an association pynetdicom rejected itself (e.g. too many associations)."""
     metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
     LOGGER.warning("association rejected (limit or negotiation)")
-
-
-class NodeAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with TCP_NODELAY on the listening and accepted sockets.
-
-    With Nagle on, each small PDU after a data PDU waits for the peer's delayed ACK (~40 ms); see
-    DESIGN.md, pitfalls.
-    """
-
-    handshake_timeout: float = 30.0
-    """Seconds a TLS handshake may take before the connection is dropped."""
-
-    def server_bind(self) -> None:
-        """Bind as pynetdicom does, with TCP_NODELAY set first."""
-        assert self.socket is not None
-        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().server_bind()
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        """Accept a connection, set TCP_NODELAY and wrap it in TLS when configured."""
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context:
-            previous = client.gettimeout()
-            client.settimeout(self.handshake_timeout)
-            try:
-                client = self.ssl_context.wrap_socket(client, server_side=True)
-            except (ssl.SSLError, OSError) as exc:
-                LOGGER.warning("TLS handshake with %s failed: %s", address[0], exc)
-                metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
-                client.close()
-                raise
-            client.settimeout(previous)
-        return client, address
 
 
 def build_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
@@ -664,13 +678,18 @@ class StorageSCP:
         )
         ae._servers.append(server)  # so that server.shutdown() finds itself there
         thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2},
-            name=f"dicom-node-scp:{server.server_address[1]}", daemon=True,
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"dicom-node-scp:{server.server_address[1]}",
+            daemon=True,
         )
         thread.start()
         self._ae, self._server, self._thread = ae, server, thread
         LOGGER.info(
-            "listening as %s on %s:%d%s", self.config.ae_title, self.config.host, self.port,
+            "listening as %s on %s:%d%s",
+            self.config.ae_title,
+            self.config.host,
+            self.port,
             " (TLS)" if ssl_context else "",
         )
 

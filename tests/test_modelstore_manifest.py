@@ -93,8 +93,8 @@ class TestLoadManifest:
     def test_folder_must_match_version(self, tmp_path: Path) -> None:
         path = _write(tmp_path, manifest_dict(version="2"), folder="1")
         with pytest.raises(ManifestError, match=r"version: must equal the version folder name '1'"):
-            load_manifest(path)
-        assert load_manifest(path, check_folder=False).version == "2"
+            load_manifest(path, check_folder=True)
+        assert load_manifest(path).version == "2"
 
     def test_model_file_must_stay_inside(self, tmp_path: Path) -> None:
         data = manifest_dict()

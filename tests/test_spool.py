@@ -62,6 +62,17 @@ class TestSpool:
         assert (tmp_path / first.path).read_bytes() == b"first"
         assert spool.bytes_used() == 5
 
+    def test_one_flush_mode_stores_and_repairs_a_short_copy(self, tmp_path: Path) -> None:
+        spool = Spool(tmp_path, fsync_directory=False)
+        first = spool.store(STUDY, SERIES, SOP, [b"complete file"])
+        assert first.created
+        (tmp_path / first.path).write_bytes(b"compl")  # what a crash before fsync can leave
+        again = spool.store(STUDY, SERIES, SOP, [b"complete file"])
+        assert not again.created and again.size == 13
+        assert (tmp_path / first.path).read_bytes() == b"complete file"
+        same = spool.store(STUDY, SERIES, SOP, [b"complete file"])
+        assert not same.created
+
     def test_concurrent_stores_of_one_instance_create_it_once(self, tmp_path: Path) -> None:
         spool = Spool(tmp_path)
         results = []

@@ -21,7 +21,12 @@ CONSOLE = Console(stderr=True)
 @contextmanager
 def _bar(description: str, total: int | None) -> Iterator[Callable[..., None]]:
     """A rich progress bar; yields ``update(done)`` or ``update(stage, done, total)``."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=CONSOLE, transient=False) as progress:
         task = progress.add_task(description, total=total)
         current = {"stage": description}
@@ -33,8 +38,8 @@ def _bar(description: str, total: int | None) -> Iterator[Callable[..., None]]:
             stage, done, total_ = args
             if stage != current["stage"]:
                 current["stage"] = str(stage)
-                progress.reset(task, total=int(total_) or None, description=str(stage))  # type: ignore[arg-type]
-            progress.update(task, completed=int(done))  # type: ignore[arg-type]
+                progress.reset(task, description=str(stage))
+            progress.update(task, completed=int(done), total=int(total_) or None)  # type: ignore[arg-type]
 
         yield update
 
@@ -57,11 +62,24 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--n", "n", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Number of studies.")
+@click.option(
+    "--n",
+    "n",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Number of studies.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Master seed.")
-@click.option("--size", "sizes", type=int, multiple=True, default=(256,), show_default=True,
-              help="Matrix size; repeat (--size 256 --size 128) to mix sizes.")
+@click.option(
+    "--size",
+    "sizes",
+    type=int,
+    multiple=True,
+    default=(256,),
+    show_default=True,
+    help="Matrix size; repeat (--size 256 --size 128) to mix sizes.",
+)
 def phantoms(out: Path, n: int, seed: int, sizes: tuple[int, ...]) -> None:
     """Write N synthetic thyroid scintigraphy studies to OUT/<case>/image.dcm + truth.npz."""
     from dicom_node.phantoms import write_cases
@@ -72,12 +90,27 @@ def phantoms(out: Path, n: int, seed: int, sizes: tuple[int, ...]) -> None:
 
 
 @main.command("train")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              default="training/configs/thyroid.yaml", show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("var/training/run"),
-              show_default=True, help="Output folder for checkpoints and the learning curve.")
-@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="Case folders (overrides data.train of the config).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default="training/configs/thyroid.yaml",
+    show_default=True,
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("var/training/run"),
+    show_default=True,
+    help="Output folder for checkpoints and the learning curve.",
+)
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Case folders (overrides data.train of the config).",
+)
 @click.option("--skip-bad", is_flag=True, help="Skip and list bad cases instead of stopping.")
 def train_cmd(config_path: str, out: Path, data_dir: Path | None, skip_bad: bool) -> None:
     """Train a U-Net from a config; writes best.pt, last.pt and history.csv/json to OUT."""
@@ -87,8 +120,14 @@ def train_cmd(config_path: str, out: Path, data_dir: Path | None, skip_bad: bool
     try:
         config = load_config(config_path)
         with _bar("load", None) as update:
-            result = train(config, out, data_dir=data_dir, skip_bad=skip_bad,
-                           config_path=config_path, progress=update)
+            result = train(
+                config,
+                out,
+                data_dir=data_dir,
+                skip_bad=skip_bad,
+                config_path=config_path,
+                progress=update,
+            )
     except (DataError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
         return
@@ -101,23 +140,39 @@ def train_cmd(config_path: str, out: Path, data_dir: Path | None, skip_bad: bool
 
 
 @main.command("export")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Version folder to write (model.onnx + manifest.yaml).")
+@click.option(
+    "--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Version folder to write (model.onnx + manifest.yaml).",
+)
 @click.option("--name", default=None, help="Model name (default: the config's model.name).")
 @click.option("--version", "version", default=None, help="Version (default: OUT's folder name).")
-@click.option("--report", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="report.json of an evaluation, copied into the manifest metrics.")
+@click.option(
+    "--report",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="report.json of an evaluation, copied into the manifest metrics.",
+)
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True)
-def export_cmd(checkpoint: Path, out: Path, name: str | None, version: str | None,
-               report: Path | None, opset: int) -> None:
+def export_cmd(
+    checkpoint: Path,
+    out: Path,
+    name: str | None,
+    version: str | None,
+    report: Path | None,
+    opset: int,
+) -> None:
     """Export a checkpoint to ONNX (parity-checked) with its manifest.yaml."""
     from training.export import ParityError, export_model
 
     try:
-        result = export_model(checkpoint, out, name=name, version=version, report=report,
-                              opset=opset)
+        result = export_model(
+            checkpoint, out, name=name, version=version, report=report, opset=opset
+        )
     except (ParityError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
         return
@@ -128,51 +183,82 @@ def export_cmd(checkpoint: Path, out: Path, name: str | None, version: str | Non
 
 
 @main.command("evaluate")
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              required=True, help="Version folder with model.onnx + manifest.yaml.")
-@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              required=True, help="Case folders with masks.")
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Version folder with model.onnx + manifest.yaml.",
+)
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Case folders with masks.",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--history", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="history.json of the training run (learning curves).")
+@click.option(
+    "--history",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="history.json of the training run (learning curves).",
+)
 @click.option("--skip-bad", is_flag=True, help="Skip and list bad cases instead of stopping.")
-def evaluate_cmd(model_dir: Path, data_dir: Path, out: Path, history: Path | None,
-                 skip_bad: bool) -> None:
+def evaluate_cmd(
+    model_dir: Path, data_dir: Path, out: Path, history: Path | None, skip_bad: bool
+) -> None:
     """Run the exported model on every case; write report.json, report.md and overlays."""
     from training.data import DataError
     from training.evaluate import evaluate
 
     try:
         with _bar("evaluate", None) as update:
-            report = evaluate(model_dir, data_dir, out, history=history, skip_bad=skip_bad,
-                              progress=update)
+            report = evaluate(
+                model_dir, data_dir, out, history=history, skip_bad=skip_bad, progress=update
+            )
     except (DataError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
         return
-    click.echo(json.dumps({"mean": report["mean"], "nodule_detection": report["nodule_detection"]},
-                          indent=1))
+    from training.evaluate import _jsonable
+
+    summary = {"mean": report["mean"], "nodule_detection": report.get("nodule_detection")}
+    click.echo(json.dumps(_jsonable(summary), indent=1))
     click.echo(f"report: {out / 'report.md'}")
 
 
 @main.command("publish")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--models", "models_root", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("models"), show_default=True, help="Model store root.")
+@click.option(
+    "--models",
+    "models_root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("models"),
+    show_default=True,
+    help="Model store root.",
+)
 @click.option("--alias", default=None, help="Point this alias (e.g. candidate) at the new version.")
-@click.option("--allow-contract-change", is_flag=True,
-              help="Accept segments that differ from the previous version's.")
-def publish_cmd(model_dir: Path, models_root: Path, alias: str | None,
-                allow_contract_change: bool) -> None:
+@click.option(
+    "--allow-contract-change",
+    is_flag=True,
+    help="Accept segments that differ from the previous version's.",
+)
+def publish_cmd(
+    model_dir: Path, models_root: Path, alias: str | None, allow_contract_change: bool
+) -> None:
     """Add MODEL_DIR to the model store (same checks as `dicom-node models add`)."""
+    from dicom_node.modelstore.store import ModelStoreError
     from training.publish import publish
 
     try:
-        resolved = publish(model_dir, models_root, alias=alias,
-                           allow_contract_change=allow_contract_change)
-    except (ValueError, FileNotFoundError, OSError) as exc:
+        resolved = publish(
+            model_dir, models_root, alias=alias, allow_contract_change=allow_contract_change
+        )
+    except (ModelStoreError, ValueError, OSError) as exc:
         _fail(str(exc))
         return
-    click.echo(f"published {resolved}")
+    via = f" as {resolved.alias}" if resolved.alias else ""
+    click.echo(f"published {resolved.ref}{via} to {resolved.path}")
 
 
 if __name__ == "__main__":

@@ -156,7 +156,9 @@ def _masks_from_seg(
         for ref in segments:
             if ref.key in number_for:
                 continue
-            if label in (ref.key.lower(), ref.label.lower()) or (ref.type_code and code == ref.type_code):
+            if label in (ref.key.lower(), ref.label.lower()) or (
+                ref.type_code and code == ref.type_code
+            ):
                 number_for[ref.key] = int(item.SegmentNumber)
                 break
     missing = [ref.key for ref in segments if ref.key not in number_for]
@@ -224,8 +226,12 @@ def _masks_from_nifti(
         arrays = [per_key[k] for k in keys]
     else:
         label_file = next(
-            (folder / f"{n}{s}" for n in LABEL_MAP_NAMES for s in NIFTI_SUFFIXES
-             if (folder / f"{n}{s}").exists()),
+            (
+                folder / f"{n}{s}"
+                for n in LABEL_MAP_NAMES
+                for s in NIFTI_SUFFIXES
+                if (folder / f"{n}{s}").exists()
+            ),
             None,
         )
         if label_file is None:

@@ -52,9 +52,7 @@ def surface(mask: np.ndarray) -> np.ndarray:
     """Boolean map of the boundary pixels (4-connectivity; the image edge counts as outside)."""
     m = np.asarray(mask, dtype=bool)
     padded = np.pad(m, 1, constant_values=False)
-    interior = (
-        padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & m
-    )
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & m
     return m & ~interior
 
 
@@ -68,9 +66,7 @@ def _min_distances(src: np.ndarray, dst: np.ndarray, chunk: int = 2048) -> np.nd
     return out
 
 
-def hd95(
-    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] = (1.0, 1.0)
-) -> float:
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] = (1.0, 1.0)) -> float:
     """95th percentile Hausdorff distance in mm (see module doc for empty masks).
 
     Parameters
@@ -161,4 +157,8 @@ def case_metrics(
     pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] = (1.0, 1.0)
 ) -> dict[str, float]:
     """Dice, IoU and HD95 (mm) of one mask pair."""
-    return {"dice": dice(pred, truth), "iou": iou(pred, truth), "hd95_mm": hd95(pred, truth, spacing)}
+    return {
+        "dice": dice(pred, truth),
+        "iou": iou(pred, truth),
+        "hd95_mm": hd95(pred, truth, spacing),
+    }

@@ -34,7 +34,7 @@ from ruamel.yaml import YAML
 
 from dicom_node.modelstore.manifest import InputSpec
 from training.data import Case, FrameDataset, SegmentRef, dataset_hash, load_dataset, patient_split
-from training.transforms import Compose, ToNetworkInput, build_augmentation
+from training.transforms import Compose, RandCrop, ToNetworkInput, build_augmentation
 from training.unet import build_unet, count_parameters
 
 LOGGER = logging.getLogger(__name__)
@@ -74,7 +74,9 @@ def load_config(path: Path | str) -> dict[str, Any]:
         raise ValueError(f"config {path} must be a mapping, got {type(data).__name__}")
     missing = [s for s in REQUIRED_SECTIONS if s not in data]
     if missing:
-        raise ValueError(f"config {path} lacks section(s) {missing}; needs {list(REQUIRED_SECTIONS)}")
+        raise ValueError(
+            f"config {path} lacks section(s) {missing}; needs {list(REQUIRED_SECTIONS)}"
+        )
     InputSpec(**data["model"]["input"])  # validates early, with pydantic's message
     return data
 
@@ -157,7 +159,10 @@ def _validate(
             inter = bi if inter is None else inter + bi
             total = bt if total is None else total + bt
     assert inter is not None and total is not None
-    dices = [(2 * float(a) / float(b)) if float(b) > 0 else 1.0 for a, b in zip(inter, total, strict=True)]
+    dices = [
+        (2 * float(a) / float(b)) if float(b) > 0 else 1.0
+        for a, b in zip(inter, total, strict=True)
+    ]
     return sum(losses) / len(images), dices
 
 
@@ -226,7 +231,9 @@ def train(
         nifti_labels=config["data"].get("nifti_labels"),
         progress=(lambda n: progress("load", n, 0)) if progress else None,
     )
-    train_cases, val_cases = patient_split(cases, float(config["data"].get("val_fraction", 0.15)), seed)
+    train_cases, val_cases = patient_split(
+        cases, float(config["data"].get("val_fraction", 0.15)), seed
+    )
     if not val_cases:
         raise ValueError(
             f"validation split is empty: {len(cases)} case(s) from "
@@ -241,13 +248,24 @@ def train(
     )
 
     to_input = ToNetworkInput(input_spec)
-    augment = Compose([*build_augmentation(config.get("augment") or {}), to_input]).set_random_state(seed)
+    depth = int(config["network"]["depth"])
+    for side in (*input_spec.size, int(tcfg.get("crop") or 0)):
+        if side % 2**depth:
+            raise ValueError(
+                f"input size and train.crop must be divisible by 2**depth = {2**depth}, got {side}"
+            )
+    steps = [*build_augmentation(config.get("augment") or {}), to_input]
+    if tcfg.get("crop"):
+        steps.append(RandCrop(int(tcfg["crop"]), float(tcfg.get("crop_foreground", 0.8))))
+    augment = Compose(steps).set_random_state(seed)
     train_set = FrameDataset(train_cases, augment)
     val_samples = [s for s in FrameDataset(val_cases, Compose([to_input]))]  # noqa: C416
     val_x, val_y = _collate(val_samples)
 
     net_cfg = config["network"]
-    net = build_unet(input_spec.channels, len(refs), int(net_cfg["depth"]), int(net_cfg["base_channels"]))
+    net = build_unet(
+        input_spec.channels, len(refs), int(net_cfg["depth"]), int(net_cfg["base_channels"])
+    )
     net = net.to(device).to(memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(
         net.parameters(), lr=float(tcfg["lr"]), weight_decay=float(tcfg.get("weight_decay", 1e-4))
@@ -259,7 +277,11 @@ def train(
 
     def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return dice_bce_loss(
-            logits, target, float(tcfg.get("bce_weight", 1.0)), float(tcfg.get("dice_weight", 1.0)), weights
+            logits,
+            target,
+            float(tcfg.get("bce_weight", 1.0)),
+            float(tcfg.get("dice_weight", 1.0)),
+            weights,
         )
 
     generator = torch.Generator().manual_seed(seed)
@@ -334,7 +356,11 @@ def train(
         history.append(row)
         LOGGER.info(
             "epoch %d: train loss %.4f, val loss %.4f, val Dice %s (%.0f s)",
-            epoch, row["train_loss"], val_loss, ", ".join(f"{d:.3f}" for d in val_dice), row["seconds"],
+            epoch,
+            row["train_loss"],
+            val_loss,
+            ", ".join(f"{d:.3f}" for d in val_dice),
+            row["seconds"],
         )
         _write_history(out, history)
         if score > best_score:
@@ -348,10 +374,22 @@ def train(
         if elapsed + row["seconds"] > budget and epoch < epochs:
             stopped = f"time budget of {budget / 60:.0f} min reached"
             break
-    _save(out / "last.pt", net.state_dict(), meta, len(history), history[-1], history, net_cfg, input_spec, refs)
+    _save(
+        out / "last.pt",
+        net.state_dict(),
+        meta,
+        len(history),
+        history[-1],
+        history,
+        net_cfg,
+        input_spec,
+        refs,
+    )
     # best.pt is rewritten with the complete history (the learning curve the report shows)
     best_row = history[best_epoch - 1]
-    _save(out / "best.pt", best_state, meta, best_epoch, best_row, history, net_cfg, input_spec, refs)
+    _save(
+        out / "best.pt", best_state, meta, best_epoch, best_row, history, net_cfg, input_spec, refs
+    )
     LOGGER.info("best epoch %d, score %.4f; %s", best_epoch, best_score, stopped)
     return TrainResult(
         out_dir=out,

@@ -97,8 +97,9 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, offset: np.ndarray) -> np
     """
     arr = np.asarray(image, dtype=np.float32)
     h, w = arr.shape[-2:]
-    rr, cc = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32),
-                         indexing="ij")
+    rr, cc = np.meshgrid(
+        np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij"
+    )
     src_r = matrix[0, 0] * rr + matrix[0, 1] * cc + offset[0]
     src_c = matrix[1, 0] * rr + matrix[1, 1] * cc + offset[1]
     r0 = np.floor(src_r).astype(np.intp)
@@ -200,6 +201,40 @@ class ToNetworkInput:
         if masks.shape[-2:] != self.size:
             masks = resize_bilinear(masks.astype(np.float32), self.size) >= 0.5
         return {**sample, "image": image, "masks": masks.astype(np.float32)}
+
+
+class RandCrop(Randomizable):
+    """Crop a ``size`` x ``size`` patch of the network input (training speed-up).
+
+    The network is fully convolutional, so it trains on patches and infers on the whole input.
+    With probability ``foreground_prob`` the patch is centred (with jitter) on the first mask's
+    foreground, so most patches hold the gland; otherwise it is placed uniformly.
+    """
+
+    def __init__(self, size: int, foreground_prob: float = 0.8) -> None:
+        if size < 8:
+            raise ValueError(f"crop size must be at least 8, got {size!r}")
+        self.size = int(size)
+        self.foreground_prob = _check_prob(foreground_prob)
+
+    def __call__(self, sample: Sample) -> Sample:
+        image, masks = sample["image"], sample["masks"]
+        h, w = image.shape[-2:]
+        if self.size >= h and self.size >= w:
+            return sample
+        ch, cw = min(self.size, h), min(self.size, w)
+        fg = np.argwhere(masks[0] > 0.5) if masks.shape[0] else np.empty((0, 2))
+        if len(fg) and self.R.random() < self.foreground_prob:
+            centre = fg[self.R.integers(len(fg))] + self.R.normal(0, self.size / 8, size=2)
+        else:
+            centre = self.R.uniform([0, 0], [h, w])
+        top = int(np.clip(round(centre[0] - ch / 2), 0, h - ch))
+        left = int(np.clip(round(centre[1] - cw / 2), 0, w - cw))
+        return {
+            **sample,
+            "image": np.ascontiguousarray(image[..., top : top + ch, left : left + cw]),
+            "masks": np.ascontiguousarray(masks[..., top : top + ch, left : left + cw]),
+        }
 
 
 class Compose:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -66,7 +67,9 @@ def _store_command(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    # piped output (scripts, tests) gets wide tables instead of 80-column wrapping
+    width = None if sys.stdout.isatty() else 160
+    return Console(highlight=False, soft_wrap=True, width=width)
 
 
 def _size(path: Path) -> str:
@@ -139,7 +142,7 @@ def list_cmd(store: ModelStore, config_path: Path | None) -> None:
 
 
 def _yaml_text(data: Any) -> str:
-    yaml = YAML(typ="safe")
+    yaml = YAML()  # round-trip dumper: keeps the manifest's field order
     yaml.default_flow_style = False
     stream = io.StringIO()
     yaml.dump(data, stream)
@@ -198,6 +201,42 @@ def _node_metrics(config_path: Path | None, name: str) -> list[str] | None:
     return lines
 
 
+SHADOW_RUNS = 1000
+"""How many of the latest shadow runs in the job store ``show`` summarises."""
+
+
+def _shadow_summary(config_path: Path | None, name: str) -> list[str]:
+    """Mean Dice agreement per shadow version and segment from the node's job store, if any."""
+    try:
+        storage = _config(config_path).storage
+    except click.ClickException:
+        return []
+    if not (storage / "jobs.db").is_file():
+        return []
+    from dicom_node.jobstore import JobStore
+
+    store = JobStore.open(storage)
+    try:
+        runs = store.list_jobs(limit=SHADOW_RUNS, kind="shadow")
+    except Exception as exc:  # an old or foreign database: the summary is optional
+        LOGGER.debug("no shadow summary from %s: %s", storage, exc)
+        return []
+    finally:
+        store.close()
+    scores: dict[tuple[str, str], list[float]] = {}
+    for run in runs:
+        if run.get("model_name") != name:
+            continue
+        agreement = (run.get("details") or {}).get("agreement") or {}
+        for segment, value in agreement.items():
+            scores.setdefault((str(run["model_version"]), segment), []).append(float(value))
+    return [
+        f"shadow {version} agreement {segment}: mean Dice {sum(v) / len(v):.3f} over "
+        f"{len(v)} run(s), min {min(v):.3f}"
+        for (version, segment), v in sorted(scores.items())
+    ]
+
+
 @models.command("show")
 @click.argument("ref")
 @click.option(
@@ -252,6 +291,11 @@ def show_cmd(store: ModelStore, config_path: Path | None, ref: str, history_line
                 f"{verdict}",
                 markup=False,
             )
+    summary = _shadow_summary(config_path, name)
+    if summary:
+        console.print("[bold]shadow runs in the job store[/]")
+        for line in summary:
+            console.print(f"  {line}", markup=False)
     live = _node_metrics(config_path, name)
     if live:
         console.print("[bold]running node[/]")

@@ -247,8 +247,8 @@ class Manifest(_Strict):
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the manifest as plain YAML-able data (tuples as lists)."""
-        return self.model_dump(mode="json")
+        """Return the manifest as plain YAML-able data (tuples as lists, unset fields left out)."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 def contract_differences(old: Manifest, new: Manifest) -> list[str]:
@@ -308,7 +308,7 @@ def parse_manifest(data: Any, source: str = "manifest") -> Manifest:
         raise ManifestError(format_validation_error(source, exc)) from exc
 
 
-def load_manifest(path: str | Path, check_folder: bool = True) -> Manifest:
+def load_manifest(path: str | Path, check_folder: bool = False) -> Manifest:
     """Read and validate a manifest.
 
     Parameters
@@ -316,8 +316,8 @@ def load_manifest(path: str | Path, check_folder: bool = True) -> Manifest:
     path:
         The ``manifest.yaml`` file, or a version folder containing one.
     check_folder:
-        Require the folder holding the manifest to be named like ``version`` (true for folders
-        inside the store; ``add`` takes folders named anything).
+        Require the folder holding the manifest to be named like ``version`` (the store does this
+        for its own folders; folders outside the store may be named anything).
 
     Returns
     -------

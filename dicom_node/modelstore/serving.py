@@ -1,12 +1,14 @@
 """Hot swap: which versions the node serves, following the alias files.
 
 :class:`ServingModels` keeps a snapshot ``{model: {alias: ResolvedVersion}}`` of loaded and warmed
-versions. :meth:`ServingModels.refresh` (every ``interval`` seconds from its own thread, or from the
-node's scheduler) reads every model's aliases and loads and warms a newly aliased version *before*
-switching the snapshot to it; when loading fails the old version keeps serving, the failure is
-logged and counted (``dicom_node_model_load_failures_total``). Jobs call
-:meth:`ServingModels.resolve_for_job` once when they start and finish on that version even if the
-alias moves meanwhile; retired sessions are released after a grace period.
+versions. :meth:`ServingModels.refresh` reads every model's aliases and loads and warms a newly
+aliased version *before* switching the snapshot to it; when loading fails the old version keeps
+serving, the failure is logged and counted (``dicom_node_model_load_failures_total``). It runs
+every ``interval`` seconds (own thread, or the node's scheduler), and for one model whenever a job
+finds that model's ``aliases.yaml`` changed since the last refresh, so that a job follows the alias
+as it is when the job starts. Jobs call :meth:`ServingModels.resolve_for_job` once when they start
+and finish on that version even if the alias moves meanwhile; retired sessions are released after
+a grace period.
 
 Embedding::
 
@@ -22,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from dicom_node import metrics
-from dicom_node.modelstore.aliases import CANARY, PRODUCTION, SHADOW, in_canary
+from dicom_node.modelstore.aliases import ALIASES_FILE, CANARY, PRODUCTION, SHADOW, in_canary
 from dicom_node.modelstore.runner import ModelLoadError, ModelRunner
 from dicom_node.modelstore.store import ModelStore, ModelStoreError, ResolvedVersion, parse_ref
 
@@ -82,8 +85,11 @@ class ServingModels:
         self._pinned: dict[tuple[str, str, str], ResolvedVersion] = {}
         self._wanted: set[tuple[str, str]] = set()
         self._failed: dict[tuple[str, str], tuple[float, str]] = {}
-        self._retired: dict[tuple[str, str, str], tuple[ResolvedVersion, float]] = {}
+        self._retired: dict[
+            tuple[str, str, str], tuple[ResolvedVersion | tuple[str, str, str], float]
+        ] = {}
         self._errors: dict[str, str] = {}
+        self._signatures: dict[str, tuple[int, int, int] | None] = {}
         self._lock = threading.RLock()
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
@@ -107,7 +113,15 @@ class ServingModels:
                 self._switch(name, {})
             self._release_retired()
 
+    def _alias_signature(self, name: str) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.store.model_dir(name) / ALIASES_FILE)
+        except (OSError, ModelStoreError):
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
     def _refresh_model(self, name: str) -> None:
+        self._signatures[name] = self._alias_signature(name)
         try:
             aliases = self.store.aliases(name)
         except ModelStoreError as exc:
@@ -191,6 +205,9 @@ class ServingModels:
     def _release_retired(self) -> None:
         live = self._live_keys()
         now = time.monotonic()
+        for key in self.runner.loaded():  # e.g. reloaded by a job that resolved it before a swap
+            if key not in live and key not in self._retired:
+                self._retired[key] = (key, now)
         for key, (resolved, since) in list(self._retired.items()):
             if key in live:
                 del self._retired[key]
@@ -218,6 +235,8 @@ class ServingModels:
         if version is not None:
             return self._pinned_version(name, version)
         assert alias is not None
+        if self._alias_signature(name) != self._signatures.get(name, ()):
+            self.refresh_model(name)  # the alias file changed since the last refresh
         served = self._lookup(name, alias)
         if served is None:
             with self._lock:

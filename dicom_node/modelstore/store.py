@@ -216,7 +216,7 @@ class ModelStore:
                 f"{name}:{version}: no such version in {self.root} (versions: {known or 'none'})"
             )
         try:
-            manifest = load_manifest(folder)
+            manifest = load_manifest(folder, check_folder=True)
         except ManifestError as exc:
             raise ModelStoreError(str(exc)) from exc
         if manifest.name != name:
@@ -382,6 +382,9 @@ class ModelStore:
             with model_lock(model_dir):
                 target = model_dir / manifest.version
                 self._check_new_version(manifest, model_dir, allow_contract_change)
+                for stale in model_dir.glob(".add-*"):  # left by a crash: adds hold this lock
+                    if stale != tmp:
+                        shutil.rmtree(stale, ignore_errors=True)
                 shutil.copytree(source, tmp)
                 copied = sha256_file(tmp / manifest.model_file)
                 if copied != manifest.sha256:

@@ -23,10 +23,15 @@ def duplicate_problems(rules: list[Rule], displays: Mapping[str, str]) -> list[P
     for rule in sorted(rules, key=lambda r: (r.file, r.position)):
         if rule.name in first:
             other = first[rule.name]
-            problems.append(Problem(
-                displays.get(rule.file, rule.file), rule.line, rule.name,
-                f"duplicate rule name; first defined at "
-                f"{displays.get(other.file, other.file)}:{other.line}"))
+            problems.append(
+                Problem(
+                    displays.get(rule.file, rule.file),
+                    rule.line,
+                    rule.name,
+                    f"duplicate rule name; first defined at "
+                    f"{displays.get(other.file, other.file)}:{other.line}",
+                )
+            )
         else:
             first[rule.name] = rule
     return problems
@@ -52,14 +57,22 @@ def shadow_problems(rules: list[Rule], displays: Mapping[str, str]) -> list[Prob
     for i, lower in enumerate(ordered):
         for upper in ordered[:i]:
             if upper.name != lower.name and shadows(upper, lower):
-                what = "matches every series" if not upper.conditions.children else (
-                    "has the same or fewer conditions")
-                problems.append(Problem(
-                    displays.get(lower.file, lower.file), lower.line, lower.name,
-                    f"can never fire: rule '{upper.name}' "
-                    f"({displays.get(upper.file, upper.file)}:{upper.line}, priority "
-                    f"{upper.priority}, stop) {what} and is evaluated first; raise this rule's "
-                    f"priority or narrow '{upper.name}'"))
+                what = (
+                    "matches every series"
+                    if not upper.conditions.children
+                    else ("has the same or fewer conditions")
+                )
+                problems.append(
+                    Problem(
+                        displays.get(lower.file, lower.file),
+                        lower.line,
+                        lower.name,
+                        f"can never fire: rule '{upper.name}' "
+                        f"({displays.get(upper.file, upper.file)}:{upper.line}, priority "
+                        f"{upper.priority}, stop) {what} and is evaluated first; raise this rule's "
+                        f"priority or narrow '{upper.name}'",
+                    )
+                )
                 break
     return problems
 

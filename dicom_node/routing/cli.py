@@ -104,18 +104,29 @@ def _load_or_exit(console: Console, rules_dir: Path) -> RuleSet:
     try:
         return load_rules(rules_dir)
     except RulesError as exc:
-        console.print(Text(f"the rules in {display_path(rules_dir)} do not load "
-                           f"(run 'dicom-node rules check'):", style="bold red"))
+        console.print(
+            Text(
+                f"the rules in {display_path(rules_dir)} do not load "
+                f"(run 'dicom-node rules check'):",
+                style="bold red",
+            )
+        )
         _print_problems(console, exc.problems)
         sys.exit(EXIT_FAILED)
 
 
 _RULES_OPTION = click.option(
-    "--rules", "rules_option", type=click.Path(path_type=Path, file_okay=False),
-    help="Rules folder (default: 'rules' of the configuration).")
+    "--rules",
+    "rules_option",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Rules folder (default: 'rules' of the configuration).",
+)
 _CONFIG_OPTION = click.option(
-    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="Node configuration file (destinations, models, rules folder).")
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Node configuration file (destinations, models, rules folder).",
+)
 
 
 @click.group("rules")
@@ -127,27 +138,32 @@ def rules() -> None:
 @click.argument("rules_dir", required=False, type=click.Path(path_type=Path, file_okay=False))
 @_RULES_OPTION
 @_CONFIG_OPTION
-@click.option("--skip-models", is_flag=True,
-              help="Do not check models against the model store.")
-def check_command(rules_dir: Path | None, rules_option: Path | None, config_file: Path | None,
-                  skip_models: bool) -> None:
+@click.option("--skip-models", is_flag=True, help="Do not check models against the model store.")
+def check_command(
+    rules_dir: Path | None, rules_option: Path | None, config_file: Path | None, skip_models: bool
+) -> None:
     """Validate every rule file; exit 1 on any problem (each names file, line and rule)."""
     console = _console()
     config = _config(config_file)
     folder = _rules_dir(rules_option, rules_dir, config)
     model_exists = None if skip_models else store_model_exists(config.models)
-    problems = check_rules(folder, destinations=set(config.destinations),
-                           model_exists=model_exists)
+    problems = check_rules(folder, destinations=set(config.destinations), model_exists=model_exists)
     ignored = sorted(folder.glob("*.yml")) if folder.is_dir() else []
     for path in ignored:
-        console.print(Text(f"note: {display_path(path)} is not read: rule files end in .yaml",
-                           style="yellow"))
+        console.print(
+            Text(f"note: {display_path(path)} is not read: rule files end in .yaml", style="yellow")
+        )
     if problems:
         _print_problems(console, problems)
         sys.exit(EXIT_FAILED)
     ruleset = load_rules(folder)
-    console.print(Text(f"OK: {len(ruleset.rules)} rule(s) in {len(rule_files(folder))} file(s), "
-                       f"rule set {ruleset.version}", style="green"))
+    console.print(
+        Text(
+            f"OK: {len(ruleset.rules)} rule(s) in {len(rule_files(folder))} file(s), "
+            f"rule set {ruleset.version}",
+            style="green",
+        )
+    )
 
 
 @rules.command("explain")
@@ -155,8 +171,9 @@ def check_command(rules_dir: Path | None, rules_option: Path | None, config_file
 @_RULES_OPTION
 @_CONFIG_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for tools.")
-def explain_command(paths: tuple[Path, ...], rules_option: Path | None,
-                    config_file: Path | None, as_json: bool) -> None:
+def explain_command(
+    paths: tuple[Path, ...], rules_option: Path | None, config_file: Path | None, as_json: bool
+) -> None:
     """For each series in FILE_OR_DIR...: the rule that fires, and why rules above it did not."""
     console = _console()
     config = _config(config_file)
@@ -164,11 +181,17 @@ def explain_command(paths: tuple[Path, ...], rules_option: Path | None,
     ruleset = _load_or_exit(console, folder)
     explanations, skipped = explain_paths(ruleset, paths)
     if as_json:
-        click.echo(json.dumps({
-            "rules_version": ruleset.version,
-            "series": [e.to_dict() for e in explanations],
-            "skipped": [str(p) for p in skipped],
-        }, indent=2, default=str))
+        click.echo(
+            json.dumps(
+                {
+                    "rules_version": ruleset.version,
+                    "series": [e.to_dict() for e in explanations],
+                    "skipped": [str(p) for p in skipped],
+                },
+                indent=2,
+                default=str,
+            )
+        )
         return
     render(explanations, ruleset, console)
     if skipped:
@@ -181,8 +204,9 @@ def explain_command(paths: tuple[Path, ...], rules_option: Path | None,
 @click.argument("rules_dir", required=False, type=click.Path(path_type=Path, file_okay=False))
 @_RULES_OPTION
 @_CONFIG_OPTION
-def test_command(rules_dir: Path | None, rules_option: Path | None,
-                 config_file: Path | None) -> None:
+def test_command(
+    rules_dir: Path | None, rules_option: Path | None, config_file: Path | None
+) -> None:
     """Run the cases in <rules dir>/tests/*.yaml; exit 1 if any case fails."""
     console = _console()
     config = _config(config_file)
@@ -198,16 +222,19 @@ def test_command(rules_dir: Path | None, rules_option: Path | None,
         if result.error:
             console.print(Text(f"     {result.error}"))
         else:
-            console.print(Text(f"     expected: {', '.join(result.expected) or 'none'}; "
-                               f"got: {', '.join(result.got) or 'none'}"))
+            console.print(
+                Text(
+                    f"     expected: {', '.join(result.expected) or 'none'}; "
+                    f"got: {', '.join(result.got) or 'none'}"
+                )
+            )
             if result.decision is not None:
                 render_decision(result.decision, console, indent="     ")
     if problems:
         _print_problems(console, problems)
     failed = sum(not r.passed for r in results)
     if not results and not problems:
-        console.print(Text(f"no test cases in {display_path(folder / 'tests')}",
-                           style="yellow"))
+        console.print(Text(f"no test cases in {display_path(folder / 'tests')}", style="yellow"))
         return
     style = "bold red" if failed or problems else "bold green"
     console.print(Text(f"{len(results) - failed} passed, {failed} failed", style=style))

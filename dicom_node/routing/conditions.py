@@ -13,6 +13,7 @@ import datetime as dt
 import difflib
 import enum
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,11 +52,17 @@ class ConditionError(ValueError):
 
 
 def suggest(word: str, choices: Sequence[str] | set[str] | frozenset[str]) -> str:
-    """Return `` (did you mean 'x'?)`` for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    if not close and isinstance(word, str):
-        lowered = {c.lower(): c for c in choices}
-        close = [lowered[word.lower()]] if word.lower() in lowered else []
+    """Return `` (did you mean 'x'?)`` for the closest choice, or an empty string.
+
+    A choice equal to ``word`` ignoring case wins; otherwise difflib's closest match.
+    """
+    if not isinstance(word, str):
+        return ""
+    options = list(choices)
+    lowered = {c.lower(): c for c in options}
+    close = [lowered[word.lower()]] if word.lower() in lowered else []
+    if not close:
+        close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -78,6 +85,36 @@ def kind_of(vr: str) -> Kind:
     if vr in NUMERIC_VRS:
         return Kind.NUMBER
     return _KIND_BY_VR.get(vr, Kind.TEXT)
+
+
+IDENTIFYING_PREFIXES = (
+    "Patient",
+    "OtherPatient",
+    "Referring",
+    "Performing",
+    "Requesting",
+    "Physician",
+    "Operators",
+    "Institution",
+    "Accession",
+    "Issuer",
+)
+"""Keywords starting with these hold patient or staff identity (values hidden in audit traces)."""
+NOT_IDENTIFYING = frozenset(
+    {
+        "PatientPosition",
+        "PatientOrientation",
+        "PatientOrientationCodeSequence",
+        "PatientGantryRelationshipCodeSequence",
+    }
+)
+
+
+def is_identifying(keyword: str, vr: str) -> bool:
+    """True for names, UIDs and identity keywords (``PatientID``, ``AccessionNumber``, ...)."""
+    if keyword in NOT_IDENTIFYING:
+        return False
+    return vr in ("PN", "UI") or keyword.startswith(IDENTIFYING_PREFIXES)
 
 
 _STEP_RE = re.compile(r"^([A-Za-z][A-Za-z0-9]*)(?:\[(\d+|\*)\])?$")
@@ -128,6 +165,11 @@ class KeywordPath:
                 )
             steps.append((keyword, int(index) if index and index != "*" else index))
         return cls(tuple(steps), vr)
+
+    @property
+    def identifying(self) -> bool:
+        """The final keyword holds identity (see :func:`is_identifying`)."""
+        return is_identifying(self.steps[-1][0], self.vr)
 
     @property
     def kind(self) -> Kind:
@@ -205,6 +247,7 @@ def _flatten(value: Any, *, split: bool, vr: str) -> list[Any]:
 
 # ---------------------------------------------------------------- value conversion
 
+
 def _to_number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
@@ -259,7 +302,9 @@ def _to_datetime(value: Any) -> dt.datetime | None:
     match = _DT_RE.match(text)
     if match is None or match.end() < len(text.split("+")[0].split("&")[0]):
         return None
-    parts = [int(g) if g else d for g, d in zip(match.groups()[:6], (0, 1, 1, 0, 0, 0), strict=True)]
+    parts = [
+        int(g) if g else d for g, d in zip(match.groups()[:6], (0, 1, 1, 0, 0, 0), strict=True)
+    ]
     micro = int((match.group(7) or "0").ljust(6, "0")[:6])
     try:
         return dt.datetime(*parts, micro)  # type: ignore[arg-type]
@@ -292,13 +337,15 @@ def show(values: list[Any]) -> str:
     """Render values seen in a header for a trace (``missing`` when there are none)."""
     if not values:
         return "missing"
-    shown = [v if isinstance(v, int | float) and not isinstance(v, bool) else _text(v)
-             for v in values]
+    shown = [
+        v if isinstance(v, int | float) and not isinstance(v, bool) else _text(v) for v in values
+    ]
     text = repr(shown[0]) if len(shown) == 1 else repr(shown)
     return text if len(text) <= MAX_SEEN_CHARS else text[: MAX_SEEN_CHARS - 3] + "..."
 
 
 # ---------------------------------------------------------------- conditions
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -308,6 +355,8 @@ class Outcome:
     condition: str
     line: int | None
     seen: str
+    sensitive: bool = False
+    """``seen`` holds patient-identifying values (see :func:`is_identifying`)."""
 
 
 class Condition:
@@ -328,8 +377,21 @@ class Condition:
         raise NotImplementedError
 
 
-OPERATORS = ("eq", "in", "contains", "startswith", "endswith", "regex", "lt", "le", "gt", "ge",
-             "between", "exists", "not")
+OPERATORS = (
+    "eq",
+    "in",
+    "contains",
+    "startswith",
+    "endswith",
+    "regex",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "between",
+    "exists",
+    "not",
+)
 """Operators a keyword's mapping may hold (plus the modifiers ``case`` and ``all``)."""
 
 MODIFIERS = ("case", "all")
@@ -400,9 +462,7 @@ class Compare(Condition):
             self.operand = (low, high)
         elif op in TEXT_OPERATORS:
             if not isinstance(operand, str) or not operand:
-                raise ConditionError(
-                    f"'{op}' takes text (quote it if needed), got {operand!r}"
-                )
+                raise ConditionError(f"'{op}' takes text (quote it if needed), got {operand!r}")
             self.operand = operand if case_sensitive or op == "regex" else operand.casefold()
             if op == "regex":
                 self._pattern = compile_regex(operand, case_sensitive=case_sensitive)
@@ -414,16 +474,25 @@ class Compare(Condition):
             raise ConditionError(
                 f"'{self.op}' on {self.path} needs a single value (text, number, date or "
                 f"time), got {operand!r}"
-                + (" (quote true/false/yes/no if you mean text)" if isinstance(operand, bool)
-                   else "")
+                + (
+                    " (quote true/false/yes/no if you mean text)"
+                    if isinstance(operand, bool)
+                    else ""
+                )
             )
         if self.kind is Kind.TEXT:
             text = _text(operand)
             return text if self.case_sensitive else text.casefold()
         value = convert(operand, self.kind)
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
         if value is None:
-            examples = {Kind.NUMBER: "2.5", Kind.DATE: "20240131 or 2024-01-31",
-                        Kind.TIME: "'08:30' or '083000'", Kind.DATETIME: "20240131083000"}
+            examples = {
+                Kind.NUMBER: "2.5",
+                Kind.DATE: "20240131 or 2024-01-31",
+                Kind.TIME: "'08:30' or '083000'",
+                Kind.DATETIME: "20240131083000",
+            }
             raise ConditionError(
                 f"{self.path} is a {self.kind.value} ({self.path.vr}); {operand!r} is not a "
                 f"{self.kind.value} (e.g. {examples[self.kind]})"
@@ -456,8 +525,12 @@ class Compare(Condition):
         if self.op == "between":
             return bool(self.operand[0] <= converted <= self.operand[1])
         return bool(
-            {"lt": converted < self.operand, "le": converted <= self.operand,
-             "gt": converted > self.operand, "ge": converted >= self.operand}[self.op]
+            {
+                "lt": converted < self.operand,
+                "le": converted <= self.operand,
+                "gt": converted > self.operand,
+                "ge": converted >= self.operand,
+            }[self.op]
         )
 
     def evaluate(self, header: Any) -> Outcome:
@@ -469,7 +542,7 @@ class Compare(Condition):
             ok = all(self._test(v) for v in values)
         else:
             ok = any(self._test(v) for v in values)
-        return Outcome(ok, self.describe(), self.line, show(values))
+        return Outcome(ok, self.describe(), self.line, show(values), self.path.identifying)
 
     def describe(self) -> str:
         """E.g. ``Modality == 'NM'`` or ``SliceThickness <= 1.5``."""
@@ -489,8 +562,7 @@ class Compare(Condition):
         operand = self.operand
         if self.op == "in":
             operand = tuple(sorted(map(repr, operand)))
-        return ("cmp", str(self.path), self.op, repr(operand), self.case_sensitive,
-                self.all_values)
+        return ("cmp", str(self.path), self.op, repr(operand), self.case_sensitive, self.all_values)
 
 
 class Exists(Condition):
@@ -505,7 +577,13 @@ class Exists(Condition):
     def evaluate(self, header: Any) -> Outcome:
         """Hold when presence equals ``expected``."""
         values = self.path.values(header)
-        return Outcome(bool(values) == self.expected, self.describe(), self.line, show(values))
+        return Outcome(
+            bool(values) == self.expected,
+            self.describe(),
+            self.line,
+            show(values),
+            self.path.identifying,
+        )
 
     def describe(self) -> str:
         """``X exists`` / ``X is missing``."""
@@ -552,13 +630,15 @@ class AnyOf(Condition):
     def evaluate(self, header: Any) -> Outcome:
         """Fails with every child's value when none holds."""
         seen = []
+        sensitive = False
         for child in self.children:
             outcome = child.evaluate(header)
+            sensitive = sensitive or outcome.sensitive
             if outcome.ok:
-                return Outcome(True, self.describe(), self.line, outcome.seen)
+                return Outcome(True, self.describe(), self.line, outcome.seen, outcome.sensitive)
             seen.append(outcome.seen)
         unique = list(dict.fromkeys(seen))
-        return Outcome(False, self.describe(), self.line, "; ".join(unique))
+        return Outcome(False, self.describe(), self.line, "; ".join(unique), sensitive)
 
     def describe(self) -> str:
         """``any of (A | B)``."""
@@ -579,7 +659,7 @@ class Not(Condition):
     def evaluate(self, header: Any) -> Outcome:
         """Hold when the child fails."""
         outcome = self.child.evaluate(header)
-        return Outcome(not outcome.ok, self.describe(), self.line, outcome.seen)
+        return Outcome(not outcome.ok, self.describe(), self.line, outcome.seen, outcome.sensitive)
 
     def describe(self) -> str:
         """``not (A)``."""
@@ -604,8 +684,11 @@ def compile_regex(pattern: str, *, case_sensitive: bool = False) -> Any:
     try:
         return re2.compile(pattern, options)
     except re2.error as exc:
-        reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(
-            exc.args[0], bytes) else str(exc)
+        reason = (
+            exc.args[0].decode("utf-8", "replace")
+            if exc.args and isinstance(exc.args[0], bytes)
+            else str(exc)
+        )
         raise ConditionError(f"invalid regex {pattern!r}: {reason}") from None
     except Exception as exc:  # noqa: BLE001 - RE2 raises odd types for odd input
         raise ConditionError(f"invalid regex {pattern!r}: {exc}") from None

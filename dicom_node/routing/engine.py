@@ -16,6 +16,9 @@ from dicom_node.routing.rules import Rule, RuleSet
 
 LOGGER = logging.getLogger(__name__)
 
+HIDDEN = "(identifying value hidden)"
+"""Shown instead of patient or staff identity in traces written to the audit log."""
+
 
 @dataclass(frozen=True)
 class TraceEntry:
@@ -41,14 +44,25 @@ class TraceEntry:
     condition: str | None = None
     condition_line: int | None = None
     seen: str | None = None
+    sensitive: bool = False
 
-    def to_dict(self, include_values: bool = True) -> dict[str, Any]:
-        """JSON-ready form; ``include_values=False`` drops the header values seen."""
-        out = {"rule": self.rule, "priority": self.priority, "file": self.file,
-               "line": self.line, "outcome": self.outcome, "condition": self.condition,
-               "condition_line": self.condition_line}
+    def to_dict(self, include_values: bool = True, reveal: bool = False) -> dict[str, Any]:
+        """JSON-ready form.
+
+        ``include_values=False`` drops the header values seen; identifying values (patient
+        and staff names, IDs, UIDs) are replaced by ``HIDDEN`` unless ``reveal`` is true.
+        """
+        out = {
+            "rule": self.rule,
+            "priority": self.priority,
+            "file": self.file,
+            "line": self.line,
+            "outcome": self.outcome,
+            "condition": self.condition,
+            "condition_line": self.condition_line,
+        }
         if include_values:
-            out["seen"] = self.seen
+            out["seen"] = HIDDEN if self.sensitive and not reveal else self.seen
         return out
 
 
@@ -61,7 +75,8 @@ class RoutingDecision:
     matched:
         Rules that fired, in order (the last one stopped evaluation if it has ``stop``).
     discarded:
-        A discard rule fired: take no (further) action and say so in the audit log.
+        A discard rule fired: the series is not processed at all (not even by rules above
+        it that fired without ``stop``); the audit log says which rule discarded it.
     trace:
         One entry per rule of the set, in evaluation order.
     version:
@@ -75,7 +90,13 @@ class RoutingDecision:
 
     @property
     def jobs(self) -> list[Rule]:
-        """The fired rules that run a model (what the node queues)."""
+        """The fired rules that run a model (what the node queues); none when discarded.
+
+        A discard rule cancels the series entirely, including rules above it that fired
+        without ``stop``.
+        """
+        if self.discarded:
+            return []
         return [r for r in self.matched if r.model is not None]
 
     @property
@@ -83,13 +104,22 @@ class RoutingDecision:
         """Names of the fired rules (``[]`` when none)."""
         return [r.name for r in self.matched]
 
-    def to_dict(self, include_values: bool = True) -> dict[str, Any]:
-        """JSON-ready form for the audit log and ``rules explain --json``."""
+    def to_dict(self, include_values: bool = True, reveal: bool = False) -> dict[str, Any]:
+        """JSON-ready form for the audit log (default) and ``rules explain --json``.
+
+        Parameters
+        ----------
+        include_values:
+            Include the header values each failing condition saw.
+        reveal:
+            Show identifying values (names, IDs, UIDs) instead of hiding them; for the
+            ``explain`` command run by a person on their own files, not for logs.
+        """
         return {
             "version": self.version,
             "matched": [r.to_dict() for r in self.matched],
             "discarded": self.discarded,
-            "trace": [t.to_dict(include_values) for t in self.trace],
+            "trace": [t.to_dict(include_values, reveal) for t in self.trace],
         }
 
 
@@ -110,11 +140,13 @@ def evaluate(ruleset: RuleSet, header: Any) -> RoutingDecision:
     trace: list[TraceEntry] = []
     stopped_by: Rule | None = None
     for rule in ruleset.rules:
-        base = {"rule": rule.name, "priority": rule.priority, "file": rule.file,
-                "line": rule.line}
+        base = {"rule": rule.name, "priority": rule.priority, "file": rule.file, "line": rule.line}
         if stopped_by is not None:
-            trace.append(TraceEntry(**base, outcome="not evaluated",
-                                    condition=f"stopped by '{stopped_by.name}'"))
+            trace.append(
+                TraceEntry(
+                    **base, outcome="not evaluated", condition=f"stopped by '{stopped_by.name}'"
+                )
+            )
             continue
         outcome = rule.conditions.evaluate(header)
         if outcome.ok:
@@ -123,8 +155,16 @@ def evaluate(ruleset: RuleSet, header: Any) -> RoutingDecision:
             if rule.stop:
                 stopped_by = rule
         else:
-            trace.append(TraceEntry(**base, outcome="failed", condition=outcome.condition,
-                                    condition_line=outcome.line, seen=outcome.seen))
+            trace.append(
+                TraceEntry(
+                    **base,
+                    outcome="failed",
+                    condition=outcome.condition,
+                    condition_line=outcome.line,
+                    seen=outcome.seen,
+                    sensitive=outcome.sensitive,
+                )
+            )
     discarded = any(r.discard for r in matched)
     LOGGER.debug("rules %s: fired %s", ruleset.version, [r.name for r in matched])
     return RoutingDecision(matched, discarded, trace, ruleset.version)

@@ -1,4 +1,4 @@
-"""``rules explain``: which rule fires for each series found in DICOM files, and why the others did not.
+"""``rules explain``: the rule that fires for each series in DICOM files, and why others did not.
 
 Files are read header-only (``stop_before_pixels``); folders are searched recursively; files that
 are not DICOM are skipped. A series is evaluated on its first instance (lowest InstanceNumber),
@@ -46,7 +46,7 @@ class SeriesExplanation:
             "series_description": self.series_description,
             "instances": len(self.files),
             "first_file": str(self.files[0]),
-            "decision": self.decision.to_dict(),
+            "decision": self.decision.to_dict(reveal=True),
         }
 
 
@@ -56,8 +56,9 @@ def iter_files(paths: Iterable[Path]) -> list[Path]:
     for path in paths:
         path = Path(path)
         if path.is_dir():
-            out.extend(p for p in sorted(path.rglob("*"))
-                       if p.is_file() and not p.name.startswith("."))
+            out.extend(
+                p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith(".")
+            )
         elif path.is_file():
             out.append(path)
         else:
@@ -78,6 +79,9 @@ def read_headers(files: Iterable[Path]) -> tuple[dict[str, list[tuple[Path, Any]
             LOGGER.debug("skipping %s: not readable as DICOM", path)
             skipped.append(path)
             continue
+        if "DirectoryRecordSequence" in ds:  # a DICOMDIR indexes files; it is not an image
+            skipped.append(path)
+            continue
         uid = str(ds.get("SeriesInstanceUID", "") or f"(no series UID) {path}")
         groups.setdefault(uid, []).append((path, ds))
     return groups, skipped
@@ -90,8 +94,9 @@ def _instance_number(item: tuple[Path, Any]) -> tuple[float, str]:
         return 0.0, str(item[0])
 
 
-def explain_paths(ruleset: RuleSet, paths: Iterable[Path]) -> tuple[list[SeriesExplanation],
-                                                                   list[Path]]:
+def explain_paths(
+    ruleset: RuleSet, paths: Iterable[Path]
+) -> tuple[list[SeriesExplanation], list[Path]]:
     """Evaluate ``ruleset`` on every series found under ``paths``.
 
     Returns
@@ -109,13 +114,15 @@ def explain_paths(ruleset: RuleSet, paths: Iterable[Path]) -> tuple[list[SeriesE
     for uid, items in groups.items():
         items = sorted(items, key=_instance_number)
         header = items[0][1]
-        out.append(SeriesExplanation(
-            series_uid=uid,
-            modality=str(header.get("Modality", "") or ""),
-            series_description=str(header.get("SeriesDescription", "") or ""),
-            files=tuple(p for p, _ in items),
-            decision=ruleset.evaluate(header),
-        ))
+        out.append(
+            SeriesExplanation(
+                series_uid=uid,
+                modality=str(header.get("Modality", "") or ""),
+                series_description=str(header.get("SeriesDescription", "") or ""),
+                files=tuple(p for p, _ in items),
+                decision=ruleset.evaluate(header),
+            )
+        )
     return out, skipped
 
 
@@ -146,8 +153,12 @@ def render_decision(decision: RoutingDecision, console: Console, indent: str = "
             console.print(Text(f"{indent}    failed: {entry.condition}{where}"))
             console.print(Text(f"{indent}    saw: {entry.seen}"))
     if not decision.matched:
-        console.print(Text(f"{indent}→ no rule fires: the series is not processed",
-                           style="yellow"))
+        console.print(Text(f"{indent}→ no rule fires: the series is not processed", style="yellow"))
+    elif decision.discarded:
+        name = next(r.name for r in decision.matched if r.discard)
+        console.print(
+            Text(f"{indent}→ discarded by '{name}': the series is not processed", style="yellow")
+        )
 
 
 def _before_last_fired(decision: RoutingDecision, entry: Any) -> bool:
@@ -158,8 +169,9 @@ def _before_last_fired(decision: RoutingDecision, entry: Any) -> bool:
 
 def render(explanations: list[SeriesExplanation], ruleset: RuleSet, console: Console) -> None:
     """Print every series' explanation."""
-    console.print(f"rule set {ruleset.version}: {len(ruleset.rules)} rule(s) from "
-                  f"{ruleset.directory}")
+    console.print(
+        f"rule set {ruleset.version}: {len(ruleset.rules)} rule(s) from {ruleset.directory}"
+    )
     for exp in explanations:
         console.print()
         table = Table.grid(padding=(0, 1))

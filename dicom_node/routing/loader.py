@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.datadict import keyword_dict
 from ruamel.yaml import YAML
 
 from dicom_node.routing.conditions import (
@@ -73,7 +74,8 @@ ModelExists = Callable[[str], tuple[bool, str]]
 def rule_files(rules_dir: Path) -> list[Path]:
     """Return the rule files of a folder, sorted by name (hidden files skipped)."""
     return sorted(
-        p for p in Path(rules_dir).glob(RULE_FILE_GLOB)
+        p
+        for p in Path(rules_dir).glob(RULE_FILE_GLOB)
         if p.is_file() and not p.name.startswith(".")
     )
 
@@ -166,8 +168,9 @@ class _ConditionParser:
             self.ctx.add(line, f"conditions nested deeper than {MAX_DEPTH} levels; simplify")
             return []
         if not isinstance(node, Mapping):
-            self.ctx.add(line, f"conditions must be a mapping of 'Keyword: value', got "
-                               f"{_short(node)}")
+            self.ctx.add(
+                line, f"conditions must be a mapping of 'Keyword: value', got {_short(node)}"
+            )
             return []
         out: list[Condition] = []
         for key, value in node.items():
@@ -182,8 +185,11 @@ class _ConditionParser:
     def entry(self, key: Any, value: Any, line: int | None, depth: int) -> Condition | None:
         if key in ("any", "all"):
             if not _is_seq(value) or not value:
-                self.ctx.add(line, f"'{key}' takes a list of condition mappings, e.g. "
-                                   f"{key}: [{{BodyPartExamined: THYROID}}, {{...}}]")
+                self.ctx.add(
+                    line,
+                    f"'{key}' takes a list of condition mappings, e.g. "
+                    f"{key}: [{{BodyPartExamined: THYROID}}, {{...}}]",
+                )
                 return None
             children: list[Condition] = []
             for i, item in enumerate(value):
@@ -197,8 +203,12 @@ class _ConditionParser:
                 return None
             return Not(parts[0] if len(parts) == 1 else AllOf(parts, line), line)
         if isinstance(key, str) and key[:1].islower():
-            self.ctx.add(line, f"unknown condition '{key}'{suggest(key, COMBINATORS)}: at this "
-                               f"level write a DICOM keyword (e.g. Modality) or any/all/not")
+            hint = suggest(key, COMBINATORS) or suggest(key, keyword_dict)
+            self.ctx.add(
+                line,
+                f"unknown condition '{key}'{hint}: at this "
+                f"level write a DICOM keyword (e.g. Modality) or any/all/not",
+            )
             return None
         try:
             path = KeywordPath.parse(key)
@@ -211,12 +221,15 @@ class _ConditionParser:
         self, path: KeywordPath, value: Any, line: int | None, depth: int
     ) -> Condition | None:
         if value is None:
-            self.ctx.add(line, f"no value for '{path}' (use {{exists: true}} to test that "
-                               f"it is present)")
+            self.ctx.add(
+                line, f"no value for '{path}' (use {{exists: true}} to test that it is present)"
+            )
             return None
         if _is_seq(value):
-            self.ctx.add(line, f"a list is not a value for '{path}': use {{in: [...]}} for "
-                               f"one of several values")
+            self.ctx.add(
+                line,
+                f"a list is not a value for '{path}': use {{in: [...]}} for one of several values",
+            )
             return None
         if not isinstance(value, Mapping):
             return self._build(path, "eq", value, {}, line)
@@ -235,21 +248,28 @@ class _ConditionParser:
             else:
                 unknown = True
                 allowed = ", ".join(OPERATORS + MODIFIERS)
-                self.ctx.add(oline, f"unknown operator '{op}'"
-                                    f"{suggest(str(op), OPERATORS + MODIFIERS)}; "
-                                    f"operators: {allowed}")
+                self.ctx.add(
+                    oline,
+                    f"unknown operator '{op}'"
+                    f"{suggest(str(op), OPERATORS + MODIFIERS)}; "
+                    f"operators: {allowed}",
+                )
         options: dict[str, bool] = {"case_sensitive": False, "all_values": False}
         if "case" in mods:
             case, cline = mods["case"]
             if case not in ("sensitive", "insensitive"):
-                self.ctx.add(cline, f"'case' must be 'sensitive' or 'insensitive', got "
-                                    f"{_short(case)}")
+                self.ctx.add(
+                    cline, f"'case' must be 'sensitive' or 'insensitive', got {_short(case)}"
+                )
             options["case_sensitive"] = case == "sensitive"
         if "all" in mods:
             flag, aline = mods["all"]
             if not isinstance(flag, bool):
-                self.ctx.add(aline, f"'all' inside an operator mapping must be true or false "
-                                    f"(every value must match), got {_short(flag)}")
+                self.ctx.add(
+                    aline,
+                    f"'all' inside an operator mapping must be true or false "
+                    f"(every value must match), got {_short(flag)}",
+                )
             options["all_values"] = flag is True
         if not ops:
             if unknown:
@@ -257,8 +277,11 @@ class _ConditionParser:
             elif not mods:
                 self.ctx.add(line, f"no operator for '{path}'; e.g. {{contains: text}}")
             else:
-                self.ctx.add(line, f"'{path}' has only modifiers ({', '.join(mods)}); add an "
-                                   f"operator such as eq or contains")
+                self.ctx.add(
+                    line,
+                    f"'{path}' has only modifiers ({', '.join(mods)}); add an "
+                    f"operator such as eq or contains",
+                )
             return None
         conds: list[Condition] = []
         for op, operand, oline in ops:
@@ -277,7 +300,11 @@ class _ConditionParser:
         return conds[0] if len(conds) == 1 else AllOf(conds, line)
 
     def _build(
-        self, path: KeywordPath, op: str, operand: Any, options: dict[str, bool],
+        self,
+        path: KeywordPath,
+        op: str,
+        operand: Any,
+        options: dict[str, bool],
         line: int | None,
     ) -> Condition | None:
         try:
@@ -290,8 +317,9 @@ class _ConditionParser:
             if op in ("in", "between") and _is_seq(operand):
                 for item in operand:
                     if isinstance(item, Mapping) or _is_seq(item):
-                        raise ConditionError(f"'{op}' takes a flat list of values, got "
-                                             f"{_short(operand)}")
+                        raise ConditionError(
+                            f"'{op}' takes a flat list of values, got {_short(operand)}"
+                        )
                 operand = list(operand)
             return Compare(path, op, operand, line=line, **options)
         except ConditionError as exc:
@@ -315,7 +343,11 @@ def _short(value: Any) -> str:
 
 
 def _parse_rule(
-    node: Any, ctx: _FileContext, fname: str, position: int, line: int | None,
+    node: Any,
+    ctx: _FileContext,
+    fname: str,
+    position: int,
+    line: int | None,
 ) -> Rule | None:
     """Build one rule or report its problems (returns ``None`` then)."""
     ctx.rule = None
@@ -328,9 +360,11 @@ def _parse_rule(
     before = len(ctx.problems)
     for key in node:
         if key not in RULE_KEYS:
-            ctx.add(_key_line(node, key, line),
-                    f"unknown key '{key}'{suggest(str(key), list(RULE_KEYS))}; a rule may have: "
-                    f"{', '.join(RULE_KEYS)}")
+            ctx.add(
+                _key_line(node, key, line),
+                f"unknown key '{key}'{suggest(str(key), list(RULE_KEYS))}; a rule may have: "
+                f"{', '.join(RULE_KEYS)}",
+            )
     for key in REQUIRED_RULE_KEYS:
         if key not in node:
             hint = " (use 'when: {}' to match every series)" if key == "when" else ""
@@ -343,7 +377,8 @@ def _parse_rule(
         if value is None and key not in node:
             return None
         bad_bool = isinstance(value, bool) and bool not in (
-            types if isinstance(types, tuple) else (types,))
+            types if isinstance(types, tuple) else (types,)
+        )
         if not isinstance(value, types) or bad_bool:
             ctx.add(_key_line(node, key, line), f"'{key}' must be {what}, got {_short(value)}")
             return None
@@ -358,11 +393,15 @@ def _parse_rule(
     if "send_to" in node:
         raw = node["send_to"]
         if isinstance(raw, str):
-            ctx.add(_key_line(node, "send_to", line),
-                    f"'send_to' must be a list of destination names, e.g. [{raw}]")
+            ctx.add(
+                _key_line(node, "send_to", line),
+                f"'send_to' must be a list of destination names, e.g. [{raw}]",
+            )
         elif not _is_seq(raw) or not all(isinstance(d, str) and d for d in raw):
-            ctx.add(_key_line(node, "send_to", line),
-                    f"'send_to' must be a list of destination names, got {_short(raw)}")
+            ctx.add(
+                _key_line(node, "send_to", line),
+                f"'send_to' must be a list of destination names, got {_short(raw)}",
+            )
         else:
             send_to = tuple(raw)
     if model is not None:
@@ -376,13 +415,17 @@ def _parse_rule(
         known = ", ".join(sorted(ctx.destinations)) or "none configured"
         for dest in send_to:
             if dest not in ctx.destinations:
-                ctx.add(_key_line(node, "send_to", line),
-                        f"unknown destination '{dest}'{suggest(dest, ctx.destinations)}; "
-                        f"configured: {known}")
+                ctx.add(
+                    _key_line(node, "send_to", line),
+                    f"unknown destination '{dest}'{suggest(dest, ctx.destinations)}; "
+                    f"configured: {known}",
+                )
     complete = _parse_complete(node, ctx, line)
     if discard and "complete" in node:
-        ctx.add(_key_line(node, "complete", line), "'complete' has no effect on a discard rule; "
-                                                   "remove it")
+        ctx.add(
+            _key_line(node, "complete", line),
+            "'complete' has no effect on a discard rule; remove it",
+        )
     when_line = _key_line(node, "when", line)
     when = node.get("when")
     conditions: list[Condition] = []
@@ -432,14 +475,18 @@ def _parse_complete(node: Mapping, ctx: _FileContext, line: int | None) -> Compl
     raw = node["complete"]
     cline = _key_line(node, "complete", line)
     if not isinstance(raw, Mapping) or not raw:
-        ctx.add(cline, f"'complete' must be {{instances: N}} and/or {{idle_seconds: S}}, "
-                       f"got {_short(raw)}")
+        ctx.add(
+            cline,
+            f"'complete' must be {{instances: N}} and/or {{idle_seconds: S}}, got {_short(raw)}",
+        )
         return None
     bad = [k for k in raw if k not in COMPLETE_KEYS]
     for key in bad:
-        ctx.add(_key_line(raw, key, cline),
-                f"unknown key '{key}' in 'complete'{suggest(str(key), COMPLETE_KEYS)}; "
-                f"allowed: {', '.join(COMPLETE_KEYS)}")
+        ctx.add(
+            _key_line(raw, key, cline),
+            f"unknown key '{key}' in 'complete'{suggest(str(key), COMPLETE_KEYS)}; "
+            f"allowed: {', '.join(COMPLETE_KEYS)}",
+        )
     if bad:
         return None
     try:
@@ -476,9 +523,11 @@ def parse_text(
         return [], ctx.problems
     for key in data:
         if key not in FILE_KEYS:
-            ctx.add(_key_line(data, key, 1),
-                    f"unknown top-level key '{key}'{suggest(str(key), FILE_KEYS)}; a rule file "
-                    f"has only 'rules:'")
+            ctx.add(
+                _key_line(data, key, 1),
+                f"unknown top-level key '{key}'{suggest(str(key), FILE_KEYS)}; a rule file "
+                f"has only 'rules:'",
+            )
     raw_rules = data.get("rules")
     if raw_rules is None:
         if "rules" not in data and not ctx.problems:
@@ -499,9 +548,14 @@ def _read_file(path: Path, display: str) -> tuple[str | None, list[Problem]]:
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
-            return None, [Problem(display, None, None,
-                                  f"file is {size} bytes; rule files are limited to "
-                                  f"{MAX_FILE_BYTES} bytes")]
+            return None, [
+                Problem(
+                    display,
+                    None,
+                    None,
+                    f"file is {size} bytes; rule files are limited to {MAX_FILE_BYTES} bytes",
+                )
+            ]
         data = path.read_bytes()
     except OSError as exc:
         return None, [Problem(display, None, None, f"cannot read file: {exc.strerror}")]
@@ -544,11 +598,14 @@ def collect(
             continue
         try:
             file_rules, file_problems = parse_text(
-                text, path.name, display, destinations=destinations, model_exists=model_exists)
+                text, path.name, display, destinations=destinations, model_exists=model_exists
+            )
         except Exception as exc:  # noqa: BLE001 - never let a rule file crash the node
             LOGGER.exception("internal error while reading %s", display)
-            file_rules, file_problems = [], [Problem(display, None, None,
-                                                     f"internal error while reading: {exc}")]
+            file_rules, file_problems = (
+                [],
+                [Problem(display, None, None, f"internal error while reading: {exc}")],
+            )
         rules.extend(file_rules)
         problems.extend(file_problems)
     problems.extend(cross_checks(rules, displays))

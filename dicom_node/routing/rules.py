@@ -22,7 +22,9 @@ LOGGER = logging.getLogger(__name__)
 RULE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 """Rule names: letters, digits, ``_ . -``; 1-64 characters (they appear in metrics and audit)."""
 
-MODEL_REF_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)(?:@([A-Za-z0-9_.-]+)|:([A-Za-z0-9_.-]+))$")
+MODEL_REF_RE = re.compile(
+    r"^([A-Za-z0-9][A-Za-z0-9_.-]*)(?:@([A-Za-z0-9_.-]+)|:([A-Za-z0-9_.-]+))$"
+)
 """``<model>@<alias>`` or ``<model>:<version>``."""
 
 RESERVED_NAMES = frozenset({"none"})
@@ -89,7 +91,8 @@ class Completion:
 
     def __post_init__(self) -> None:
         if self.instances is not None and (
-            isinstance(self.instances, bool) or not isinstance(self.instances, int)
+            isinstance(self.instances, bool)
+            or not isinstance(self.instances, int)
             or self.instances < 1
         ):
             raise ValueError(f"instances must be a whole number >= 1, got {self.instances!r}")
@@ -217,6 +220,19 @@ class RuleSet:
 
     def __len__(self) -> int:
         return len(self.rules)
+
+    @classmethod
+    def from_folder(cls, rules_dir: Any, **checks: Any) -> RuleSet:
+        """Load ``rules_dir`` (see :func:`dicom_node.routing.loader.load_rules`).
+
+        Raises
+        ------
+        RulesError
+            The folder's rules are invalid; ``.problems`` lists every problem.
+        """
+        from dicom_node.routing.loader import load_rules
+
+        return load_rules(rules_dir, **checks)
 
     def get(self, name: str) -> Rule | None:
         """Return the rule called ``name`` or ``None``."""

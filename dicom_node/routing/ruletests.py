@@ -56,9 +56,15 @@ class CaseResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"name": self.name, "file": self.file, "line": self.line,
-                "expected": list(self.expected), "got": list(self.got),
-                "passed": self.passed, "error": self.error}
+        return {
+            "name": self.name,
+            "file": self.file,
+            "line": self.line,
+            "expected": list(self.expected),
+            "got": list(self.got),
+            "passed": self.passed,
+            "error": self.error,
+        }
 
 
 def _line(node: Any, key: Any = None, index: int | None = None) -> int | None:
@@ -76,8 +82,7 @@ def _check_header(header: Any, path: str = "") -> str | None:
         return f"header{path} must be a mapping of keyword: value"
     for key, value in header.items():
         if not isinstance(key, str) or key not in keyword_dict:
-            return (f"unknown DICOM keyword '{key}' in header{path}"
-                    f"{suggest(str(key), keyword_dict)}")
+            return f"unknown DICOM keyword '{key}' in header{path}{suggest(str(key), keyword_dict)}"
         items = value if isinstance(value, list) else []
         for i, item in enumerate(items):
             if isinstance(item, Mapping):
@@ -96,12 +101,23 @@ def _expected(raw: Any) -> tuple[str, ...] | str:
 
 
 def _run_case(
-    node: Any, ruleset: RuleSet, test_file: Path, display: str, line: int | None, index: int,
+    node: Any,
+    ruleset: RuleSet,
+    test_file: Path,
+    display: str,
+    line: int | None,
+    index: int,
 ) -> CaseResult:
     name = f"case {index + 1}"
     if not isinstance(node, Mapping):
-        return CaseResult(name, display, line, (), (), "a case must be a mapping with name, "
-                                                       "header or file, and expect")
+        return CaseResult(
+            name,
+            display,
+            line,
+            (),
+            (),
+            "a case must be a mapping with name, header or file, and expect",
+        )
     name = str(node.get("name") or name)
 
     def fail(message: str, at: int | None = line) -> CaseResult:
@@ -109,8 +125,11 @@ def _run_case(
 
     unknown = [k for k in node if k not in CASE_KEYS]
     if unknown:
-        return fail(f"unknown key '{unknown[0]}'{suggest(str(unknown[0]), CASE_KEYS)}; "
-                    f"a case may have: {', '.join(CASE_KEYS)}", _line(node, unknown[0]) or line)
+        return fail(
+            f"unknown key '{unknown[0]}'{suggest(str(unknown[0]), CASE_KEYS)}; "
+            f"a case may have: {', '.join(CASE_KEYS)}",
+            _line(node, unknown[0]) or line,
+        )
     if "expect" not in node:
         return fail("missing 'expect' (a rule name, or 'none')")
     expected = _expected(node["expect"])
@@ -119,8 +138,11 @@ def _run_case(
     for rule_name in expected:
         if ruleset.get(rule_name) is None:
             known = [r.name for r in ruleset.rules]
-            return fail(f"expects rule '{rule_name}', which is not in the rule set"
-                        f"{suggest(rule_name, known)}", _line(node, "expect") or line)
+            return fail(
+                f"expects rule '{rule_name}', which is not in the rule set"
+                f"{suggest(rule_name, known)}",
+                _line(node, "expect") or line,
+            )
     if ("header" in node) == ("file" in node):
         return fail("give exactly one of 'header' (keyword: value) or 'file' (a DICOM file)")
     if "header" in node:
@@ -133,11 +155,13 @@ def _run_case(
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file fails the case, clearly
-            return fail(f"cannot read DICOM file {display_path(path)}: {exc}",
-                        _line(node, "file") or line)
+            return fail(
+                f"cannot read DICOM file {display_path(path)}: {exc}", _line(node, "file") or line
+            )
     decision = ruleset.evaluate(header)
-    return CaseResult(name, display, line, tuple(expected), tuple(decision.rule_names),
-                      None, decision)
+    return CaseResult(
+        name, display, line, tuple(expected), tuple(decision.rule_names), None, decision
+    )
 
 
 def run_cases(ruleset: RuleSet, rules_dir: Path) -> tuple[list[CaseResult], list[Problem]]:
@@ -151,27 +175,37 @@ def run_cases(ruleset: RuleSet, rules_dir: Path) -> tuple[list[CaseResult], list
     results: list[CaseResult] = []
     problems: list[Problem] = []
     folder = Path(rules_dir) / TESTS_FOLDER
-    files = sorted(p for p in folder.glob("*.yaml") if not p.name.startswith(".")) \
-        if folder.is_dir() else []
+    files = (
+        sorted(p for p in folder.glob("*.yaml") if not p.name.startswith("."))
+        if folder.is_dir()
+        else []
+    )
     for test_file in files:
         display = display_path(test_file)
         try:
             if test_file.stat().st_size > MAX_FILE_BYTES:
-                problems.append(Problem(display, None, None,
-                                        f"test file larger than {MAX_FILE_BYTES} bytes"))
+                problems.append(
+                    Problem(display, None, None, f"test file larger than {MAX_FILE_BYTES} bytes")
+                )
                 continue
             data = YAML(typ="rt").load(test_file.read_text(encoding="utf-8"))
         except Exception as exc:  # noqa: BLE001 - YAML and OS errors are all problems
             mark = getattr(exc, "problem_mark", None)
-            problems.append(Problem(display, mark.line + 1 if mark else None, None,
-                                    f"cannot read test file: "
-                                    f"{getattr(exc, 'problem', None) or exc}"))
+            problems.append(
+                Problem(
+                    display,
+                    mark.line + 1 if mark else None,
+                    None,
+                    f"cannot read test file: {getattr(exc, 'problem', None) or exc}",
+                )
+            )
             continue
         cases = data.get("cases") if isinstance(data, Mapping) else None
         if not isinstance(cases, list):
             problems.append(Problem(display, 1, None, "a test file needs a 'cases:' list"))
             continue
         for index, node in enumerate(cases):
-            results.append(_run_case(node, ruleset, test_file, display,
-                                     _line(cases, index=index), index))
+            results.append(
+                _run_case(node, ruleset, test_file, display, _line(cases, index=index), index)
+            )
     return results, problems

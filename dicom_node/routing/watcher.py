@@ -148,15 +148,21 @@ class RulesWatcher:
             else:
                 metrics.RULES_INFO.clear()
                 metrics.RULES_INFO.labels(version=ruleset.version).set(1)
-                LOGGER.info("rules: %s set %s active (%d rules from %d files)",
-                            "loaded" if initial else "reloaded", ruleset.version,
-                            len(ruleset.rules), len(ruleset.files))
+                LOGGER.info(
+                    "rules: %s set %s active (%d rules from %d files)",
+                    "loaded" if initial else "reloaded",
+                    ruleset.version,
+                    len(ruleset.rules),
+                    len(ruleset.files),
+                )
                 self._on_change(ruleset)
                 return True
             if not initial:
                 metrics.RULES_RELOAD_FAILURES.inc()
-            LOGGER.warning("rules: %s rejected, the previous set stays active:\n%s",
-                           "set" if initial else "reload",
-                           "\n".join(str(p) for p in problems))
+            LOGGER.warning(
+                "rules: %s rejected, the previous set stays active:\n%s",
+                "set" if initial else "reload",
+                "\n".join(str(p) for p in problems),
+            )
             self._on_error(problems)
             return False

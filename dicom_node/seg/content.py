@@ -41,7 +41,7 @@ class Code:
     Parameters
     ----------
     value
-        Code value (SH, at most 16 characters).
+        Code value (at most 64 characters; highdicom writes values over 16 as Long Code Value).
     scheme
         Coding scheme designator, e.g. ``SCT`` or ``DCM``.
     meaning
@@ -58,7 +58,7 @@ class Code:
     meaning: str
 
     def __post_init__(self) -> None:
-        for name, limit in (("value", 16), ("scheme", 16), ("meaning", 64)):
+        for name, limit in (("value", 64), ("scheme", 16), ("meaning", 64)):
             part = getattr(self, name)
             if not isinstance(part, str) or not part.strip() or len(part) > limit:
                 raise ValueError(
@@ -168,7 +168,7 @@ class SegmentSpec:
     def to_highdicom(
         self, segment_number: int, algorithm: hd.AlgorithmIdentificationSequence
     ) -> hd.seg.SegmentDescription:
-        """Return the highdicom description (algorithm type AUTOMATIC) numbered ``segment_number``."""
+        """Return the highdicom description numbered ``segment_number``, algorithm AUTOMATIC."""
         return hd.seg.SegmentDescription(
             segment_number=segment_number,
             segment_label=self.label,
@@ -216,7 +216,9 @@ class AlgorithmInfo:
             if not isinstance(value, str) or not value.strip() or len(value) > 64:
                 raise ValueError(f"algorithm {name} must be 1-64 characters, got {value!r}")
         if self.alias is not None and (not isinstance(self.alias, str) or not self.alias.strip()):
-            raise ValueError(f"algorithm alias must be None or a non-empty string, got {self.alias!r}")
+            raise ValueError(
+                f"algorithm alias must be None or a non-empty string, got {self.alias!r}"
+            )
         if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{1,128}", self.sha256):
             raise ValueError(f"algorithm sha256 must be a hex digest, got {self.sha256!r}")
         for name, value in self.parameters.items():

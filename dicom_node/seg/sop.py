@@ -7,36 +7,38 @@ Two paths, chosen by whether the sources live in a patient coordinate system
 plain ``highdicom.seg.Segmentation``. highdicom copies plane positions, orientation and pixel
 measures from the sources and references every source instance per frame.
 
-**Frame-referenced sources** (NM planar images, Secondary Capture, anything without patient
-geometry). Here each SEG frame is tied 1:1 to a source frame by its Derivation Image Sequence
-(PS3.3 A.51.5.1), not by coordinates. highdicom 0.28 gets two things wrong for these:
+**Frame-referenced sources** (planar NM, Secondary Capture, anything without patient geometry).
+Each SEG frame is tied 1:1 to a source frame by its Derivation Image Sequence (PS3.3 A.51.5.1),
+not by coordinates. highdicom 0.28 gets two things wrong here:
 
-1. It decides "multi-frame" from the IOD (``is_multiframe_image``: the NM IOD allows
-   NumberOfFrames) and then reads ``SharedFunctionalGroupsSequence[0].PixelMeasuresSequence``,
-   which only *enhanced* multi-frame images have. A legacy multi-frame NM image has none:
-   ``AttributeError``. Passing ``pixel_measures`` does not help (the source is read first), and
-   ``plane_positions`` are refused for sources without a coordinate system, rightly so: inventing
-   positions would put false geometry into the SEG.
-2. It only supports a *single* source frame without a coordinate system (highdicom issue #284):
-   the frame-referenced dimension index is just the segment number.
+1. It decides "multi-frame" from the IOD (the NM IOD allows NumberOfFrames) and then reads
+   ``SharedFunctionalGroupsSequence[0].PixelMeasuresSequence``, which only *enhanced* multi-frame
+   images have: ``AttributeError`` for every NM image. Passing ``pixel_measures`` does not help
+   (the source is read first); ``plane_positions`` are refused without a coordinate system, and
+   rightly so: invented positions would be false geometry in the SEG.
+2. It supports only a *single* source frame without a coordinate system (highdicom issue #284),
+   because its frame-referenced dimension index is the segment number alone.
 
 What we do instead, without patching highdicom:
 
-* highdicom sees a *view* of the first source (a shallow copy, never written anywhere) that adds
-  what its enhanced-image code path expects and that is true of the image: a Shared Functional
-  Groups item whose Pixel Measures carry the source's own PixelSpacing, and NumberOfFrames 1.
-  Everything highdicom copies into the SEG from that view (patient, study, Frame of Reference UID if
-  any, SOP Class/Instance UIDs of the reference, PixelSpacing) is identical to the real source.
-* For one source frame in total (the usual thyroid scintigram, or one SC image) highdicom's output is
-  the result. For more source frames (NM with several frames, several NM or SC instances in the
-  series) highdicom builds a template for the first frame with every segment, and
-  :func:`_extend_frames` replicates its per-frame items for every (segment, source frame): each
-  item's Source Image Sequence names the real SOP Instance and ``ReferencedFrameNumber``, and a
-  second dimension, Frame Label in the Frame Content Sequence (the attribute highdicom itself uses as
-  the frame-referenced dimension of other derived images), numbers the source frames. The result is
-  read back with ``Segmentation.from_dataset`` so highdicom's own decoder validates it.
-* PatientOrientation (General Image, type 2C: required when the image has no Image Orientation)
-  is copied from the source; highdicom leaves it out.
+* highdicom reads a *view* of the first source (a copy of its header, never written anywhere) with
+  what its enhanced-image path expects: a Shared Functional Groups item whose Pixel Measures item
+  is empty (and removed from the SEG afterwards), NumberOfFrames 1 (the template frame), and no
+  PixelSpacing. Pixel spacing stays out of the SEG on purpose: without a Frame of Reference,
+  highdicom would write Pixel Measures without Slice Thickness, which its own reader rejects;
+  SEG frames map 1:1 onto source frames, whose PixelSpacing is the one to use. Everything else
+  highdicom copies from the view (patient, study, Frame of Reference UID if any, the referenced
+  SOP Class/Instance) equals the real source.
+* From that view highdicom builds a template SEG for the first source frame with every segment;
+  :func:`_extend_frames` then replicates its per-frame items for every (segment, source frame):
+  one or several NM frames, several NM or SC instances in one series. Each item's Source Image
+  Sequence names the real SOP Instance and, for multi-frame IODs, the ReferencedFrameNumber
+  (explicit even for a one-frame NM image, so readers can ask for "frame 1"). A second dimension,
+  Frame Label in the Frame Content Sequence (the attribute highdicom itself indexes for other
+  frame-referenced derived images), numbers the source frames. The result is re-read with
+  ``Segmentation.from_dataset`` so highdicom's decoder checks it and its lookups are current.
+* PatientOrientation (General Image, type 2C: required when there is no Image Orientation) is
+  copied from the source; highdicom leaves it out and dciodvfy reports the gap.
 
 Empty masks: frames of a segment that is empty on a source frame are omitted (highdicom's default);
 if every mask is empty, every frame is kept, all zero, so the SEG still says "segmented, nothing
@@ -72,6 +74,7 @@ SOFTWARE_VERSION = "dicom-node 0.1"
 """Software Versions written into the SEG by default."""
 
 _FRAME_LABEL_DIMENSION = "Source Frame"
+_PIXEL_DATA = 0x7FE00010
 
 
 def _frame_count(ds: Dataset) -> int:
@@ -103,6 +106,9 @@ def _check_sources(sources: Sequence[Dataset]) -> None:
     series = {str(ds.SeriesInstanceUID) for ds in sources}
     if len(series) != 1:
         raise ValueError(f"sources must belong to one series, got {len(series)} series")
+    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in sources}
+    if len(sizes) != 1:
+        raise ValueError(f"sources must share Rows and Columns, got {sorted(sizes)}")
     uids = [str(ds.SOPInstanceUID) for ds in sources]
     if len(set(uids)) != len(uids):
         raise ValueError("sources contain the same SOP Instance UID twice")
@@ -130,14 +136,16 @@ def _stack_masks(
 
 
 def _highdicom_view(source: Dataset) -> Dataset:
-    """Shallow copy of a frame-referenced source in the shape highdicom's code path reads.
+    """Copy of a frame-referenced source's header in the shape highdicom's code path reads.
 
     Gives a legacy multi-frame image the Shared Functional Groups item highdicom looks for, with a
-    Pixel Measures item that is empty (removed from the SEG again), hides PixelSpacing and sets NumberOfFrames to 1 (the template
-    frame). The copy is only read by highdicom; nothing from it reaches the SEG that is not equal to
-    the real source.
+    Pixel Measures item that is empty (removed from the SEG again), hides PixelSpacing and sets
+    NumberOfFrames to 1 (the template frame). See the module docstring.
     """
-    view = copy.copy(source)
+    view = Dataset()  # a deep copy of the header: pydicom's copy.copy shares the elements
+    for element in source:
+        if element.tag != _PIXEL_DATA:
+            view.add(copy.deepcopy(element))
     if "SharedFunctionalGroupsSequence" not in view:
         shared = Dataset()
         shared.PixelMeasuresSequence = DicomSequence([Dataset()])
@@ -162,10 +170,17 @@ def _extend_frames(
     """Turn a one-source-frame template SEG into one covering every source frame (in place).
 
     ``seg`` was built from the first source frame with ``omit_empty_frames=False``, so its
-    per-frame items are one per segment, in segment order.
+    per-frame items are one per segment, in segment order (with one segment, highdicom keeps the
+    Segment Identification in the shared item, where it stays valid for every frame).
     """
+    shared = seg.SharedFunctionalGroupsSequence[0]
     templates = {
-        int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber): item
+        # highdicom puts Segment Identification into the shared item when there is one segment
+        int(
+            (item if "SegmentIdentificationSequence" in item else shared)
+            .SegmentIdentificationSequence[0]
+            .ReferencedSegmentNumber
+        ): item
         for item in seg.PerFrameFunctionalGroupsSequence
     }
     n_segments = pixel_array.shape[-1]
@@ -264,8 +279,8 @@ def build_seg(
         If ``sources`` is not a non-empty sequence of Datasets or ``algorithm`` is not an
         AlgorithmInfo.
     ValueError
-        If the sources span several series or repeat an instance, a mask is missing or has the
-        wrong shape, segment keys repeat, or a manifest segment entry is invalid.
+        If the sources span several series, differ in size or repeat an instance, a mask is
+        missing or has the wrong shape, segment keys repeat, or a manifest segment entry is invalid.
     """
     _check_sources(sources)
     if not isinstance(algorithm, AlgorithmInfo):
@@ -308,17 +323,13 @@ def build_seg(
     if spatial:
         seg = hd.seg.Segmentation(source_images=list(sources), pixel_array=pixel_array, **common)
     else:
-        view = _highdicom_view(first)
-        if len(frames) == 1:
-            seg = hd.seg.Segmentation(source_images=[view], pixel_array=pixel_array, **common)
-        else:
-            seg = hd.seg.Segmentation(
-                source_images=[view],
-                pixel_array=pixel_array[:1],
-                omit_empty_frames=False,
-                **common,
-            )
-            _extend_frames(seg, sources, frames, pixel_array)
+        seg = hd.seg.Segmentation(
+            source_images=[_highdicom_view(first)],
+            pixel_array=pixel_array[:1],
+            omit_empty_frames=False,
+            **common,
+        )
+        _extend_frames(seg, sources, frames, pixel_array)
         shared = seg.SharedFunctionalGroupsSequence[0]
         measures = shared.get("PixelMeasuresSequence")
         if measures is not None and not any(len(item) for item in measures):
@@ -332,7 +343,10 @@ def build_seg(
     )
     LOGGER.debug(
         "built SEG %s for series %s: %d segments, %d frames, %s path",
-        sop_uid, first.SeriesInstanceUID, len(specs), int(seg.NumberOfFrames),
+        sop_uid,
+        first.SeriesInstanceUID,
+        len(specs),
+        int(seg.NumberOfFrames),
         "spatial" if spatial else "frame-referenced",
     )
     return seg

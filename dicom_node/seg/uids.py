@@ -46,8 +46,12 @@ def seg_uids(source_series_uid: str, rule: str, model: str, version: str) -> tup
     ValueError
         If an argument is empty.
     """
-    parts = {"source_series_uid": source_series_uid, "rule": rule, "model": model,
-             "version": version}
+    parts = {
+        "source_series_uid": source_series_uid,
+        "rule": rule,
+        "model": model,
+        "version": version,
+    }
     for name, value in parts.items():
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty string, got {value!r}")

@@ -16,6 +16,7 @@ Every factory's output is clean under ``dciodvfy`` (no errors, no warnings); see
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,20 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
+
+__all__ = [
+    "CT_IMAGE_STORAGE",
+    "MR_IMAGE_STORAGE",
+    "NM_IMAGE_STORAGE",
+    "SC_IMAGE_STORAGE",
+    "hash_seed",
+    "make_ct_series",
+    "make_mr_series",
+    "make_nm",
+    "make_sc",
+    "thyroid_blob",
+    "write_series",
+]
 
 NM_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.20")
 SC_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")
@@ -62,7 +77,7 @@ def hash_seed(seed: int | str) -> int:
     """Stable (process-independent) integer from a seed for numpy generators."""
     if isinstance(seed, int):
         return abs(seed)
-    return int.from_bytes(str(seed).encode()[:16].ljust(16, b"\0"), "little")
+    return int.from_bytes(hashlib.sha256(str(seed).encode()).digest()[:8], "little")
 
 
 def thyroid_blob(rows: int, cols: int, rng: np.random.Generator | int | None = None) -> np.ndarray:
@@ -490,6 +505,7 @@ def make_mr_series(
         "NECK",
     )
     for ds, blob in zip(datasets, blobs, strict=True):
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
         ds.ScanningSequence = "SE"
         ds.SequenceVariant = "NONE"
         ds.ScanOptions = ""

@@ -47,12 +47,17 @@ def peer_env() -> dict[str, str]:
     return env
 
 
-def _tls_args(tls: tuple[str | Path, str | Path, str | Path | None] | None) -> list[str]:
-    """DCMTK TLS arguments from ``(key, cert, ca)``; ``ca=None`` skips verifying the server."""
+TLSArgs = tuple[str | Path | None, str | Path | None, str | Path | None]
+"""``(private_key, certificate, ca_certificate)`` for DCMTK TLS; key and certificate ``None``
+for anonymous TLS (``+tla``), ``ca`` ``None`` to skip verifying the server (``-ic``)."""
+
+
+def _tls_args(tls: TLSArgs | None) -> list[str]:
+    """DCMTK TLS arguments from ``(key, cert, ca)``."""
     if tls is None:
         return []
     key, cert, ca = tls
-    args = ["+tls", str(key), str(cert)]
+    args = ["+tla"] if key is None or cert is None else ["+tls", str(key), str(cert)]
     args += ["+cf", str(ca)] if ca is not None else ["-ic"]
     return args
 
@@ -61,7 +66,7 @@ def echoscu(
     port: int,
     called_ae: str,
     calling_ae: str = "ECHOSCU",
-    tls: tuple[str | Path, str | Path, str | Path | None] | None = None,
+    tls: TLSArgs | None = None,
     host: str = "127.0.0.1",
 ) -> subprocess.CompletedProcess[str]:
     """Run DCMTK ``echoscu`` once against ``host:port``.
@@ -71,7 +76,7 @@ def echoscu(
     port, called_ae, calling_ae, host:
         The peer and the AE titles.
     tls:
-        ``(private_key, certificate, ca_certificate_or_None)`` to talk DICOM TLS.
+        ``(private_key, certificate, ca_certificate)`` to talk DICOM TLS (see :data:`TLSArgs`).
 
     Returns
     -------
@@ -91,7 +96,7 @@ def storescu(
     calling_ae: str = "STORESCU",
     extra_args: Iterable[str] = (),
     host: str = "127.0.0.1",
-    tls: tuple[str | Path, str | Path, str | Path | None] | None = None,
+    tls: TLSArgs | None = None,
     timeout: float = PEER_TIMEOUT,
 ) -> subprocess.CompletedProcess[str]:
     """Send files (and directories, scanned recursively) with DCMTK ``storescu``.
@@ -105,7 +110,7 @@ def storescu(
     extra_args:
         More ``storescu`` options (``-xs``, ``-R``, ``-v`` ...).
     tls:
-        ``(private_key, certificate, ca_certificate_or_None)`` to talk DICOM TLS.
+        ``(private_key, certificate, ca_certificate)`` to talk DICOM TLS (see :data:`TLSArgs`).
     timeout:
         Seconds before the run is abandoned (``subprocess.TimeoutExpired``).
 

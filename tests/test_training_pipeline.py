@@ -1,0 +1,202 @@
+"""The whole training path with the tiny config, through the CLI:
+phantoms -> train -> export (parity) -> evaluate -> publish into a temporary model store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner, Result
+
+from dicom_node.modelstore.manifest import load_manifest
+from dicom_node.modelstore.store import ModelStore, ModelStoreError
+from training import export as export_module
+from training.__main__ import main
+from training.export import ParityError, export_model
+from training.train import load_checkpoint, load_config, train
+
+TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
+
+
+def _run(*args: str) -> Result:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipeline")
+    paths = {
+        "train": root / "train",
+        "test": root / "test",
+        "run": root / "run",
+        "model": root / "export" / "2",
+        "eval": root / "eval",
+        "store": root / "models",
+    }
+    _run(
+        "phantoms",
+        str(paths["train"]),
+        "--n",
+        "10",
+        "--seed",
+        "101",
+        "--size",
+        "64",
+        "--size",
+        "48",
+    )
+    _run("phantoms", str(paths["test"]), "--n", "4", "--seed", "202", "--size", "64")
+    _run("train", "--config", str(TINY), "--data", str(paths["train"]), "--out", str(paths["run"]))
+    _run("export", "--checkpoint", str(paths["run"] / "best.pt"), "--out", str(paths["model"]))
+    _run(
+        "evaluate",
+        "--model",
+        str(paths["model"]),
+        "--data",
+        str(paths["test"]),
+        "--out",
+        str(paths["eval"]),
+    )
+    return paths
+
+
+class TestTrain:
+    def test_writes_checkpoints_history_and_split(self, pipeline: dict[str, Path]) -> None:
+        run = pipeline["run"]
+        for name in ("best.pt", "last.pt", "history.csv", "history.json", "split.json"):
+            assert (run / name).is_file(), name
+        history = json.loads((run / "history.json").read_text())
+        assert [row["epoch"] for row in history] == [1, 2]
+        assert {"train_loss", "val_loss", "val_dice_thyroid", "val_dice_nodule"} <= set(history[0])
+
+    def test_split_has_no_patient_in_both(self, pipeline: dict[str, Path]) -> None:
+        import pydicom
+
+        split = json.loads((pipeline["run"] / "split.json").read_text())
+
+        def patients(names: list[str]) -> set[str]:
+            return {pydicom.dcmread(pipeline["train"] / n / "image.dcm").PatientID for n in names}
+
+        assert split["val"] and not patients(split["train"]) & patients(split["val"])
+
+    def test_same_seed_same_weights(self, pipeline: dict[str, Path], tmp_path: Path) -> None:
+        config = load_config(TINY)
+        config["train"]["epochs"] = 1
+        a = train(config, tmp_path / "a", data_dir=pipeline["train"])
+        b = train(config, tmp_path / "b", data_dir=pipeline["train"])
+        net_a, _ = load_checkpoint(a.best_checkpoint)
+        net_b, _ = load_checkpoint(b.best_checkpoint)
+        for (name, pa), pb in zip(
+            net_a.state_dict().items(), net_b.state_dict().values(), strict=True
+        ):
+            assert np.array_equal(pa.numpy(), pb.numpy()), name
+
+
+class TestExport:
+    def test_manifest_follows_the_contract(self, pipeline: dict[str, Path]) -> None:
+        manifest = load_manifest(pipeline["model"] / "manifest.yaml")
+        assert (manifest.name, manifest.version) == ("thyroid-seg", "2")
+        assert manifest.input.name == "image" and manifest.output.name == "logits"
+        assert manifest.output.activation == "sigmoid"
+        codes = {s.key: (s.channel, s.type.value) for s in manifest.segments}
+        assert codes == {"thyroid": (0, "69748006"), "nodule": (1, "27925004")}
+        prov = manifest.provenance
+        assert len(prov["data_hash"]) == 64 and prov["config"]["network"]["depth"] == 2
+        assert prov["parity_max_abs_diff"] <= 1e-4 and prov["date"]
+
+    def test_onnx_has_opset_17_and_dynamic_batch(self, pipeline: dict[str, Path]) -> None:
+        model = onnx.load(pipeline["model"] / "model.onnx")
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+        assert batch.dim_param and not batch.dim_value
+
+    def test_parity_failure_stops_the_export(
+        self, pipeline: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(export_module, "PARITY_TOLERANCE", -1.0)
+        with pytest.raises(ParityError, match="differs from PyTorch by .* tolerance"):
+            export_model(pipeline["run"] / "best.pt", tmp_path / "3")
+        assert not (tmp_path / "3" / "model.onnx").exists()
+
+    def test_report_metrics_go_into_the_manifest(
+        self, pipeline: dict[str, Path], tmp_path: Path
+    ) -> None:
+        export_model(
+            pipeline["run"] / "best.pt", tmp_path / "4", report=pipeline["eval"] / "report.json"
+        )
+        metrics = load_manifest(tmp_path / "4" / "manifest.yaml").metrics
+        assert set(metrics["thyroid"]) == {"dice", "iou", "hd95_mm", "n"}
+        assert "nodule_fp_per_image" in metrics
+
+
+class TestEvaluate:
+    def test_report_json_and_markdown(self, pipeline: dict[str, Path]) -> None:
+        report = json.loads((pipeline["eval"] / "report.json").read_text())
+        assert set(report["mean"]) == {"thyroid", "nodule"}
+        assert set(report["mean"]["thyroid"]) >= {"dice", "iou", "hd95_mm"}
+        assert 0.0 <= report["mean"]["thyroid"]["dice"] <= 1.0
+        assert len(report["cases"]) == 4
+        assert {"sensitivity", "fp_per_image"} <= set(report["nodule_detection"])
+        text = (pipeline["eval"] / "report.md").read_text()
+        assert "| thyroid |" in text and "learning_curves.png" in text
+        for png in ("best.png", "median.png", "worst.png", "learning_curves.png"):
+            assert (pipeline["eval"] / png).stat().st_size > 1000
+
+    def test_tampered_model_is_refused(self, pipeline: dict[str, Path], tmp_path: Path) -> None:
+        import shutil
+
+        copy = tmp_path / "2"
+        shutil.copytree(pipeline["model"], copy)
+        with (copy / "model.onnx").open("ab") as fh:
+            fh.write(b"\0")
+        result = CliRunner().invoke(
+            main,
+            [
+                "evaluate",
+                "--model",
+                str(copy),
+                "--data",
+                str(pipeline["test"]),
+                "--out",
+                str(tmp_path / "e"),
+            ],
+        )
+        assert result.exit_code == 2
+        assert "sha256" in result.output
+
+
+class TestPublish:
+    def test_publish_into_a_store_with_alias(self, pipeline: dict[str, Path]) -> None:
+        result = _run(
+            "publish",
+            str(pipeline["model"]),
+            "--models",
+            str(pipeline["store"]),
+            "--alias",
+            "production",
+        )
+        assert "thyroid-seg:2" in result.output
+        store = ModelStore(pipeline["store"])
+        resolved = store.resolve("thyroid-seg@production")
+        assert resolved.version == "2"
+        assert (resolved.path / "model.onnx").read_bytes() == (
+            pipeline["model"] / "model.onnx"
+        ).read_bytes()
+
+    def test_publishing_the_same_version_twice_is_refused(
+        self, pipeline: dict[str, Path], tmp_path: Path
+    ) -> None:
+        store_root = tmp_path / "models"
+        _run("publish", str(pipeline["model"]), "--models", str(store_root))
+        result = CliRunner().invoke(
+            main, ["publish", str(pipeline["model"]), "--models", str(store_root)]
+        )
+        assert result.exit_code == 2
+        assert "already exists" in result.output
+        with pytest.raises(ModelStoreError, match="already exists"):
+            ModelStore(store_root).add(pipeline["model"])

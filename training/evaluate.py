@@ -1,0 +1,267 @@
+"""Evaluate an exported model version on case folders, exactly as the node would run it.
+
+The ONNX model runs in ONNX Runtime (CUDA when present, else CPU) behind the node's own
+:class:`~dicom_node.modelstore.processing.Preprocess` and
+:class:`~dicom_node.modelstore.processing.Postprocess`, so the figures describe what the node
+serves, not a training-time approximation.
+
+``report.json``::
+
+    {"model": {...}, "data": "...", "n_images": 200,
+     "mean": {"thyroid": {"dice", "iou", "hd95_mm", "n"}, "nodule": {...}},
+     "nodule_detection": {"truth_nodules", "detected", "sensitivity", "false_positives",
+                          "fp_per_image"},
+     "by_size": {"256": {same keys}, "128": {...}},
+     "cases": [{"case", "frame", "size", "spacing_mm", "thyroid": {...}, "nodule": {...,
+                "truth", "detected", "false_positives"}}, ...],
+     "skipped": [...], "conventions": "..."}
+
+Averages: Dice and IoU over the images whose truth holds the segment (images without a nodule
+are judged by false positives instead); HD95 over the images where it is defined (both masks
+non-empty). ``report.md`` shows the figures, overlays of the best, median and worst images (by
+mean Dice over segments; truth solid, prediction dashed) and the learning curves when known.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicom_node.modelstore.manifest import Manifest, load_manifest
+from dicom_node.modelstore.processing import Postprocess, Preprocess
+from training.data import Case, SegmentRef, load_dataset
+from training.export import HISTORY_FILE, sha256_file
+from training.metrics import case_metrics, detection
+
+LOGGER = logging.getLogger(__name__)
+
+CONVENTIONS = (
+    "Dice/IoU averaged over images whose truth contains the segment; HD95 (mm) over images where "
+    "both masks are non-empty; nodule detection: a truth nodule is found when a predicted "
+    "component overlaps it, a predicted component overlapping no truth nodule is a false positive."
+)
+
+
+def _session(model_path: Path) -> Any:
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(model_path), providers=providers)
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def summarise(records: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
+    """Means per segment and nodule detection over per-image records."""
+    mean: dict[str, dict[str, float]] = {}
+    for key in keys:
+        present = [r[key] for r in records if r[key]["truth_pixels"] > 0]
+        mean[key] = {
+            "dice": _mean([r["dice"] for r in present]),
+            "iou": _mean([r["iou"] for r in present]),
+            "hd95_mm": _mean([r["hd95_mm"] for r in present]),
+            "n": len(present),
+        }
+    out: dict[str, Any] = {"n_images": len(records), "mean": mean}
+    if "nodule" in keys:
+        truth = sum(r["nodule"]["truth"] for r in records)
+        found = sum(r["nodule"]["detected"] for r in records)
+        fps = sum(r["nodule"]["false_positives"] for r in records)
+        out["nodule_detection"] = {
+            "truth_nodules": truth,
+            "detected": found,
+            "sensitivity": found / truth if truth else float("nan"),
+            "false_positives": fps,
+            "fp_per_image": fps / len(records) if records else float("nan"),
+            "images_without_nodule_with_fp": sum(
+                1 for r in records if r["nodule"]["truth"] == 0 and r["nodule"]["false_positives"]
+            ),
+        }
+    return out
+
+
+def predict_case(
+    session: Any, manifest: Manifest, case: Case, pre: Preprocess, post: Postprocess
+) -> list[dict[str, np.ndarray]]:
+    """Masks per frame of ``case`` through ONNX Runtime and the shared pre/post-processing."""
+    name = manifest.input.name
+    batch = np.stack([pre(frame) for frame in case.frames])
+    logits = session.run([manifest.output.name], {name: batch})[0]
+    return [post(logits[i], shape=case.frames.shape[1:]) for i in range(len(batch))]
+
+
+def evaluate(
+    model_dir: Path | str,
+    data_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    history: Path | str | None = None,
+    skip_bad: bool = False,
+    nifti_labels: dict[str, list[int]] | None = None,
+    figures: bool = True,
+    progress: Callable[..., None] | None = None,
+) -> dict[str, Any]:
+    """Run the version in ``model_dir`` on every case of ``data_dir``; write the report.
+
+    Parameters
+    ----------
+    model_dir : path
+        Version folder (``manifest.yaml`` + model file); the sha256 is verified first.
+    data_dir : path
+        Case folders with masks (see :mod:`training.data`).
+    out_dir : path
+        Where ``report.json``, ``report.md`` and the PNGs go.
+    history : path, optional
+        Training ``history.json``; default ``model_dir/training_history.json`` when present.
+    skip_bad : bool
+        Skip and list bad cases instead of stopping.
+    nifti_labels : dict, optional
+        Label-map decoding for NIfTI masks.
+    figures : bool
+        Write overlay and learning-curve PNGs.
+    progress : callable, optional
+        ``progress(stage, done, total)``.
+
+    Returns
+    -------
+    dict
+        The report (also written as ``report.json``).
+
+    Raises
+    ------
+    ValueError
+        The model file's sha256 differs from the manifest's, or no usable case.
+    """
+    model_dir, out = Path(model_dir), Path(out_dir)
+    manifest = load_manifest(model_dir / "manifest.yaml")
+    model_path = model_dir / manifest.model_file
+    actual = sha256_file(model_path)
+    if actual != manifest.sha256:
+        raise ValueError(f"sha256 of {model_path} is {actual}, manifest says {manifest.sha256}")
+    segments = sorted(manifest.segments, key=lambda s: s.channel)
+    refs = [SegmentRef(s.key, s.label, s.type.value) for s in segments]
+    keys = [s.key for s in segments]
+    cases, skipped = load_dataset(data_dir, refs, skip_bad=skip_bad, nifti_labels=nifti_labels)
+    session = _session(model_path)
+    pre, post = Preprocess(manifest.input), Postprocess(manifest.output, manifest.segments)
+    records: list[dict[str, Any]] = []
+    kept: list[tuple[Case, int, dict[str, np.ndarray]]] = []
+    for i, case in enumerate(cases):
+        for f, masks in enumerate(predict_case(session, manifest, case, pre, post)):
+            record: dict[str, Any] = {
+                "case": case.name,
+                "frame": f,
+                "size": int(case.frames.shape[1]),
+                "spacing_mm": [round(v, 5) for v in case.spacing],
+            }
+            for k, key in enumerate(keys):
+                truth = case.masks[k, f]
+                stats = case_metrics(masks[key], truth, case.spacing)
+                stats["truth_pixels"] = int(truth.sum())
+                stats["pred_pixels"] = int(masks[key].sum())
+                if key == "nodule":
+                    stats.update(detection(masks[key], truth))
+                record[key] = stats
+            records.append(record)
+            kept.append((case, f, masks))
+        if progress:
+            progress("evaluate", i + 1, len(cases))
+    report: dict[str, Any] = {
+        "model": {"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256},
+        "data": str(data_dir),
+        **summarise(records, keys),
+    }
+    sizes = sorted({r["size"] for r in records}, reverse=True)
+    if len(sizes) > 1:
+        report["by_size"] = {
+            str(size): summarise([r for r in records if r["size"] == size], keys) for size in sizes
+        }
+    report["cases"] = records
+    report["skipped"] = [str(e) for e in skipped]
+    report["conventions"] = CONVENTIONS
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=1))
+    history_path = Path(history) if history else model_dir / HISTORY_FILE
+    curves = json.loads(history_path.read_text()) if history_path.is_file() else None
+    pictures: dict[str, str] = {}
+    if figures:
+        from training.figures import learning_curves, overlays
+
+        pictures = overlays(kept, records, manifest, keys, out)
+        if curves:
+            pictures["learning curves"] = learning_curves(curves, out)
+    (out / "report.md").write_text(render_markdown(report, pictures, curves))
+    LOGGER.info("evaluated %d images of %d cases", len(records), len(cases))
+    return report
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    return value
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def render_markdown(
+    report: dict[str, Any], pictures: dict[str, str], curves: list[dict[str, Any]] | None
+) -> str:
+    """The human-readable report."""
+    model = report["model"]
+    lines = [
+        f"# Evaluation of {model['name']}:{model['version']}",
+        "",
+        f"Data: `{report['data']}`, {report['n_images']} images. sha256 `{model['sha256'][:16]}...`",
+        "",
+        "| segment | images | Dice | IoU | HD95 (mm) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    parts = [("all", report)] + list((report.get("by_size") or {}).items())
+    for label, part in parts:
+        for key, m in part["mean"].items():
+            name = key if label == "all" else f"{key} ({label}x{label})"
+            lines.append(
+                f"| {name} | {m['n']} | {_fmt(m['dice'])} | {_fmt(m['iou'])} | {_fmt(m['hd95_mm'], 2)} |"
+            )
+    det = report.get("nodule_detection")
+    if det:
+        lines += [
+            "",
+            "Cold nodule detection: "
+            f"{det['detected']}/{det['truth_nodules']} found (sensitivity {_fmt(det['sensitivity'])}), "
+            f"{det['false_positives']} false positives = {_fmt(det['fp_per_image'])} per image.",
+        ]
+    lines += ["", f"Conventions: {report['conventions']}", ""]
+    if report.get("skipped"):
+        lines += ["Skipped cases:", *[f"- {s}" for s in report["skipped"]], ""]
+    for title, path in pictures.items():
+        lines += [f"## {title}", "", f"![{title}]({path})", ""]
+    if curves:
+        best = max(curves, key=lambda r: r.get("val_score", -1))
+        lines += [
+            f"Training: {len(curves)} epochs, best epoch {best['epoch']} "
+            f"(validation score {_fmt(best.get('val_score'))}).",
+            "",
+        ]
+    return "\n".join(lines)

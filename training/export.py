@@ -1,0 +1,271 @@
+"""Export a training checkpoint to an ONNX model version with its ``manifest.yaml``.
+
+The version folder holds ``model.onnx`` (opset >= 17, dynamic batch axis, batch norm folded by
+the exporter's constant folding), ``manifest.yaml`` (the contract in BRIEF/DESIGN: input,
+output, segments with SNOMED codes, sha256, provenance and evaluation metrics) and
+``training_history.json`` (the learning curve, shown by ``evaluate``).
+
+torch 2.13 defaults to the dynamo exporter, which needs ``onnxscript``; we use the TorchScript
+exporter (``dynamo=False``). Either way the export is checked against PyTorch on probe inputs
+(a synthetic study through the node's own preprocessing, random noise, a constant image, with
+batch sizes 1 and 3): a max absolute logit difference above ``PARITY_TOLERANCE`` fails.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ruamel.yaml import YAML
+
+from dicom_node.modelstore.manifest import MANIFEST_FILE, InputSpec, parse_manifest
+from dicom_node.modelstore.processing import Preprocess
+from training.train import load_checkpoint
+
+LOGGER = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = 1e-4
+"""Largest accepted max |ONNX Runtime - PyTorch| logit difference on the probe inputs."""
+
+HISTORY_FILE = "training_history.json"
+"""Learning curve written next to the model (read by ``evaluate``)."""
+
+
+class ParityError(RuntimeError):
+    """The exported ONNX model does not reproduce the PyTorch outputs."""
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote."""
+
+    onnx_path: Path
+    manifest_path: Path
+    sha256: str
+    size_bytes: int
+    max_abs_diff: float
+    manifest: dict[str, Any]
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """HEAD commit of the repository around ``cwd``, or None (no git, no commit yet)."""
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def probe_inputs(input_spec: InputSpec) -> list[np.ndarray]:
+    """Probe batches (N, C, h, w) for the parity check: a phantom study, noise, a constant."""
+    from dicom_node.phantoms import make_case
+
+    pre = Preprocess(input_spec)
+    rows = input_spec.size[0]
+    studies = [pre(make_case(seed, max(32, rows)).dataset.pixel_array) for seed in (11, 12, 13)]
+    rng = np.random.default_rng(0)
+    noise = rng.random((1, input_spec.channels, *input_spec.size), dtype=np.float32)
+    const = np.full((1, input_spec.channels, *input_spec.size), 0.5, dtype=np.float32)
+    return [np.stack(studies[:1]), np.stack(studies), noise, const]
+
+
+def parity_check(net: torch.nn.Module, onnx_bytes: bytes, probes: list[np.ndarray]) -> float:
+    """Largest |ONNX Runtime - PyTorch| over the probes; the ONNX model runs on CPU."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    worst = 0.0
+    with torch.no_grad():
+        for batch in probes:
+            expected = net(torch.from_numpy(batch)).numpy()
+            got = session.run(None, {name: batch})[0]
+            if got.shape != expected.shape:
+                raise ParityError(
+                    f"ONNX output shape {got.shape} differs from PyTorch's {expected.shape}"
+                )
+            worst = max(worst, float(np.abs(got - expected).max()))
+    return worst
+
+
+def report_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """Manifest ``metrics`` from an evaluation report (means, detection, per matrix size)."""
+    metrics: dict[str, Any] = {
+        key: {k: _round(v) for k, v in values.items()} for key, values in report["mean"].items()
+    }
+    detection = report.get("nodule_detection") or {}
+    if detection:
+        metrics["nodule_fp_per_image"] = _round(detection.get("fp_per_image"))
+        metrics["nodule_sensitivity"] = _round(detection.get("sensitivity"))
+    metrics["n_images"] = report.get("n_images")
+    if report.get("by_size"):
+        metrics["by_size"] = {
+            str(size): {
+                **{k: {m: _round(v) for m, v in vals.items()} for k, vals in part["mean"].items()},
+                "nodule_fp_per_image": _round(part["nodule_detection"]["fp_per_image"]),
+                "n_images": part["n_images"],
+            }
+            for size, part in report["by_size"].items()
+        }
+    if report.get("data"):
+        metrics["evaluated_on"] = report["data"]
+    return metrics
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if value != value else round(value, 4)
+    return value
+
+
+def export_model(
+    checkpoint: Path | str,
+    out: Path | str,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    report: Path | str | None = None,
+    opset: int = 17,
+) -> ExportResult:
+    """Export ``checkpoint`` to ``out/model.onnx`` + ``out/manifest.yaml``.
+
+    Parameters
+    ----------
+    checkpoint : path
+        ``best.pt`` from ``train``.
+    out : path
+        Version folder to create; its name is the version unless ``version`` is given.
+    name : str, optional
+        Model name; default the config's ``model.name``.
+    version : str, optional
+        Version string; default ``out``'s folder name.
+    report : path, optional
+        ``report.json`` from ``evaluate``; its figures become the manifest's ``metrics``.
+    opset : int
+        ONNX opset, at least 17.
+
+    Returns
+    -------
+    ExportResult
+
+    Raises
+    ------
+    ParityError
+        ONNX Runtime and PyTorch disagree by more than ``PARITY_TOLERANCE``.
+    ValueError
+        ``opset`` below 17, an existing non-empty ``out`` with a model, or an invalid manifest.
+    """
+    if opset < 17:
+        raise ValueError(f"opset must be at least 17, got {opset!r}")
+    out = Path(out)
+    if (out / "model.onnx").exists():
+        raise ValueError(
+            f"{out} already holds a model.onnx; versions are immutable, pick a new folder"
+        )
+    net, ckpt = load_checkpoint(checkpoint)
+    config = ckpt["config"]
+    model_cfg = config["model"]
+    input_spec = InputSpec(**model_cfg["input"])
+    out_name = model_cfg["output"]["name"]
+    dummy = torch.zeros(1, input_spec.channels, *input_spec.size)
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        net,
+        (dummy,),
+        buffer,
+        input_names=[input_spec.name],
+        output_names=[out_name],
+        dynamic_axes={input_spec.name: {0: "batch"}, out_name: {0: "batch"}},
+        opset_version=opset,
+        do_constant_folding=True,
+        dynamo=False,
+    )
+    onnx_bytes = buffer.getvalue()
+    diff = parity_check(net, onnx_bytes, probe_inputs(input_spec))
+    if not diff <= PARITY_TOLERANCE:
+        raise ParityError(
+            f"ONNX Runtime differs from PyTorch by {diff:.3g} (max abs logit), "
+            f"tolerance {PARITY_TOLERANCE:g}; not exporting"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / "model.onnx"
+    onnx_path.write_bytes(onnx_bytes)
+    digest = sha256_file(onnx_path)
+    metrics: dict[str, Any] = {}
+    if report is not None:
+        metrics = report_metrics(json.loads(Path(report).read_text()))
+    validation = ckpt.get("validation") or {}
+    manifest = {
+        "name": name or model_cfg["name"],
+        "version": str(version or out.name),
+        "description": model_cfg.get("description", ""),
+        "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "model_file": "model.onnx",
+        "sha256": digest,
+        "input": input_spec.model_dump(mode="json", exclude_none=True),
+        "output": model_cfg["output"],
+        "segments": model_cfg["segments"],
+        "reference_data": None,
+        "provenance": {
+            "data_hash": ckpt.get("data_hash"),
+            "data_dir": ckpt.get("data_dir"),
+            "n_patients": ckpt.get("n_patients"),
+            "n_train_cases": ckpt.get("n_train_cases"),
+            "n_val_cases": ckpt.get("n_val_cases"),
+            "seed": ckpt.get("seed"),
+            "config_path": ckpt.get("config_path"),
+            "config": config,
+            "git_commit": git_commit(),
+            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "best_epoch": ckpt.get("epoch"),
+            "validation": {k: _round(v) for k, v in validation.items()},
+            "parameters": ckpt.get("parameters"),
+            "torch": ckpt.get("torch"),
+            "onnx_opset": opset,
+            "parity_max_abs_diff": float(f"{diff:.3g}"),
+        },
+        "metrics": metrics,
+    }
+    parse_manifest(json.loads(json.dumps(manifest)), source=str(out / MANIFEST_FILE))
+    yaml = YAML()
+    yaml.default_flow_style = None
+    yaml.width = 100
+    with (out / MANIFEST_FILE).open("w") as fh:
+        yaml.dump(json.loads(json.dumps(manifest)), fh)
+    history = ckpt.get("history") or []
+    if history:
+        (out / HISTORY_FILE).write_text(json.dumps(history, indent=1))
+    LOGGER.info("exported %s (%d bytes), parity %.2e", onnx_path, onnx_path.stat().st_size, diff)
+    return ExportResult(
+        onnx_path=onnx_path,
+        manifest_path=out / MANIFEST_FILE,
+        sha256=digest,
+        size_bytes=onnx_path.stat().st_size,
+        max_abs_diff=diff,
+        manifest=manifest,
+    )
