@@ -24,6 +24,7 @@ run: $(STAMP)
 
 ## make test: install what the tests need (Debian peers too) and run the whole suite.
 test: $(STAMP) test-deps
+	$(BIN)/dicom-node rules test --rules rules
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-deps:

@@ -45,7 +45,7 @@ def _machine() -> str:
 
 
 class InferenceSpeed:
-    """Benchmark class: ``setup``, ``time_onnxruntime``, ``time_torch_eager``, ``time_node_path``."""
+    """Benchmark: ``setup``, ``time_onnxruntime``, ``time_torch_eager``, ``time_node_path``."""
 
     def __init__(self, repeat: int, threads: int) -> None:
         self.repeat = repeat

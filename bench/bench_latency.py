@@ -71,8 +71,9 @@ class TimeToResult:
     def _one(self, seed: int) -> float:
         ds = make_case(seed, 256).dataset
         before = self._count()
-        assoc = self.ae.associate("127.0.0.1", self.node.config.port,
-                                  ae_title=self.node.config.ae_title)
+        assoc = self.ae.associate(
+            "127.0.0.1", self.node.config.port, ae_title=self.node.config.ae_title
+        )
         status = assoc.send_c_store(ds)
         end_of_store = time.perf_counter()
         assoc.release()

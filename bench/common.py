@@ -42,14 +42,21 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def node_config(workdir: Path, models: Path, rules: Path, pacs_port: int,
-                **overrides: object) -> NodeConfig:
+def node_config(
+    workdir: Path, models: Path, rules: Path, pacs_port: int, **overrides: object
+) -> NodeConfig:
     values: dict[str, object] = {
-        "host": "127.0.0.1", "port": free_port(), "http_host": "127.0.0.1",
-        "http_port": free_port(), "storage": workdir / "var", "rules": rules, "models": models,
-        "min_free_disk": 0, "poll_interval": 0.05, "log_level": "WARNING",
-        "destinations": {"pacs": Destination(ae_title="ORTHANC", host="127.0.0.1",
-                                              port=pacs_port)},
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "http_host": "127.0.0.1",
+        "http_port": free_port(),
+        "storage": workdir / "var",
+        "rules": rules,
+        "models": models,
+        "min_free_disk": 0,
+        "poll_interval": 0.05,
+        "log_level": "WARNING",
+        "destinations": {"pacs": Destination(ae_title="ORTHANC", host="127.0.0.1", port=pacs_port)},
     }
     values.update(overrides)
     return NodeConfig(**values)  # type: ignore[arg-type]
@@ -71,7 +78,9 @@ class NodeServer:
     def __enter__(self) -> NodeServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.path)],
-            stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=REPO,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
         wait_for_port(self.config.port, timeout=60)
         self._wait_ready()

@@ -26,7 +26,10 @@ from dicom_node.config import ConfigError, NodeConfig, load_config
 LOGGER = logging.getLogger(__name__)
 
 config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
     help="Node configuration YAML (default: embedded defaults + DICOM_NODE_* variables).",
 )
 
@@ -86,8 +89,12 @@ def serve(config_path: Path | None) -> None:
 @config_option
 @click.option("--size", type=click.Choice(["256", "128"]), default="256", show_default=True)
 @click.option("--seed", type=int, default=7, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for the demo's storage and the received SEG (default: a temp folder).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the demo's storage and the received SEG (default: a temp folder).",
+)
 def demo(config_path: Path | None, size: str, seed: int, out: Path | None) -> None:
     """The whole loop on one machine: node, synthetic thyroid study, SEG back, Dice printed."""
     from dicom_node.demo import run_demo
@@ -129,8 +136,14 @@ def _when(ts: float | None) -> str:
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--shadow", is_flag=True, help="Include shadow runs.")
-def jobs(config_path: Path | None, failed: bool, states: tuple[str, ...], limit: int,
-         as_json: bool, shadow: bool) -> None:
+def jobs(
+    config_path: Path | None,
+    failed: bool,
+    states: tuple[str, ...],
+    limit: int,
+    as_json: bool,
+    shadow: bool,
+) -> None:
     """List jobs, newest first: state, rule, model version, destinations, error."""
     from dicom_node.jobstore import to_json
 
@@ -145,13 +158,22 @@ def jobs(config_path: Path | None, failed: bool, states: tuple[str, ...], limit:
     for col in ("id", "state", "rule", "model", "to", "updated", "outcome / error"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        model = f"{r['model_name']}:{r['model_version']}" if r["model_version"] else (
-            r["model_ref"] or "")
+        model = (
+            f"{r['model_name']}:{r['model_version']}"
+            if r["model_version"]
+            else (r["model_ref"] or "")
+        )
         if r["kind"] == "shadow":
             model += " (shadow)"
-        table.add_row(str(r["id"]), r["state"], r["rule"] or "", model,
-                      ",".join(r["destinations"] or []), _when(r["updated_at"]),
-                      r["error"] or r["outcome"] or "")
+        table.add_row(
+            str(r["id"]),
+            r["state"],
+            r["rule"] or "",
+            model,
+            ",".join(r["destinations"] or []),
+            _when(r["updated_at"]),
+            r["error"] or r["outcome"] or "",
+        )
     Console().print(table)
 
 

@@ -1,4 +1,4 @@
-"""Node configuration: one YAML file over embedded defaults, every key overridable from the environment.
+"""Node configuration: one YAML file over embedded defaults, every key overridable by environment.
 
 Precedence (lowest first): ``dicom_node/defaults/node.yaml``, the ``--config`` file, then
 ``DICOM_NODE_<KEY>`` variables (``DICOM_NODE_PORT=11113``; nested values as YAML/JSON text,
@@ -20,8 +20,22 @@ ENV_PREFIX = "DICOM_NODE_"
 """Prefix of environment variables that override configuration keys."""
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-               "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 class ConfigError(ValueError):
@@ -107,7 +121,9 @@ class NodeConfig(_Strict):
     @classmethod
     def _ae(cls, value: str) -> str:
         if value.strip() != value or "\\" in value:
-            raise ValueError(f"ae_title must be 1-16 characters without spaces around, got {value!r}")
+            raise ValueError(
+                f"ae_title must be 1-16 characters without spaces around, got {value!r}"
+            )
         return value
 
     def resolve(self, base: Path) -> NodeConfig:
@@ -134,7 +150,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        key = name[len(ENV_PREFIX):].lower()
+        key = name[len(ENV_PREFIX) :].lower()
         if key not in keys:
             continue  # DICOM_NODE_CONFIG and friends are not keys
         value = YAML(typ="safe").load(raw) if raw.strip() else raw
@@ -142,7 +158,9 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> NodeConfig:
+def load_config(
+    path: str | Path | None = None, environ: dict[str, str] | None = None
+) -> NodeConfig:
     """Load the configuration.
 
     Parameters

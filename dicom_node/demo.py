@@ -60,8 +60,9 @@ class _Receiver:
         self.arrived = threading.Event()
         ae = AE(ae_title=DEMO_AE)
         ae.add_supported_context(SegmentationStorage)
-        self._server = ae.start_server(("127.0.0.1", 0), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self._server = ae.start_server(
+            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
         self.port = int(self._server.socket.getsockname()[1])
 
     def _on_store(self, event: evt.Event) -> int:
@@ -112,8 +113,15 @@ def _score(seg_path: Path, source_uid: str, truth: dict[str, np.ndarray]) -> dic
     return out
 
 
-def run_demo(config: NodeConfig, *, size: int = 256, seed: int = 7, out: Path | None = None,
-             model_ref: str = "thyroid-seg@production", timeout: float = 60.0) -> DemoReport:
+def run_demo(
+    config: NodeConfig,
+    *,
+    size: int = 256,
+    seed: int = 7,
+    out: Path | None = None,
+    model_ref: str = "thyroid-seg@production",
+    timeout: float = 60.0,
+) -> DemoReport:
     """Run the loop once and return where the SEG is and how it scored.
 
     Raises
@@ -130,13 +138,22 @@ def run_demo(config: NodeConfig, *, size: int = 256, seed: int = 7, out: Path | 
     if not (config.models / model_ref.split("@")[0].split(":")[0]).is_dir():
         raise RuntimeError(f"model {model_ref} is not in the model store {config.models}")
     receiver = _Receiver(root / "received")
-    demo_config = config.model_copy(update={
-        "port": 0, "http_port": 0, "host": "127.0.0.1", "http_host": "127.0.0.1",
-        "storage": root / "storage", "rules": root / "rules", "allowed_callers": [],
-        "destinations": {"demo": Destination(ae_title=DEMO_AE, host="127.0.0.1",
-                                             port=receiver.port)},
-        "min_free_disk": 0, "tls": None,
-    })
+    demo_config = config.model_copy(
+        update={
+            "port": 0,
+            "http_port": 0,
+            "host": "127.0.0.1",
+            "http_host": "127.0.0.1",
+            "storage": root / "storage",
+            "rules": root / "rules",
+            "allowed_callers": [],
+            "destinations": {
+                "demo": Destination(ae_title=DEMO_AE, host="127.0.0.1", port=receiver.port)
+            },
+            "min_free_disk": 0,
+            "tls": None,
+        }
+    )
     node = Node(demo_config)
     try:
         node.start()
@@ -154,8 +171,11 @@ def run_demo(config: NodeConfig, *, size: int = 256, seed: int = 7, out: Path | 
         job = node.store.list_jobs(["done"], limit=1)[0]
         seg_path = receiver.received[0]
         return DemoReport(
-            seg_path=seg_path, model=job["model_name"], version=job["model_version"],
-            rule=job["rule"], seconds=seconds,
+            seg_path=seg_path,
+            model=job["model_name"],
+            version=job["model_version"],
+            rule=job["rule"],
+            seconds=seconds,
             dice=_score(seg_path, str(case.dataset.SOPInstanceUID), case.truth),
         )
     finally:

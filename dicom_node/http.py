@@ -1,4 +1,4 @@
-"""The operator's HTTP port: ``GET /metrics`` (Prometheus), ``/healthz`` (alive), ``/readyz`` (ready).
+"""The operator's HTTP port: ``/metrics`` (Prometheus), ``/healthz`` (alive), ``/readyz`` (ready).
 
 ``/readyz`` answers 200 only when rules are loaded, every production model is loaded, and the SCP is
 listening; otherwise 503, and the JSON body says which check failed (including the last rule
@@ -36,10 +36,15 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/readyz":
             checks = self.server.readiness()
             ready = all(ok for ok, _ in checks.values())
-            body = {"ready": ready, "checks": {k: {"ok": ok, "detail": d}
-                                               for k, (ok, d) in checks.items()}}
-            self._send(200 if ready else 503, json.dumps(body, indent=1).encode() + b"\n",
-                       "application/json")
+            body = {
+                "ready": ready,
+                "checks": {k: {"ok": ok, "detail": d} for k, (ok, d) in checks.items()},
+            }
+            self._send(
+                200 if ready else 503,
+                json.dumps(body, indent=1).encode() + b"\n",
+                "application/json",
+            )
         else:
             self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
 
@@ -80,8 +85,7 @@ class HealthServer:
 
     def __init__(self, host: str, port: int, readiness: ReadinessCheck) -> None:
         self._server = _Server((host, port), readiness)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 
     @property
     def port(self) -> int:

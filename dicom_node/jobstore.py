@@ -222,16 +222,25 @@ class JobStore:
             if not updated:
                 conn.execute(
                     insert(series).values(
-                        series_uid=inst.series_uid, study_uid=inst.study_uid,
-                        modality=inst.modality, n_instances=1,
-                        first_received=inst.received_at, last_received=inst.received_at,
+                        series_uid=inst.series_uid,
+                        study_uid=inst.study_uid,
+                        modality=inst.modality,
+                        n_instances=1,
+                        first_received=inst.received_at,
+                        last_received=inst.received_at,
                     )
                 )
                 conn.execute(
                     insert(jobs).values(
-                        series_uid=inst.series_uid, study_uid=inst.study_uid, kind="production",
-                        state=JobState.RECEIVED.value, created_at=now, updated_at=now,
-                        next_attempt_at=0.0, attempts=0, export_attempts=0,
+                        series_uid=inst.series_uid,
+                        study_uid=inst.study_uid,
+                        kind="production",
+                        state=JobState.RECEIVED.value,
+                        created_at=now,
+                        updated_at=now,
+                        next_attempt_at=0.0,
+                        attempts=0,
+                        export_attempts=0,
                     )
                 )
             else:
@@ -248,8 +257,16 @@ class JobStore:
                 jobs.c.state.in_([JobState.DONE.value, JobState.FAILED.value]),
                 jobs.c.rule.is_not(None),
             )
-            .values(state=JobState.ROUTED.value, updated_at=now, outcome="re-opened: new instance",
-                    error=None, delivered=None, seg_path=None, attempts=0, export_attempts=0)
+            .values(
+                state=JobState.ROUTED.value,
+                updated_at=now,
+                outcome="re-opened: new instance",
+                error=None,
+                delivered=None,
+                seg_path=None,
+                attempts=0,
+                export_attempts=0,
+            )
         )
 
     # -- routing and completion ---------------------------------------------------------------
@@ -290,28 +307,47 @@ class JobStore:
             if job is None or job["state"] != JobState.RECEIVED.value:
                 return
             for i, route in enumerate(routes):
-                values = dict(route, state=JobState.ROUTED.value, rules_version=rules_version,
-                              updated_at=now)
+                values = dict(
+                    route, state=JobState.ROUTED.value, rules_version=rules_version, updated_at=now
+                )
                 if i == 0:
                     conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
                 else:
                     conn.execute(
                         insert(jobs).values(
-                            series_uid=job["series_uid"], study_uid=job["study_uid"],
-                            kind="production", created_at=now, next_attempt_at=0.0,
-                            attempts=0, export_attempts=0, **values,
+                            series_uid=job["series_uid"],
+                            study_uid=job["study_uid"],
+                            kind="production",
+                            created_at=now,
+                            next_attempt_at=0.0,
+                            attempts=0,
+                            export_attempts=0,
+                            **values,
                         )
                     )
 
     def skip(self, job_id: int, outcome: str, rule: str | None, rules_version: str) -> None:
         """End a ``received`` job without action (no rule matched, or a discard rule)."""
-        self._set(job_id, JobState.SKIPPED, only_from=JobState.RECEIVED, outcome=outcome,
-                  rule=rule, rules_version=rules_version, finished_at=time.time())
+        self._set(
+            job_id,
+            JobState.SKIPPED,
+            only_from=JobState.RECEIVED,
+            outcome=outcome,
+            rule=rule,
+            rules_version=rules_version,
+            finished_at=time.time(),
+        )
 
     def queue(self, job_id: int, n_instances: int) -> bool:
         """Mark a ``routed`` job's series complete; return True if this call queued it."""
-        return self._set(job_id, JobState.QUEUED, only_from=JobState.ROUTED,
-                         n_instances=n_instances, queued_at=time.time(), next_attempt_at=0.0)
+        return self._set(
+            job_id,
+            JobState.QUEUED,
+            only_from=JobState.ROUTED,
+            n_instances=n_instances,
+            queued_at=time.time(),
+            next_attempt_at=0.0,
+        )
 
     # -- workers --------------------------------------------------------------------------------
     def claim(self, lease: float = LEASE_SECONDS) -> dict[str, Any] | None:
@@ -354,17 +390,26 @@ class JobStore:
             row = conn.execute(stmt).mappings().first()
             return dict(row) if row else None
 
-    def resolved(self, job_id: int, name: str, version: str, alias: str | None,
-                 sha256: str) -> None:
+    def resolved(
+        self, job_id: int, name: str, version: str, alias: str | None, sha256: str
+    ) -> None:
         """Record the model version a job resolved to; it finishes on this version."""
-        self._update(job_id, model_name=name, model_version=version, model_alias=alias,
-                     model_sha256=sha256)
+        self._update(
+            job_id, model_name=name, model_version=version, model_alias=alias, model_sha256=sha256
+        )
 
-    def exporting(self, job_id: int, seg_path: str, seg_sop_uid: str,
-                  details: dict[str, Any] | None = None) -> None:
+    def exporting(
+        self, job_id: int, seg_path: str, seg_sop_uid: str, details: dict[str, Any] | None = None
+    ) -> None:
         """The SEG is built and on disk; the job now only has to be delivered."""
-        self._set(job_id, JobState.EXPORTING, seg_path=seg_path, seg_sop_uid=seg_sop_uid,
-                  next_attempt_at=0.0, details=details)
+        self._set(
+            job_id,
+            JobState.EXPORTING,
+            seg_path=seg_path,
+            seg_sop_uid=seg_sop_uid,
+            next_attempt_at=0.0,
+            details=details,
+        )
 
     def delivered(self, job_id: int, destinations: list[str]) -> None:
         self._update(job_id, delivered=destinations)
@@ -375,17 +420,27 @@ class JobStore:
             conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id)
-                .values(next_attempt_at=time.time() + delay, lease_until=None, error=error,
-                        export_attempts=jobs.c.export_attempts + 1, updated_at=time.time())
+                .values(
+                    next_attempt_at=time.time() + delay,
+                    lease_until=None,
+                    error=error,
+                    export_attempts=jobs.c.export_attempts + 1,
+                    updated_at=time.time(),
+                )
             )
 
     def done(self, job_id: int, outcome: str) -> None:
-        self._set(job_id, JobState.DONE, outcome=outcome, error=None, lease_until=None,
-                  finished_at=time.time())
+        self._set(
+            job_id,
+            JobState.DONE,
+            outcome=outcome,
+            error=None,
+            lease_until=None,
+            finished_at=time.time(),
+        )
 
     def fail(self, job_id: int, error: str) -> None:
-        self._set(job_id, JobState.FAILED, error=error, lease_until=None,
-                  finished_at=time.time())
+        self._set(job_id, JobState.FAILED, error=error, lease_until=None, finished_at=time.time())
 
     def release_running(self) -> int:
         """After a restart of the only node: give every interrupted job back to the queue."""
@@ -419,9 +474,18 @@ class JobStore:
         if job["state"] != JobState.FAILED.value:
             raise ValueError(f"job {job_id} is {job['state']}, only failed jobs can be retried")
         target = JobState.EXPORTING if job["seg_path"] else JobState.QUEUED
-        self._set(job_id, target, only_from=JobState.FAILED, error=None, next_attempt_at=0.0,
-                  lease_until=None, export_attempts=0, attempts=0, finished_at=None,
-                  outcome=f"retried from failed ({job['error']})")
+        self._set(
+            job_id,
+            target,
+            only_from=JobState.FAILED,
+            error=None,
+            next_attempt_at=0.0,
+            lease_until=None,
+            export_attempts=0,
+            attempts=0,
+            finished_at=None,
+            outcome=f"retried from failed ({job['error']})",
+        )
         return self.get(job_id) or job
 
     # -- reading ----------------------------------------------------------------
@@ -430,8 +494,9 @@ class JobStore:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
             return dict(row) if row else None
 
-    def list_jobs(self, states: Sequence[str] | None = None, limit: int = 50,
-                  kind: str | None = None) -> list[dict[str, Any]]:
+    def list_jobs(
+        self, states: Sequence[str] | None = None, limit: int = 50, kind: str | None = None
+    ) -> list[dict[str, Any]]:
         """Newest jobs first, optionally only in ``states``."""
         stmt = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
         if states:
@@ -445,9 +510,7 @@ class JobStore:
         """Number of jobs in each state (every state present, zero included)."""
         out = {s.value: 0 for s in JobState}
         with self.engine.begin() as conn:
-            for state, n in conn.execute(
-                select(jobs.c.state, func.count()).group_by(jobs.c.state)
-            ):
+            for state, n in conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)):
                 out[state] = n
         return out
 
@@ -456,26 +519,37 @@ class JobStore:
             rows = [dict(r) for r in conn.execute(select(jobs).order_by(jobs.c.id)).mappings()]
         yield from rows
 
-    def add_shadow_result(self, parent: dict[str, Any], name: str, version: str,
-                          agreement: dict[str, float]) -> None:
+    def add_shadow_result(
+        self, parent: dict[str, Any], name: str, version: str, agreement: dict[str, float]
+    ) -> None:
         """Record a shadow run (never exported) with its per-segment Dice agreement."""
         now = time.time()
         with self.engine.begin() as conn:
             conn.execute(
                 delete(jobs).where(
-                    jobs.c.series_uid == parent["series_uid"], jobs.c.rule == parent["rule"],
+                    jobs.c.series_uid == parent["series_uid"],
+                    jobs.c.rule == parent["rule"],
                     jobs.c.kind == "shadow",
                 )
             )
             conn.execute(
                 insert(jobs).values(
-                    series_uid=parent["series_uid"], study_uid=parent["study_uid"],
-                    kind="shadow", state=JobState.DONE.value, rule=parent["rule"],
-                    model_ref=parent["model_ref"], model_name=name, model_version=version,
-                    created_at=now, updated_at=now, finished_at=now, next_attempt_at=0.0,
-                    attempts=1, export_attempts=0, outcome="shadow: not exported",
-                    details={"agreement": agreement, "production_version":
-                             parent["model_version"]},
+                    series_uid=parent["series_uid"],
+                    study_uid=parent["study_uid"],
+                    kind="shadow",
+                    state=JobState.DONE.value,
+                    rule=parent["rule"],
+                    model_ref=parent["model_ref"],
+                    model_name=name,
+                    model_version=version,
+                    created_at=now,
+                    updated_at=now,
+                    finished_at=now,
+                    next_attempt_at=0.0,
+                    attempts=1,
+                    export_attempts=0,
+                    outcome="shadow: not exported",
+                    details={"agreement": agreement, "production_version": parent["model_version"]},
                 )
             )
 
@@ -485,8 +559,9 @@ class JobStore:
         with self.engine.begin() as conn:
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
 
-    def _set(self, job_id: int, state: JobState, only_from: JobState | None = None,
-             **values: Any) -> bool:
+    def _set(
+        self, job_id: int, state: JobState, only_from: JobState | None = None, **values: Any
+    ) -> bool:
         values.update(state=state.value, updated_at=time.time())
         stmt = update(jobs).where(jobs.c.id == job_id)
         if only_from is not None:

@@ -1,7 +1,7 @@
 """Prometheus metrics of the node.
 
-Names follow Triton's where they mean the same thing (``inference_request_success`` ...). Labels carry
-model names, versions, destinations and states only: never patient data or UIDs.
+Names follow Triton's where they mean the same thing (``inference_request_success`` ...).
+Labels carry model names, versions, destinations and states only: never patient data or UIDs.
 """
 
 from __future__ import annotations
@@ -17,15 +17,23 @@ INSTANCES_RECEIVED = Counter(
     "instances_received", "C-STORE instances accepted and fsynced", namespace=_NS, registry=REGISTRY
 )
 INSTANCES_DUPLICATE = Counter(
-    "instances_duplicate", "C-STORE instances already in the spool (stored once)",
-    namespace=_NS, registry=REGISTRY,
+    "instances_duplicate",
+    "C-STORE instances already in the spool (stored once)",
+    namespace=_NS,
+    registry=REGISTRY,
 )
 INSTANCES_REJECTED = Counter(
-    "instances_rejected", "C-STORE requests answered with a failure status",
-    ["reason"], namespace=_NS, registry=REGISTRY,
+    "instances_rejected",
+    "C-STORE requests answered with a failure status",
+    ["reason"],
+    namespace=_NS,
+    registry=REGISTRY,
 )
 ASSOCIATIONS = Counter(
-    "associations", "Associations requested, by outcome", ["outcome"], namespace=_NS,
+    "associations",
+    "Associations requested, by outcome",
+    ["outcome"],
+    namespace=_NS,
     registry=REGISTRY,
 )
 SERIES_COMPLETED = Counter(
@@ -38,47 +46,76 @@ QUEUE_DEPTH = Gauge(
 SPOOL_BYTES = Gauge("spool_bytes", "Bytes held in the spool", namespace=_NS, registry=REGISTRY)
 
 INFERENCE_SUCCESS = Counter(
-    "inference_request_success", "Successful inference requests",
-    ["model", "version"], namespace=_NS, registry=REGISTRY,
+    "inference_request_success",
+    "Successful inference requests",
+    ["model", "version"],
+    namespace=_NS,
+    registry=REGISTRY,
 )
 INFERENCE_FAILURE = Counter(
-    "inference_request_failure", "Failed inference requests",
-    ["model", "version"], namespace=_NS, registry=REGISTRY,
+    "inference_request_failure",
+    "Failed inference requests",
+    ["model", "version"],
+    namespace=_NS,
+    registry=REGISTRY,
 )
 INFERENCE_DURATION = Histogram(
-    "inference_duration_seconds", "Wall time of one inference request (all frames of a series)",
-    ["model", "version"], namespace=_NS, registry=REGISTRY,
+    "inference_duration_seconds",
+    "Wall time of one inference request (all frames of a series)",
+    ["model", "version"],
+    namespace=_NS,
+    registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 EXPORT_SUCCESS = Counter(
-    "export_success", "SEGs delivered to a destination", ["destination"], namespace=_NS,
+    "export_success",
+    "SEGs delivered to a destination",
+    ["destination"],
+    namespace=_NS,
     registry=REGISTRY,
 )
 EXPORT_FAILURE = Counter(
     "export_failure", "Failed export attempts", ["destination"], namespace=_NS, registry=REGISTRY
 )
 ROUTING_DECISIONS = Counter(
-    "routing_decisions", "Series routed, by rule ('none' when no rule matched)",
-    ["rule"], namespace=_NS, registry=REGISTRY,
+    "routing_decisions",
+    "Series routed, by rule ('none' when no rule matched)",
+    ["rule"],
+    namespace=_NS,
+    registry=REGISTRY,
 )
 RULES_RELOAD_FAILURES = Counter(
-    "rules_reload_failures", "Rule-set reloads rejected as invalid", namespace=_NS,
+    "rules_reload_failures",
+    "Rule-set reloads rejected as invalid",
+    namespace=_NS,
     registry=REGISTRY,
 )
 RULES_INFO = Gauge(
-    "rules_info", "The active rule set (value 1), labelled by its content hash",
-    ["version"], namespace=_NS, registry=REGISTRY,
+    "rules_info",
+    "The active rule set (value 1), labelled by its content hash",
+    ["version"],
+    namespace=_NS,
+    registry=REGISTRY,
 )
 MODEL_LOAD_FAILURES = Counter(
-    "model_load_failures", "Model versions that failed to load or warm up",
-    ["model", "version"], namespace=_NS, registry=REGISTRY,
+    "model_load_failures",
+    "Model versions that failed to load or warm up",
+    ["model", "version"],
+    namespace=_NS,
+    registry=REGISTRY,
 )
 MODEL_INFO = Gauge(
-    "model_info", "Model versions loaded, by alias (value 1)",
-    ["model", "version", "alias"], namespace=_NS, registry=REGISTRY,
+    "model_info",
+    "Model versions loaded, by alias (value 1)",
+    ["model", "version", "alias"],
+    namespace=_NS,
+    registry=REGISTRY,
 )
 SHADOW_AGREEMENT = Histogram(
-    "shadow_agreement", "Dice agreement of a shadow version with production, per segment",
-    ["model", "version", "segment"], namespace=_NS, registry=REGISTRY,
+    "shadow_agreement",
+    "Dice agreement of a shadow version with production, per segment",
+    ["model", "version", "segment"],
+    namespace=_NS,
+    registry=REGISTRY,
     buckets=(0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 1.0),
 )

@@ -410,6 +410,19 @@ def _is_out_of_resources(exc: BaseException) -> bool:
     )
 
 
+def _dataset_bytes(event: evt.Event) -> bytes:
+    """The encoded data set of a C-STORE request, also when pynetdicom spooled it to a file
+    (``_config.STORE_RECV_CHUNKED_DATASET`` set elsewhere in the process)."""
+    path = getattr(event.request, "_dataset_path", None)
+    if path is None:
+        return bytes(event.request.DataSet.getvalue())
+    raw = event.dataset_path.read_bytes()
+    group, element, vr, _, length = struct.unpack_from("<HH2sHL", raw, 132)
+    if raw[128:132] != b"DICM" or (group, element, vr) != (2, 0, b"UL"):
+        raise ValueError("pynetdicom's spooled data set has no readable File Meta")
+    return raw[144 + length :]
+
+
 def handle_store(event: evt.Event, ctx: StoreContext) -> int:
     """Handle one C-STORE request: validate, spool durably, record, answer.
 
@@ -437,7 +450,7 @@ def handle_store(event: evt.Event, ctx: StoreContext) -> int:
         if ctx.spool.free_bytes() < ctx.min_free_disk:
             return _refuse(STATUS_OUT_OF_RESOURCES, "disk_full", calling_ae)
         request = event.request
-        data: bytes = request.DataSet.getvalue()
+        data = _dataset_bytes(event)
         transfer_syntax = str(event.context.transfer_syntax)
         sop_class = str(request.AffectedSOPClassUID or "")
         sop_instance = str(request.AffectedSOPInstanceUID or "")

@@ -58,17 +58,27 @@ def rules_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def make_config(tmp_path: Path, models: Path, rules: Path, pacs_port: int,
-                **overrides: Any) -> NodeConfig:
+def make_config(
+    tmp_path: Path, models: Path, rules: Path, pacs_port: int, **overrides: Any
+) -> NodeConfig:
     """A node configuration on free loopback ports with a small, fast pipeline."""
     values: dict[str, Any] = {
-        "ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port(),
-        "http_host": "127.0.0.1", "http_port": free_port(), "storage": tmp_path / "var",
-        "rules": rules, "models": models, "min_free_disk": 0, "poll_interval": 0.1,
-        "reload_interval": 0.5, "export_retries": 2, "export_backoff": 0.2,
-        "export_timeout": 10.0, "workers": 2,
-        "destinations": {"pacs": Destination(ae_title="ORTHANC", host="127.0.0.1",
-                                              port=pacs_port)},
+        "ae_title": "DICOMNODE",
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "http_host": "127.0.0.1",
+        "http_port": free_port(),
+        "storage": tmp_path / "var",
+        "rules": rules,
+        "models": models,
+        "min_free_disk": 0,
+        "poll_interval": 0.1,
+        "reload_interval": 0.5,
+        "export_retries": 2,
+        "export_backoff": 0.2,
+        "export_timeout": 10.0,
+        "workers": 2,
+        "destinations": {"pacs": Destination(ae_title="ORTHANC", host="127.0.0.1", port=pacs_port)},
     }
     values.update(overrides)
     return NodeConfig(**values)
@@ -112,8 +122,11 @@ class NodeProcess:
     def start(self, env: dict[str, str] | None = None) -> NodeProcess:
         log = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [*DICOM_NODE, "serve", "--config", str(self.path)], stdout=log,
-            stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})},
+            [*DICOM_NODE, "serve", "--config", str(self.path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
         )
         wait_for_port(self.config.port, timeout=60)
         return self

@@ -12,8 +12,9 @@ from tests.helpers.peers import storescu
 
 
 def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*DICOM_NODE, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run(
+        [*DICOM_NODE, *args], cwd=cwd, capture_output=True, text=True, timeout=180
+    )
 
 
 class TestHelp:
@@ -33,8 +34,9 @@ class TestHelp:
 
 
 class TestJobsRetryStatus:
-    def test_failed_job_listed_and_retried(self, tmp_path: Path, models_dir: Path,
-                                           rules_dir: Path, node_factory: object) -> None:
+    def test_failed_job_listed_and_retried(
+        self, tmp_path: Path, models_dir: Path, rules_dir: Path, node_factory: object
+    ) -> None:
         config = make_config(tmp_path, models_dir, rules_dir, pacs_port=9, export_retries=0)
         node = node_factory(config)  # type: ignore[operator]
         files = write_series([make_nm(rows=64, cols=64, seed="cli")], tmp_path / "in")
@@ -45,8 +47,9 @@ class TestJobsRetryStatus:
         listed = run("jobs", "--failed", "--config", str(path))
         assert listed.returncode == 0, listed.stderr
         assert "failed" in listed.stdout and "export failed" in listed.stdout
-        (job,) = [json.loads(x) for x in run("jobs", "--json", "--config", str(path)).stdout
-                  .splitlines()]
+        (job,) = [
+            json.loads(x) for x in run("jobs", "--json", "--config", str(path)).stdout.splitlines()
+        ]
         assert job["state"] == "failed"
 
         status = run("status", "--json", "--config", str(path))
@@ -73,8 +76,9 @@ class TestDemo:
     def test_demo_runs_the_whole_loop(self, tmp_path: Path, models_dir: Path) -> None:
         path = tmp_path / "node.yaml"
         path.write_text(f"models: {models_dir}\n")
-        result = run("demo", "--size", "128", "--out", str(tmp_path / "demo"), "--config",
-                     str(path))
+        result = run(
+            "demo", "--size", "128", "--out", str(tmp_path / "demo"), "--config", str(path)
+        )
         assert result.returncode == 0, result.stderr + result.stdout
         assert "SEG received" in result.stdout
         assert "Dice thyroid" in result.stdout

@@ -28,9 +28,11 @@ class TestLoadConfig:
     def test_environment_overrides_file(self, tmp_path: Path) -> None:
         path = tmp_path / "node.yaml"
         path.write_text("port: 104\n")
-        env = {"DICOM_NODE_PORT": "2000",
-               "DICOM_NODE_DESTINATIONS": "{pacs2: {ae_title: X, host: h, port: 11}}",
-               "DICOM_NODE_ALLOWED_CALLERS": "[ORTHANC, MODALITY@10.0.0.2]"}
+        env = {
+            "DICOM_NODE_PORT": "2000",
+            "DICOM_NODE_DESTINATIONS": "{pacs2: {ae_title: X, host: h, port: 11}}",
+            "DICOM_NODE_ALLOWED_CALLERS": "[ORTHANC, MODALITY@10.0.0.2]",
+        }
         config = load_config(path, environ=env)
         assert config.port == 2000
         assert config.destinations["pacs2"].ae_title == "X"
@@ -58,8 +60,10 @@ class TestLoadConfig:
 
 
 class TestParseSize:
-    @pytest.mark.parametrize(("text", "value"), [("5GB", 5_000_000_000), ("512MiB", 512 * 2**20),
-                                                 (1024, 1024), ("10", 10)])
+    @pytest.mark.parametrize(
+        ("text", "value"),
+        [("5GB", 5_000_000_000), ("512MiB", 512 * 2**20), (1024, 1024), ("10", 10)],
+    )
     def test_sizes(self, text: str | int, value: int) -> None:
         assert parse_size(text) == value
 

@@ -12,13 +12,27 @@ from dicom_node.jobstore import InstanceRow, JobState, JobStore
 
 
 def _inst(sop: str, series: str = "1.2.3.4", study: str = "1.2.3") -> InstanceRow:
-    return InstanceRow(sop, "1.2.840.10008.5.1.4.1.1.20", study, series, "NM",
-                       f"spool/{study}/{series}/{sop}.dcm", 100, "SCU", "1.2.840.10008.1.2.1",
-                       time.time())
+    return InstanceRow(
+        sop,
+        "1.2.840.10008.5.1.4.1.1.20",
+        study,
+        series,
+        "NM",
+        f"spool/{study}/{series}/{sop}.dcm",
+        100,
+        "SCU",
+        "1.2.840.10008.1.2.1",
+        time.time(),
+    )
 
 
-ROUTE = {"rule": "r", "model_ref": "m@production", "destinations": ["pacs"],
-         "complete_instances": 1, "complete_idle": None}
+ROUTE = {
+    "rule": "r",
+    "model_ref": "m@production",
+    "destinations": ["pacs"],
+    "complete_instances": 1,
+    "complete_idle": None,
+}
 
 
 @pytest.fixture

@@ -50,13 +50,19 @@ def _http(port: int, path: str) -> tuple[int, str]:
 
 
 def _cli(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*DICOM_NODE, *args, "--config", str(config_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [*DICOM_NODE, *args, "--config", str(config_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 class TestStorescuToOrthanc:
-    def test_nm_study_comes_back_as_valid_seg(self, tmp_path: Path, models_dir: Path,
-                                              rules_dir: Path, node_factory: Any) -> None:
+    def test_nm_study_comes_back_as_valid_seg(
+        self, tmp_path: Path, models_dir: Path, rules_dir: Path, node_factory: Any
+    ) -> None:
         with Orthanc() as orthanc:
             config = make_config(tmp_path, models_dir, rules_dir, orthanc.dicom_port)
             node = node_factory(config)
@@ -93,15 +99,18 @@ class TestStorescuToOrthanc:
             code, body = _http(config.http_port, "/metrics")
             assert code == 200
             assert "dicom_node_instances_received_total 1.0" in body
-            assert 'dicom_node_inference_request_success_total{model="thyroid-seg",version="1"}' \
+            assert (
+                'dicom_node_inference_request_success_total{model="thyroid-seg",version="1"}'
                 in body
+            )
             assert 'dicom_node_export_success_total{destination="pacs"} 1.0' in body
             code, body = _http(config.http_port, "/readyz")
             assert code == 200, body
             assert json.loads(body)["ready"] is True
 
     def test_series_without_matching_rule_is_skipped_and_audited(
-            self, tmp_path: Path, models_dir: Path, rules_dir: Path, node_factory: Any) -> None:
+        self, tmp_path: Path, models_dir: Path, rules_dir: Path, node_factory: Any
+    ) -> None:
         config = make_config(tmp_path, models_dir, rules_dir, pacs_port=9)
         node = node_factory(config)
         files = write_series(make_ct_series(n_slices=2, seed=3), tmp_path / "ct")
@@ -113,8 +122,9 @@ class TestStorescuToOrthanc:
 
 
 class TestOrthancPushes:
-    def test_orthanc_sends_study_and_gets_seg(self, tmp_path: Path, models_dir: Path,
-                                              rules_dir: Path, node_factory: Any) -> None:
+    def test_orthanc_sends_study_and_gets_seg(
+        self, tmp_path: Path, models_dir: Path, rules_dir: Path, node_factory: Any
+    ) -> None:
         with Orthanc() as orthanc:
             config = make_config(tmp_path, models_dir, rules_dir, orthanc.dicom_port)
             node_factory(config)
@@ -129,23 +139,33 @@ class TestOrthancPushes:
 
 class TestFailuresAndRetry:
     def test_destination_down_then_retry_delivers_exactly_one(
-            self, tmp_path: Path, models_dir: Path, rules_dir: Path, node_factory: Any) -> None:
+        self, tmp_path: Path, models_dir: Path, rules_dir: Path, node_factory: Any
+    ) -> None:
         with Orthanc() as orthanc:
             dead_port = orthanc.dicom_port + 1  # nothing listens there
             config = make_config(tmp_path, models_dir, rules_dir, dead_port)
             node = node_factory(config)
             files = write_series([make_nm(seed=21)], tmp_path / "in")
             assert storescu(files, config.port, config.ae_title).returncode == 0
-            failed = _wait(lambda: node.store.list_jobs(["failed"]), timeout=30,
-                           what="the export to fail for good")[0]
+            failed = _wait(
+                lambda: node.store.list_jobs(["failed"]),
+                timeout=30,
+                what="the export to fail for good",
+            )[0]
             assert "export failed after 3 attempt(s)" in failed["error"]
             code, body = _http(config.http_port, "/metrics")
             assert 'dicom_node_export_failure_total{destination="pacs"} 3.0' in body
         # the PACS comes back on another port: the operator fixes the config and retries
         with Orthanc() as orthanc:
-            node.config = node.worker.config = config.model_copy(update={"destinations": {
-                "pacs": config.destinations["pacs"].model_copy(
-                    update={"port": orthanc.dicom_port})}})
+            node.config = node.worker.config = config.model_copy(
+                update={
+                    "destinations": {
+                        "pacs": config.destinations["pacs"].model_copy(
+                            update={"port": orthanc.dicom_port}
+                        )
+                    }
+                }
+            )
             node.store.retry(failed["id"])
             _wait(lambda: node.store.get(failed["id"])["state"] == "done", what="retry")
             assert len(_segs_in(orthanc)) == 1
@@ -156,7 +176,8 @@ class TestFailuresAndRetry:
 
 class TestCrashRecovery:
     def test_kill9_mid_study_and_mid_job_loses_nothing(
-            self, tmp_path: Path, models_dir: Path, node_process: Any) -> None:
+        self, tmp_path: Path, models_dir: Path, node_process: Any
+    ) -> None:
         rules = tmp_path / "rules"
         write_rules(rules, THYROID_RULE % {"instances": 4})
         with Orthanc() as orthanc:
@@ -174,8 +195,9 @@ class TestCrashRecovery:
             segs = _wait(lambda: _segs_in(orthanc), timeout=60, what="a SEG after restarts")
             time.sleep(1.0)
             assert len(_segs_in(orthanc)) == 1
-            seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(
-                orthanc.instance_file(segs[0]["id"])))
+            seg = pydicom.dcmread(
+                pydicom.filebase.DicomBytesIO(orthanc.instance_file(segs[0]["id"]))
+            )
             referenced = {
                 item.ReferencedSOPInstanceUID
                 for s in seg.ReferencedSeriesSequence

@@ -202,6 +202,22 @@ class TestStore:
             assert copy.file_meta.SourceApplicationEntityTitle == "STORESCU"
             assert copy.pixel_array.shape == src.pixel_array.shape
 
+    def test_pynetdicom_chunked_receive_mode_is_handled(
+        self, start_node: Callable[..., Node], tmp_path: Path
+    ) -> None:
+        """Another part of the process may switch pynetdicom to spooling data sets to files."""
+        node = start_node()
+        (path,) = write_series([make_nm(rows=32, cols=32, seed="chunked")], tmp_path / "in")
+        previous = _config.STORE_RECV_CHUNKED_DATASET
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        try:
+            result = storescu([path], node.port, NODE_AE)
+        finally:
+            _config.STORE_RECV_CHUNKED_DATASET = previous
+        assert result.returncode == 0, result.stderr
+        (spooled,) = node.spooled()
+        assert dataset_bytes(spooled) == dataset_bytes(path)
+
     def test_ct_series_in_implicit_vr(
         self, start_node: Callable[..., Node], tmp_path: Path
     ) -> None:

@@ -232,7 +232,8 @@ def render_markdown(
     lines = [
         f"# Evaluation of {model['name']}:{model['version']}",
         "",
-        f"Data: `{report['data']}`, {report['n_images']} images. sha256 `{model['sha256'][:16]}...`",
+        f"Data: `{report['data']}`, {report['n_images']} images. "
+        f"sha256 `{model['sha256'][:16]}...`",
         "",
         "| segment | images | Dice | IoU | HD95 (mm) |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -242,14 +243,16 @@ def render_markdown(
         for key, m in part["mean"].items():
             name = key if label == "all" else f"{key} ({label}x{label})"
             lines.append(
-                f"| {name} | {m['n']} | {_fmt(m['dice'])} | {_fmt(m['iou'])} | {_fmt(m['hd95_mm'], 2)} |"
+                f"| {name} | {m['n']} | {_fmt(m['dice'])} | {_fmt(m['iou'])} "
+                f"| {_fmt(m['hd95_mm'], 2)} |"
             )
     det = report.get("nodule_detection")
     if det:
         lines += [
             "",
             "Cold nodule detection: "
-            f"{det['detected']}/{det['truth_nodules']} found (sensitivity {_fmt(det['sensitivity'])}), "
+            f"{det['detected']}/{det['truth_nodules']} found "
+            f"(sensitivity {_fmt(det['sensitivity'])}), "
             f"{det['false_positives']} false positives = {_fmt(det['fp_per_image'])} per image.",
         ]
     lines += ["", f"Conventions: {report['conventions']}", ""]

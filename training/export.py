@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,23 @@ def _round(value: Any) -> Any:
     return value
 
 
+def _export(
+    net: torch.nn.Module, dummy: torch.Tensor, buffer: io.BytesIO, in_name: str, out_name: str,
+    opset: int,
+) -> None:
+    torch.onnx.export(
+        net,
+        (dummy,),
+        buffer,
+        input_names=[in_name],
+        output_names=[out_name],
+        dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}},
+        opset_version=opset,
+        do_constant_folding=True,
+        dynamo=False,
+    )
+
+
 def export_model(
     checkpoint: Path | str,
     out: Path | str,
@@ -194,17 +212,10 @@ def export_model(
     out_name = model_cfg["output"]["name"]
     dummy = torch.zeros(1, input_spec.channels, *input_spec.size)
     buffer = io.BytesIO()
-    torch.onnx.export(
-        net,
-        (dummy,),
-        buffer,
-        input_names=[input_spec.name],
-        output_names=[out_name],
-        dynamic_axes={input_spec.name: {0: "batch"}, out_name: {0: "batch"}},
-        opset_version=opset,
-        do_constant_folding=True,
-        dynamo=False,
-    )
+    with warnings.catch_warnings():
+        # the TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _export(net, dummy, buffer, input_spec.name, out_name, opset)
     onnx_bytes = buffer.getvalue()
     diff = parity_check(net, onnx_bytes, probe_inputs(input_spec))
     if not diff <= PARITY_TOLERANCE:

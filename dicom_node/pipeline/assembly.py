@@ -38,8 +38,14 @@ class Assembler:
         Where decisions are recorded.
     """
 
-    def __init__(self, store: JobStore, storage: Path, ruleset: Callable[[], Any],
-                 default_idle: float, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        storage: Path,
+        ruleset: Callable[[], Any],
+        default_idle: float,
+        audit: AuditLog,
+    ) -> None:
         self.store = store
         self.storage = Path(storage)
         self.ruleset = ruleset
@@ -81,8 +87,14 @@ class Assembler:
             outcome = f"discarded by rule {rule}" if decision.discarded else "no rule matched"
             self.store.skip(job["id"], outcome, rule, rules.version)
             metrics.ROUTING_DECISIONS.labels(rule=rule or "none").inc()
-            self.audit.write("skipped", job=job["id"], rule=rule, outcome=outcome,
-                             rules_version=rules.version, trace=_trace(decision))
+            self.audit.write(
+                "skipped",
+                job=job["id"],
+                rule=rule,
+                outcome=outcome,
+                rules_version=rules.version,
+                trace=_trace(decision),
+            )
             LOGGER.info("job %s: %s", job["id"], outcome)
             return
         routes = [
@@ -98,9 +110,14 @@ class Assembler:
         self.store.route(job["id"], routes, rules.version)
         for r in matched:
             metrics.ROUTING_DECISIONS.labels(rule=r.name).inc()
-        self.audit.write("routed", job=job["id"], rules=[r.name for r in matched],
-                         models=[r.model for r in matched], rules_version=rules.version,
-                         destinations=sorted({d for r in matched for d in r.send_to}))
+        self.audit.write(
+            "routed",
+            job=job["id"],
+            rules=[r.name for r in matched],
+            models=[r.model for r in matched],
+            rules_version=rules.version,
+            destinations=sorted({d for r in matched for d in r.send_to}),
+        )
         LOGGER.info("job %s: routed by %s to %s", job["id"], matched[0].name, matched[0].model)
 
     def _maybe_queue(self, job: dict[str, Any], now: float) -> int:
@@ -116,8 +133,11 @@ class Assembler:
         )
         if complete and self.store.queue(job["id"], info["n_instances"]):
             metrics.SERIES_COMPLETED.inc()
-            LOGGER.info("job %s: series complete with %d instance(s), queued", job["id"],
-                        info["n_instances"])
+            LOGGER.info(
+                "job %s: series complete with %d instance(s), queued",
+                job["id"],
+                info["n_instances"],
+            )
             return 1
         return 0
 

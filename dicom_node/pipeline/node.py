@@ -50,15 +50,26 @@ class Node:
         self.audit = AuditLog(config.storage / "audit.log")
         self.spool = Spool(config.storage)
         self.model_store = ModelStore(config.models)
-        self.models = ServingModels(self.model_store, ModelRunner(threads=config.inference_threads),
-                                    interval=config.reload_interval)
+        self.models = ServingModels(
+            self.model_store,
+            ModelRunner(threads=config.inference_threads),
+            interval=config.reload_interval,
+        )
         self.rules = ActiveRules()
         self.rules_watcher = RulesWatcher(
-            config.rules, self._load_rules, on_change=self.rules.set,
-            on_error=self.rules.set_error, interval=config.reload_interval,
+            config.rules,
+            self._load_rules,
+            on_change=self.rules.set,
+            on_error=self.rules.set_error,
+            interval=config.reload_interval,
         )
-        self.assembler = Assembler(self.store, config.storage, lambda: self.rules.current,
-                                   config.default_idle_seconds, self.audit)
+        self.assembler = Assembler(
+            self.store,
+            config.storage,
+            lambda: self.rules.current,
+            config.default_idle_seconds,
+            self.audit,
+        )
         self.worker = Worker(config, self.store, self.models, self.audit)
         self.scp = StorageSCP(config, self.spool, self._on_instance)
         self.http = HealthServer(config.http_host, config.http_port, self.readiness)
@@ -77,14 +88,31 @@ class Node:
         self.models.start()
         self.http.start()
         interval = self.config.poll_interval
-        self._scheduler.add_job(self._tick, "interval", seconds=interval, id="pipeline",
-                                max_instances=1, coalesce=True, next_run_time=_now())
-        self._scheduler.add_job(self._update_gauges, "interval", seconds=METRICS_INTERVAL,
-                                id="gauges", max_instances=1, coalesce=True)
+        self._scheduler.add_job(
+            self._tick,
+            "interval",
+            seconds=interval,
+            id="pipeline",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=_now(),
+        )
+        self._scheduler.add_job(
+            self._update_gauges,
+            "interval",
+            seconds=METRICS_INTERVAL,
+            id="gauges",
+            max_instances=1,
+            coalesce=True,
+        )
         self._scheduler.start()
         self.scp.start()
-        LOGGER.info("dicom-node %s listening on DICOM port %d, HTTP port %d",
-                    self.config.ae_title, self.scp.port, self.http.port)
+        LOGGER.info(
+            "dicom-node %s listening on DICOM port %d, HTTP port %d",
+            self.config.ae_title,
+            self.scp.port,
+            self.http.port,
+        )
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop accepting associations, let running jobs finish (or persist), then close."""
@@ -111,8 +139,11 @@ class Node:
 
     # -- stages -------------------------------------------------------------------------------
     def _load_rules(self) -> Any:
-        return load_rules(self.config.rules, destinations=set(self.config.destinations),
-                          model_exists=self.model_store.model_exists)
+        return load_rules(
+            self.config.rules,
+            destinations=set(self.config.destinations),
+            model_exists=self.model_store.model_exists,
+        )
 
     def _on_instance(self, record: Any) -> None:
         """SCP callback after fsync: the job row must exist before the SCP answers Success."""
@@ -165,8 +196,16 @@ class Node:
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until no job is waiting or running (for the demo and tests)."""
         deadline = time.monotonic() + timeout
-        busy = {s.value for s in (JobState.RECEIVED, JobState.ROUTED, JobState.QUEUED,
-                                  JobState.RUNNING, JobState.EXPORTING)}
+        busy = {
+            s.value
+            for s in (
+                JobState.RECEIVED,
+                JobState.ROUTED,
+                JobState.QUEUED,
+                JobState.RUNNING,
+                JobState.EXPORTING,
+            )
+        }
         while time.monotonic() < deadline:
             if not any(n for s, n in self.store.counts().items() if s in busy):
                 return True

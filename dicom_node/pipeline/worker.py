@@ -19,8 +19,9 @@ from pydicom.dataset import Dataset
 
 from dicom_node import metrics
 from dicom_node.config import NodeConfig
-from dicom_node.export import send_file
+from dicom_node.export import client_tls_context, send_file
 from dicom_node.jobstore import JobState, JobStore
+from dicom_node.modelstore import InferenceError, ModelLoadError
 from dicom_node.pipeline.audit import AuditLog
 from dicom_node.pipeline.images import SeriesFrames, SeriesReadError, read_series
 from dicom_node.seg import AlgorithmInfo, SegmentSpec, build_seg
@@ -80,6 +81,7 @@ class Worker:
         self.store = store
         self.models = models
         self.audit = audit
+        self._tls = client_tls_context(config.tls) if config.tls else None
 
     def process(self, job: dict[str, Any]) -> None:
         """Take a claimed job as far as it goes now. Never raises."""
@@ -100,8 +102,9 @@ class Worker:
         if job["model_version"]:
             return self.models.resolve_version(job["model_name"], job["model_version"])
         resolved = self.models.resolve_for_job(job["model_ref"], job["study_uid"])
-        self.store.resolved(job["id"], resolved.name, resolved.version, resolved.alias,
-                            resolved.sha256)
+        self.store.resolved(
+            job["id"], resolved.name, resolved.version, resolved.alias, resolved.sha256
+        )
         return resolved
 
     def _check_input(self, resolved: Any, modality: str | None) -> None:
@@ -113,13 +116,8 @@ class Worker:
             )
 
     def _infer(self, resolved: Any, series: SeriesFrames) -> InferenceResult:
-        labels = {"model": resolved.name, "version": resolved.version}
         start = time.perf_counter()
-        try:
-            per_frame = self.models.run(resolved, series.frames)
-        except Exception:
-            metrics.INFERENCE_FAILURE.labels(**labels).inc()
-            raise
+        per_frame = self.models.run(resolved, series.frames)  # counts success/failure/duration
         duration = time.perf_counter() - start
         keys = [s.key for s in resolved.manifest.segments]
         masks = {k: np.stack([f[k] for f in per_frame]).astype(bool) for k in keys}
@@ -132,7 +130,14 @@ class Worker:
             self._check_input(resolved, rows[0]["modality"] if rows else None)
             series = read_series([self.config.storage / r["path"] for r in rows])
             result = self._infer(resolved, series)
-        except (JobError, SeriesReadError, LookupError, ValueError) as exc:
+        except (
+            JobError,
+            SeriesReadError,
+            LookupError,
+            ValueError,
+            ModelLoadError,
+            InferenceError,
+        ) as exc:
             LOGGER.warning("job %s: failed: %s", job["id"], exc)
             self.store.fail(job["id"], str(exc))
             self.audit.write("failed", job=job["id"], error=str(exc))
@@ -140,21 +145,30 @@ class Worker:
         seg = build_seg(
             series.sources,
             result.masks,
-            [SegmentSpec.from_manifest(s.model_dump()) for s in resolved.manifest.segments],
-            AlgorithmInfo(model=resolved.name, version=resolved.version, alias=resolved.alias,
-                          sha256=resolved.sha256, rule=job["rule"]),
+            [SegmentSpec.from_manifest(s) for s in resolved.manifest.segments],
+            AlgorithmInfo(
+                model=resolved.name,
+                version=resolved.version,
+                alias=resolved.alias,
+                sha256=resolved.sha256,
+                rule=job["rule"],
+            ),
         )
         relpath = Path("results") / job["series_uid"] / f"{seg.SOPInstanceUID}.dcm"
         _fsync_write(self.config.storage / relpath, seg)
-        self.store.exporting(job["id"], str(relpath), str(seg.SOPInstanceUID),
-                             details={"frames": len(series.frames),
-                                      "inference_seconds": round(result.duration, 4)})
+        self.store.exporting(
+            job["id"],
+            str(relpath),
+            str(seg.SOPInstanceUID),
+            details={"frames": len(series.frames), "inference_seconds": round(result.duration, 4)},
+        )
         self._shadow(job, resolved, series, result)
         fresh = self.store.get(job["id"])
         return fresh
 
-    def _shadow(self, job: dict[str, Any], resolved: Any, series: SeriesFrames,
-                production: InferenceResult) -> None:
+    def _shadow(
+        self, job: dict[str, Any], resolved: Any, series: SeriesFrames, production: InferenceResult
+    ) -> None:
         """Run the shadow version (if any) on the same frames; record agreement, never export."""
         shadow = self.models.shadow_for(resolved.name)
         if shadow is None or shadow.version == resolved.version:
@@ -162,8 +176,9 @@ class Worker:
         try:
             result = self._infer(shadow, series)
         except Exception as exc:
-            LOGGER.warning("job %s: shadow %s:%s failed: %s", job["id"], shadow.name,
-                           shadow.version, exc)
+            LOGGER.warning(
+                "job %s: shadow %s:%s failed: %s", job["id"], shadow.name, shadow.version, exc
+            )
             return
         agreement = {
             key: dice(production.masks[key], result.masks[key])
@@ -171,8 +186,9 @@ class Worker:
             if key in result.masks
         }
         for key, value in agreement.items():
-            metrics.SHADOW_AGREEMENT.labels(model=shadow.name, version=shadow.version,
-                                            segment=key).observe(value)
+            metrics.SHADOW_AGREEMENT.labels(
+                model=shadow.name, version=shadow.version, segment=key
+            ).observe(value)
         job = dict(job, model_version=resolved.version)
         self.store.add_shadow_result(job, shadow.name, shadow.version, agreement)
 
@@ -188,9 +204,13 @@ class Worker:
                 self.store.fail(job["id"], f"destination {name!r} is not in the configuration")
                 self.audit.write("failed", job=job["id"], error=f"unknown destination {name}")
                 return
-            result = send_file(self.config.storage / job["seg_path"], dest,
-                               calling_ae=self.config.ae_title,
-                               timeout=self.config.export_timeout)
+            result = send_file(
+                self.config.storage / job["seg_path"],
+                dest,
+                calling_ae=self.config.ae_title,
+                timeout=self.config.export_timeout,
+                tls_context=self._tls if dest.tls else None,
+            )
             if result.ok:
                 delivered.append(name)
                 self.store.delivered(job["id"], delivered)
@@ -201,8 +221,14 @@ class Worker:
         if not errors:
             outcome = f"SEG sent to {', '.join(delivered) or 'no destination'}"
             self.store.done(job["id"], outcome)
-            self.audit.write("done", job=job["id"], rule=job["rule"], model=job["model_name"],
-                             version=job["model_version"], destinations=delivered)
+            self.audit.write(
+                "done",
+                job=job["id"],
+                rule=job["rule"],
+                model=job["model_name"],
+                version=job["model_version"],
+                destinations=delivered,
+            )
             LOGGER.info("job %s: done, %s", job["id"], outcome)
             return
         error = "; ".join(errors)
@@ -214,5 +240,10 @@ class Worker:
             return
         delay = self.config.export_backoff * 2 ** (attempts - 1)
         self.store.export_retry(job["id"], delay, error)
-        LOGGER.info("job %s: export attempt %d failed (%s), retry in %.1f s", job["id"],
-                    attempts, error, delay)
+        LOGGER.info(
+            "job %s: export attempt %d failed (%s), retry in %.1f s",
+            job["id"],
+            attempts,
+            error,
+            delay,
+        )
