@@ -1,10 +1,11 @@
 """Ingest benchmark: DCMTK storescu into the node's SCP versus into DCMTK storescp.
 
 Workload (issue 2): 600 NM 256x256 (16 bit) and 200 CT 512x512 (16 bit) instances, sent by DCMTK
-``storescu`` with ``TCP_NODELAY=1`` over one association per run, timed against DCMTK ``storescp``
-in the same run (storescp writes files, without fsync). The node's SCP runs in this process with
-its real durability (fsync before Success) and a callback that records the instance; ``--jobstore``
-adds the node's SQLite job store to the callback, as ``dicom-node serve`` has it.
+``storescu`` with ``TCP_NODELAY=1`` over one association per run (``--senders N``: N storescu at
+once, the files dealt round-robin; storescp then runs with ``--fork``), timed against DCMTK
+``storescp`` in the same run (storescp writes files, without fsync). The node's SCP runs in this
+process with its real durability (fsync before Success) and a callback that records the instance;
+``--jobstore`` adds the node's SQLite job store to the callback, as ``dicom-node serve`` has it.
 
 Run ``python bench/bench_ingest.py`` (``--quick`` for 60 NM + 20 CT and one round, as CI does).
 Rounds alternate the receivers so that load from other processes hits both alike; the ratio is
@@ -20,6 +21,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,17 +59,20 @@ class Workload:
     folder: Path
     n_files: int = 0
     n_bytes: int = 0
+    senders: list[Path] = field(default_factory=list)
 
-    def build(self) -> None:
-        """Write the NM and CT files (deterministic UIDs)."""
-        nm = [make_nm(256, 256, seed="bench-nm", instance_number=i + 1) for i in range(self.n_nm)]
-        write_series(nm, self.folder / "nm")
+    def build(self, senders: int = 1) -> None:
+        """Write the NM and CT files (deterministic UIDs), dealt round-robin to ``senders``
+        folders ``s0``, ``s1`` ... (one storescu each)."""
+        datasets = [
+            make_nm(256, 256, seed="bench-nm", instance_number=i + 1) for i in range(self.n_nm)
+        ]
         if self.n_ct:
-            write_series(
-                make_ct_series(n_slices=self.n_ct, rows=512, cols=512, seed="bench-ct"),
-                self.folder / "ct",
-            )
-        files = [p for p in self.folder.rglob("*.dcm")]
+            datasets += make_ct_series(n_slices=self.n_ct, rows=512, cols=512, seed="bench-ct")
+        for k in range(senders):
+            write_series(datasets[k::senders], self.folder / f"s{k}")
+        self.senders = [self.folder / f"s{k}" for k in range(senders)]
+        files = list(self.folder.rglob("*.dcm"))
         self.n_files = len(files)
         self.n_bytes = sum(p.stat().st_size for p in files)
 
@@ -93,8 +98,10 @@ class IngestBenchmark:
     (fresh output folder / spool, so nothing is a duplicate) and returns the wall time.
     """
 
-    def __init__(self, n_nm: int = 600, n_ct: int = 200, jobstore: bool = False) -> None:
-        self.n_nm, self.n_ct, self.jobstore = n_nm, n_ct, jobstore
+    def __init__(
+        self, n_nm: int = 600, n_ct: int = 200, jobstore: bool = False, senders: int = 1
+    ) -> None:
+        self.n_nm, self.n_ct, self.jobstore, self.senders = n_nm, n_ct, jobstore, senders
         self.tmp: Path | None = None
         self.workload: Workload | None = None
 
@@ -102,7 +109,7 @@ class IngestBenchmark:
         """Create the tmp folder and the files to send."""
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
         self.workload = Workload(self.n_nm, self.n_ct, self.tmp / "data")
-        self.workload.build()
+        self.workload.build(self.senders)
 
     def teardown(self) -> None:
         """Remove everything the benchmark wrote."""
@@ -110,19 +117,31 @@ class IngestBenchmark:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _send(self, port: int, called_ae: str) -> float:
+        """Send the workload with one storescu per sender folder, all at once; return seconds."""
         assert self.workload is not None
+        results: list[Any] = [None] * len(self.workload.senders)
+
+        def send(k: int) -> None:
+            results[k] = storescu([self.workload.senders[k]], port, called_ae, timeout=900)
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(len(results))]
         start = time.perf_counter()
-        result = storescu([self.workload.folder], port, called_ae, timeout=900)
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         elapsed = time.perf_counter() - start
-        if result.returncode != 0:
-            raise RuntimeError(f"storescu failed: {result.stderr[-2000:]}")
+        for result in results:
+            if result is None or result.returncode != 0:
+                raise RuntimeError(f"storescu failed: {getattr(result, 'stderr', '')[-2000:]}")
         return elapsed
 
     def time_dcmtk_storescp(self) -> float:
         """DCMTK storescp writing every file (no fsync): the reference."""
         assert self.tmp is not None and self.workload is not None
         out = self.tmp / "storescp-out"
-        with StoreSCP(output_dir=out) as scp:
+        fork = ["--fork"] if self.senders > 1 else []  # one process per association
+        with StoreSCP(output_dir=out, extra_args=fork) as scp:
             elapsed = self._send(scp.port, scp.aet)
             received = len(scp.received())
         shutil.rmtree(out, ignore_errors=True)
@@ -135,7 +154,12 @@ class IngestBenchmark:
         assert self.tmp is not None and self.workload is not None
         storage = self.tmp / f"storage-{variant}"
         config = NodeConfig(
-            ae_title="DICOMNODE", host="127.0.0.1", port=0, storage=storage, min_free_disk=0
+            ae_title="DICOMNODE",
+            host="127.0.0.1",
+            port=0,
+            storage=storage,
+            min_free_disk=0,
+            max_associations=max(16, self.senders),
         )
         spool = Spool(storage, **VARIANTS[variant])
         records: list[InstanceRecord] = []
@@ -166,9 +190,11 @@ class IngestBenchmark:
         return elapsed
 
 
-def run(rounds: int, n_nm: int, n_ct: int, variants: list[str], jobstore: bool) -> str:
+def run(
+    rounds: int, n_nm: int, n_ct: int, variants: list[str], jobstore: bool, senders: int = 1
+) -> str:
     """Run the benchmark and return a Markdown report."""
-    bench = IngestBenchmark(n_nm, n_ct, jobstore)
+    bench = IngestBenchmark(n_nm, n_ct, jobstore, senders)
     bench.setup()
     try:
         assert bench.workload is not None
@@ -190,8 +216,10 @@ def run(rounds: int, n_nm: int, n_ct: int, variants: list[str], jobstore: bool) 
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: "
         f"{platform.machine()}, {_cpu_count()} CPUs, {platform.python_implementation()} "
         f"{platform.python_version()}, load average before: {_loadavg()}",
-        f"- workload: {n_nm} NM 256x256 + {n_ct} CT 512x512 = {n} files, {mb:.0f} MB, one "
-        f"association, DCMTK storescu with TCP_NODELAY=1; {rounds} round(s), receivers "
+        f"- workload: {n_nm} NM 256x256 + {n_ct} CT 512x512 = {n} files, {mb:.0f} MB, "
+        f"{senders} concurrent storescu association(s) (storescp "
+        f"{'--fork' if senders > 1 else 'single process'}), TCP_NODELAY=1; {rounds} round(s), "
+        "receivers "
         "alternating; callback: " + ("SQLite job store" if jobstore else "in-memory list"),
         "",
         "| receiver | median s | best s | images/s (median) | MB/s (median) | ratio median | "
@@ -231,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated, from {', '.join(VARIANTS)}",
     )
     parser.add_argument("--jobstore", action="store_true", help="record into the SQLite job store")
+    parser.add_argument("--senders", type=int, default=1, help="concurrent storescu processes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("dicom_node").setLevel(logging.WARNING)
@@ -240,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
     n_nm, n_ct, rounds = (60, 20, 1) if args.quick else (600, 200, args.rounds)
-    print(run(rounds, n_nm, n_ct, variants, args.jobstore))
+    print(run(rounds, n_nm, n_ct, variants, args.jobstore, max(1, args.senders)))
     return 0
 
 

@@ -248,7 +248,13 @@ class JobStore:
         return True
 
     def _reopen(self, conn: Any, series_uid: str, now: float) -> None:
-        """A late instance: finished production jobs go back to ``routed`` to be rebuilt."""
+        """A late instance: finished or queued production jobs go back to ``routed``.
+
+        A finished job is rebuilt (its SEG gets the same UIDs, so the PACS replaces it); a
+        queued job waits for its completion rule again. A job in a worker (``running`` or
+        ``exporting``) is left alone here: :meth:`done` and :meth:`fail` send it back to
+        ``routed`` when the series has grown past the instances it was built from.
+        """
         conn.execute(
             update(jobs)
             .where(
@@ -257,16 +263,16 @@ class JobStore:
                 jobs.c.state.in_([JobState.DONE.value, JobState.FAILED.value]),
                 jobs.c.rule.is_not(None),
             )
-            .values(
-                state=JobState.ROUTED.value,
-                updated_at=now,
-                outcome="re-opened: new instance",
-                error=None,
-                delivered=None,
-                seg_path=None,
-                attempts=0,
-                export_attempts=0,
+            .values(**_reopened(now))
+        )
+        conn.execute(
+            update(jobs)
+            .where(
+                jobs.c.series_uid == series_uid,
+                jobs.c.kind == "production",
+                jobs.c.state == JobState.QUEUED.value,
             )
+            .values(state=JobState.ROUTED.value, updated_at=now, queued_at=None)
         )
 
     # -- routing and completion ---------------------------------------------------------------
@@ -429,8 +435,17 @@ class JobStore:
                 )
             )
 
-    def done(self, job_id: int, outcome: str) -> None:
-        self._set(
+    def used_instances(self, job_id: int, n_instances: int) -> None:
+        """Record how many instances the worker read for the result it is building."""
+        self._update(job_id, n_instances=n_instances)
+
+    def done(self, job_id: int, outcome: str) -> JobState:
+        """End a job as delivered; return its new state.
+
+        ``ROUTED`` instead of ``DONE`` when instances arrived after the worker read the series
+        (``n_instances`` of the job is below the series'): the result is rebuilt with them.
+        """
+        return self._finish(
             job_id,
             JobState.DONE,
             outcome=outcome,
@@ -439,8 +454,55 @@ class JobStore:
             finished_at=time.time(),
         )
 
-    def fail(self, job_id: int, error: str) -> None:
-        self._set(job_id, JobState.FAILED, error=error, lease_until=None, finished_at=time.time())
+    def fail(self, job_id: int, error: str) -> JobState:
+        """End a job as failed with ``error``; return its new state (see :meth:`done`)."""
+        return self._finish(
+            job_id, JobState.FAILED, error=error, lease_until=None, finished_at=time.time()
+        )
+
+    def _finish(self, job_id: int, state: JobState, **values: Any) -> JobState:
+        now = time.time()
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(jobs.c.kind, jobs.c.n_instances, jobs.c.rule, series.c.n_instances)
+                .select_from(jobs.join(series, series.c.series_uid == jobs.c.series_uid))
+                .where(jobs.c.id == job_id)
+            ).first()
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(state=state.value, updated_at=now, **values)
+            )
+            if (
+                row is not None
+                and row[0] == "production"
+                and row[2] is not None
+                and row[1] is not None
+                and row[3] > row[1]
+            ):
+                LOGGER.info(
+                    "job %s: %d instance(s) arrived while it ran: rebuilding",
+                    job_id,
+                    row[3] - row[1],
+                )
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(**_reopened(now)))
+                return JobState.ROUTED
+        return state
+
+    def release(self, job_id: int) -> None:
+        """Give back a job this process claimed but did not start (the node is stopping)."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING.value)
+                .values(state=JobState.QUEUED.value, lease_until=None, updated_at=now)
+            )
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state == JobState.EXPORTING.value)
+                .values(lease_until=None, updated_at=now)
+            )
 
     def release_running(self) -> int:
         """After a restart of the only node: give every interrupted job back to the queue."""
@@ -568,6 +630,23 @@ class JobStore:
             stmt = stmt.where(jobs.c.state == only_from.value)
         with self.engine.begin() as conn:
             return bool(conn.execute(stmt.values(**values)).rowcount)
+
+
+def _reopened(now: float) -> dict[str, Any]:
+    """Column values that send a finished job back to ``routed`` to be rebuilt."""
+    return {
+        "state": JobState.ROUTED.value,
+        "updated_at": now,
+        "outcome": "re-opened: new instance",
+        "error": None,
+        "delivered": None,
+        "seg_path": None,
+        "lease_until": None,
+        "queued_at": None,
+        "finished_at": None,
+        "attempts": 0,
+        "export_attempts": 0,
+    }
 
 
 def to_json(job: dict[str, Any]) -> str:

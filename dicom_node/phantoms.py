@@ -121,7 +121,12 @@ def _anatomy(rng: np.random.Generator) -> dict[str, Any]:
         "lobe_length_mm": [length * rng.uniform(0.85, 1.0), length * rng.uniform(0.85, 1.0)],
         "lobe_width_ratio": [rng.uniform(0.32, 0.5), rng.uniform(0.32, 0.5)],
         "lobe_tilt_deg": [rng.uniform(-8, 20), rng.uniform(-8, 20)],
-        "gap_mm": rng.uniform(2.0, 12.0),
+        "gap_mm": rng.uniform(2.0, 20.0),
+        # projected-thickness profile of the lobes: floor + (1 - floor) * t**power, so edges
+        # range from soft (ellipsoid) to a sharp step
+        "edge_floor": float(rng.choice([0.0, rng.uniform(0.0, 0.5)])),
+        "edge_power": rng.uniform(0.5, 1.5),
+        "nodule_edge": rng.uniform(1.2, 8.0),  # 1.2 = soft rim, 8 = sharp
         "uptake_ratio": float(rng.uniform(0.5, 1.0)),  # weaker lobe / stronger lobe
         "weaker_lobe": int(rng.integers(0, 2)),
         "isthmus": bool(rng.random() < 0.7),
@@ -150,6 +155,8 @@ def _render(
     # pinhole magnification: the longer lobe spans 25-55% of the field
     fraction = rng.uniform(0.25, 0.55)
     spacing = max(lengths) / (fraction * size)  # mm per pixel
+    # ... but the whole gland (both lobes and the gap) stays within 80% of the field width
+    spacing = max(spacing, (sum(widths) + anatomy["gap_mm"]) * 1.15 / (0.8 * size))
     half = size * spacing / 2.0
     coords = (np.arange(size) + 0.5) * spacing - half
     x, y = np.meshgrid(coords, coords)  # x: image columns (patient right on the left), y: down
@@ -175,6 +182,8 @@ def _render(
         angle = np.pi / 2 + gland_angle - tilt
         radius = _smooth_radius(shape_rng, 0.08)
         mask, t = _ellipsoid(x, y, (cx, cy), (length / 2, width / 2), angle, radius)
+        floor = anatomy["edge_floor"]
+        t = np.where(mask, floor + (1.0 - floor) * t ** anatomy["edge_power"], 0.0)
         level = anatomy["uptake_ratio"] if side == anatomy["weaker_lobe"] else 1.0
         thyroid |= mask
         better = t > thick
@@ -217,7 +226,7 @@ def _render(
         ca2, sa2 = np.cos(lobe["angle"]), np.sin(lobe["angle"])
         ncx = lobe["centre"][0] + u * ca2 - v * sa2
         ncy = lobe["centre"][1] + u * sa2 + v * ca2
-        ratio = shape_rng.uniform(0.8, 1.0)
+        ratio = shape_rng.uniform(0.65, 1.0)
         mask, t = _ellipsoid(
             x,
             y,
@@ -229,7 +238,7 @@ def _render(
         mask &= thyroid
         residual = float(rng.uniform(0.05, 0.5))
         # the nodule replaces functioning tissue over (most of) the gland depth
-        depth = np.clip(t * 1.6, 0.0, 1.0)
+        depth = np.clip(t * anatomy["nodule_edge"], 0.0, 1.0)
         activity = activity * (1.0 - (1.0 - residual) * depth * mask)
         nodule |= mask
         nodules.append(
@@ -287,12 +296,12 @@ def _render(
     neck_w = rng.uniform(45.0, 70.0)
     neck = 1.0 / (1.0 + np.exp((np.abs(x - gx) - neck_w) / 4.0))
     gradient = 1.0 + rng.uniform(-0.4, 0.4) * y / half
-    background_level = rng.uniform(0.02, 0.15)
+    background_level = float(np.exp(rng.uniform(np.log(0.005), np.log(0.2))))
     bg = neck * gradient * background_level * peak
     bg *= 1.0 + 0.15 * _smooth_field(rng, (size, size), 10.0 / spacing)
     expected = activity + extra + np.clip(bg, 0.0, None) + 0.002 * peak
 
-    fwhm_mm = rng.uniform(2.0, 5.0)
+    fwhm_mm = rng.uniform(0.5, 5.0)
     sigma_px = fwhm_mm / 2.3548 / spacing
     expected = _gaussian_blur(expected, sigma_px)
     meta = {

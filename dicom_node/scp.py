@@ -187,8 +187,31 @@ class _Walk:
     stopped: bool = False
 
 
+class _NotSimple(Exception):
+    """The fast walker met something it leaves to pydicom."""
+
+
+_STRING_TAGS = {
+    _TAG_SOP_CLASS: "sop_class_uid",
+    _TAG_SOP_INSTANCE: "sop_instance_uid",
+    _TAG_STUDY: "study_uid",
+    _TAG_SERIES: "series_uid",
+    _TAG_MODALITY: "modality",
+}
+_US_TAGS = {
+    _TAG_ROWS: "rows",
+    _TAG_COLUMNS: "columns",
+    _TAG_SAMPLES: "samples_per_pixel",
+    _TAG_BITS_ALLOCATED: "bits_allocated",
+}
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
 def parse_header(data: bytes, transfer_syntax: str) -> Header:
     """Read the handful of elements the receive path needs from an encoded data set.
+
+    A small walker over the top-level elements does the work; anything it does not handle with
+    certainty (odd VRs with undefined length, malformed values) goes to pydicom's reader.
 
     Parameters
     ----------
@@ -217,6 +240,106 @@ def parse_header(data: bytes, transfer_syntax: str) -> Header:
             data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
         except zlib.error as exc:
             raise ValueError(f"deflated data set does not inflate: {exc}") from exc
+    if not data:
+        raise ValueError("the data set is empty")
+    try:
+        return _parse_header_fast(data, implicit, little)
+    except (_NotSimple, struct.error, UnicodeDecodeError, ValueError):
+        return _parse_header_pydicom(data, implicit, little)
+
+
+def _element_header(
+    data: bytes, pos: int, implicit: bool, endian: str
+) -> tuple[int, bytes | None, int, int]:
+    """Return (tag, VR or None, length, value offset) of the element at ``pos``."""
+    group, element = struct.unpack_from(endian + "HH", data, pos)
+    tag = group << 16 | element
+    if implicit or group == 0xFFFE:
+        (length,) = struct.unpack_from(endian + "L", data, pos + 4)
+        return tag, None, length, pos + 8
+    vr = data[pos + 4 : pos + 6]
+    if vr in _EXPLICIT_LONG_VRS:
+        (length,) = struct.unpack_from(endian + "L", data, pos + 8)
+        return tag, vr, length, pos + 12
+    if not (b"AA" <= vr <= b"ZZ"):
+        raise _NotSimple(f"unexpected VR bytes {vr!r}")
+    (length,) = struct.unpack_from(endian + "H", data, pos + 6)
+    return tag, vr, length, pos + 8
+
+
+def _skip_undefined(data: bytes, pos: int, implicit: bool, endian: str, depth: int = 0) -> int:
+    """Return the offset after a sequence of undefined length whose items start at ``pos``."""
+    if depth > 32:
+        raise _NotSimple("sequences nested too deep")
+    end = len(data)
+    while pos + 8 <= end:
+        tag, _, length, pos = _element_header(data, pos, True, endian)
+        if tag == _SEQ_END:
+            return pos
+        if tag != _ITEM:
+            raise _NotSimple(f"expected an item, found ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+        if length != 0xFFFFFFFF:
+            pos += length
+            continue
+        while True:  # item of undefined length: its elements up to the item delimiter
+            if pos + 8 > end:
+                raise ValueError("a sequence item runs past the end")
+            tag, vr, length, value = _element_header(data, pos, implicit, endian)
+            if tag == _ITEM_END:
+                pos = value
+                break
+            if length == 0xFFFFFFFF:
+                if vr not in (None, b"SQ", b"UN"):
+                    raise _NotSimple("undefined length on a non-sequence element")
+                pos = _skip_undefined(data, value, implicit, endian, depth + 1)
+            else:
+                pos = value + length
+    raise ValueError("a sequence of undefined length has no end")
+
+
+def _parse_header_fast(data: bytes, implicit: bool, little: bool) -> Header:
+    endian = "<" if little else ">"
+    header = Header()
+    end = len(data)
+    pos, last_tag, count = 0, -1, 0
+    while pos < end:
+        if pos + 8 > end:
+            raise ValueError("the data set ends inside an element header")
+        tag, vr, length, value = _element_header(data, pos, implicit, endian)
+        if tag <= last_tag:
+            raise ValueError(f"element tags out of order at offset {pos}")
+        last_tag = tag
+        if tag >= 0x7FE00008:
+            if tag == _TAG_PIXEL_DATA:
+                header.pixel_data_length = -1 if length == 0xFFFFFFFF else length
+                header.pixel_data_available = end - value
+            break
+        count += 1
+        if length == 0xFFFFFFFF:
+            if vr not in (None, b"SQ", b"UN"):
+                raise _NotSimple("undefined length on a non-sequence element")
+            pos = _skip_undefined(data, value, implicit, endian)
+            continue
+        if value + length > end:
+            raise ValueError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end")
+        if tag in _STRING_TAGS:
+            text = data[value : value + length].decode("ascii").strip("\x00 ")
+            setattr(header, _STRING_TAGS[tag], text.split("\\")[0] or None)
+        elif tag in _US_TAGS:
+            if length < 2:
+                raise _NotSimple("short US value")
+            setattr(header, _US_TAGS[tag], struct.unpack_from(endian + "H", data, value)[0])
+        elif tag == _TAG_FRAMES and length:
+            text = data[value : value + length].decode("ascii").strip("\x00 ")
+            header.number_of_frames = int(text.split("\\")[0]) if text else None
+        pos = value + length
+    if count == 0:
+        raise ValueError("no data element before the pixel data")
+    return header
+
+
+def _parse_header_pydicom(data: bytes, implicit: bool, little: bool) -> Header:
+    """pydicom's reader over the top-level elements: the slow, general path."""
     if not data:
         raise ValueError("the data set is empty")
     fp = io.BytesIO(data)

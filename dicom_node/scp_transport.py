@@ -23,14 +23,18 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import time
 from datetime import datetime
 from typing import Any, cast
 
 from pynetdicom import _handlers, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node import metrics
@@ -66,14 +70,73 @@ class NodeAssociationSocket(AssociationSocket):
         buffer = bytearray(nr_bytes)
         view = memoryview(buffer)
         nr_read = 0
-        while nr_read < nr_bytes:
-            got = sock.recv_into(view[nr_read:], min(nr_bytes - nr_read, RECV_CHUNK))
-            if not got:
-                del buffer[nr_read:]
-                break
-            nr_read += got
-        view.release()
+        try:
+            while nr_read < nr_bytes:
+                got = sock.recv_into(view[nr_read:], min(nr_bytes - nr_read, RECV_CHUNK))
+                if not got:  # the peer closed the connection: return what arrived
+                    break
+                nr_read += got
+        finally:
+            view.release()
+        if nr_read < nr_bytes:
+            del buffer[nr_read:]
         return buffer
+
+
+def _implicit(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def encode_c_store_rsp(rsp: C_STORE) -> bytes | None:
+    """Encode a plain C-STORE-RSP command set (Implicit VR Little Endian) without pydicom.
+
+    Returns None for responses this fast path does not cover (error comment, offending element),
+    which then go through pynetdicom's encoder.
+    """
+    if rsp.ErrorComment is not None or rsp.OffendingElement is not None:
+        return None
+    if rsp.AffectedSOPClassUID is None or rsp.AffectedSOPInstanceUID is None:
+        return None
+    body = b"".join(
+        (
+            _implicit(0x00000002, _uid_value(str(rsp.AffectedSOPClassUID))),
+            _implicit(0x00000100, struct.pack("<H", 0x8001)),
+            _implicit(0x00000120, struct.pack("<H", int(rsp.MessageIDBeingRespondedTo or 0))),
+            _implicit(0x00000800, struct.pack("<H", 0x0101)),
+            _implicit(0x00000900, struct.pack("<H", int(rsp.Status or 0))),
+            _implicit(0x00001000, _uid_value(str(rsp.AffectedSOPInstanceUID))),
+        )
+    )
+    return _implicit(0x00000000, struct.pack("<L", len(body))) + body
+
+
+class NodeDIMSE(DIMSEServiceProvider):
+    """DIMSE provider that encodes C-STORE responses directly (the per-instance reply).
+
+    Everything else, and every response when a handler listens to ``EVT_DIMSE_SENT`` (pynetdicom's
+    debug logging), goes through pynetdicom's own path.
+    """
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        """Send a DIMSE message; C-STORE-RSP in one P-DATA without building a pydicom Dataset."""
+        if (
+            isinstance(primitive, C_STORE)
+            and primitive.MessageIDBeingRespondedTo is not None
+            and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+        ):
+            command = encode_c_store_rsp(primitive)
+            max_pdu = self.maximum_pdu_size
+            if command is not None and (not max_pdu or len(command) + 7 <= max_pdu):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+                self.dul.send_pdu(pdata)
+                return
+        super().send_msg(primitive, context_id)
 
 
 class NodeDUL(DULServiceProvider):
@@ -185,6 +248,7 @@ class NodeAssociation(Association):
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
         self.dul = NodeDUL(self)
+        self.dimse = NodeDIMSE(self)
 
     def _run_reactor(self) -> None:
         """pynetdicom's acceptor loop (``Association._run_reactor``) with a blocking wait."""

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import DICOM_NODE, REPO, THYROID_RULE, make_config, write_rules
 from tests.helpers.dicom_factory import make_ct_series, make_nm, write_series
+from tests.helpers.metrics import sample, scrape, value
 from tests.helpers.peers import Orthanc, dciodvfy, storescu
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -66,6 +67,7 @@ class TestStorescuToOrthanc:
         with Orthanc() as orthanc:
             config = make_config(tmp_path, models_dir, rules_dir, orthanc.dicom_port)
             node = node_factory(config)
+            before = scrape(config.http_port)
             files = write_series([make_nm(seed=1)], tmp_path / "in")
             result = storescu(files, config.port, config.ae_title)
             assert result.returncode == 0, result.stderr
@@ -96,14 +98,17 @@ class TestStorescuToOrthanc:
             assert job["rule"] == "thyroid"
             assert job["model_version"] == "1"
 
-            code, body = _http(config.http_port, "/metrics")
-            assert code == 200
-            assert "dicom_node_instances_received_total 1.0" in body
-            assert (
-                'dicom_node_inference_request_success_total{model="thyroid-seg",version="1"}'
-                in body
-            )
-            assert 'dicom_node_export_success_total{destination="pacs"} 1.0' in body
+            after = scrape(config.http_port)
+
+            def delta(name: str, **labels: str) -> float:
+                return value(after, name, **labels) - value(before, name, **labels)
+
+            assert delta("dicom_node_instances_received_total") == 1
+            assert delta("dicom_node_series_completed_total") == 1
+            model = {"model": "thyroid-seg", "version": "1"}
+            assert delta("dicom_node_inference_request_success_total", **model) == 1
+            assert delta("dicom_node_inference_duration_seconds_count", **model) == 1
+            assert delta("dicom_node_export_success_total", destination="pacs") == 1
             code, body = _http(config.http_port, "/readyz")
             assert code == 200, body
             assert json.loads(body)["ready"] is True
@@ -145,6 +150,9 @@ class TestFailuresAndRetry:
             dead_port = orthanc.dicom_port + 1  # nothing listens there
             config = make_config(tmp_path, models_dir, rules_dir, dead_port)
             node = node_factory(config)
+            failures = sample(
+                config.http_port, "dicom_node_export_failure_total", destination="pacs"
+            )
             files = write_series([make_nm(seed=21)], tmp_path / "in")
             assert storescu(files, config.port, config.ae_title).returncode == 0
             failed = _wait(
@@ -153,8 +161,8 @@ class TestFailuresAndRetry:
                 what="the export to fail for good",
             )[0]
             assert "export failed after 3 attempt(s)" in failed["error"]
-            code, body = _http(config.http_port, "/metrics")
-            assert 'dicom_node_export_failure_total{destination="pacs"} 3.0' in body
+            now = sample(config.http_port, "dicom_node_export_failure_total", destination="pacs")
+            assert now - failures == 3
         # the PACS comes back on another port: the operator fixes the config and retries
         with Orthanc() as orthanc:
             node.config = node.worker.config = config.model_copy(

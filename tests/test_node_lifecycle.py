@@ -19,6 +19,7 @@ import pytest
 from dicom_node.modelstore import ModelStore
 from tests.conftest import THYROID_RULE, make_config, write_rules
 from tests.helpers.dicom_factory import make_ct_series, make_nm, write_series
+from tests.helpers.metrics import sample
 from tests.helpers.onnx_models import make_store
 from tests.helpers.peers import StoreSCP, storescu
 
@@ -90,12 +91,16 @@ class TestRulesHotReload:
             assert send(2)["rule"] == "thyroid-v2"
             good_version = node.rules.current.version
 
+            reload_failures_before = sample(
+                config.http_port, "dicom_node_rules_reload_failures_total"
+            )
             # a bad edit: rejected whole, the last good set keeps routing, visible in /readyz
             path.write_text(path.read_text().replace("Modality: NM", "Modality: {regexp: NM}"))
             _wait(lambda: node.rules.error, timeout=2.5, what="the bad edit to be rejected")
             body = _readyz(config.http_port)
             assert "regexp" in body["checks"]["rules"]["detail"]
-            assert "dicom_node_rules_reload_failures_total 1.0" in _metrics(config.http_port)
+            failures = sample(config.http_port, "dicom_node_rules_reload_failures_total")
+            assert failures == reload_failures_before + 1
             assert node.rules.current.version == good_version
             assert send(3)["rule"] == "thyroid-v2"
 
@@ -169,6 +174,13 @@ class TestShadowAndCanary:
         with StoreSCP() as pacs:
             config = make_config(tmp_path, models, rules_dir, pacs.port)
             node = node_factory(config)
+            shadow_before = sample(
+                config.http_port,
+                "dicom_node_shadow_agreement_count",
+                model="thyroid-seg",
+                segment="thyroid",
+                version="2",
+            )
             files = write_series(
                 [make_nm(rows=64, cols=64, seed=f"sh{i}") for i in range(3)], tmp_path / "in"
             )
@@ -185,9 +197,11 @@ class TestShadowAndCanary:
             assert all(set(s["details"]["agreement"]) == {"thyroid", "nodule"} for s in shadows)
             _wait(lambda: len(pacs.received()) == 3, what="production SEGs")
             assert _seg_versions(pacs.received()) == ["1", "1", "1"]
+            labels = {"model": "thyroid-seg", "segment": "thyroid", "version": "2"}
             assert (
-                'dicom_node_shadow_agreement_count{model="thyroid-seg",segment="thyroid",'
-                'version="2"} 3.0' in _metrics(config.http_port)
+                sample(config.http_port, "dicom_node_shadow_agreement_count", **labels)
+                - shadow_before
+                == 3
             )
 
     def test_canary_share_is_stable_per_study(
@@ -224,11 +238,13 @@ def test_broken_new_version_keeps_old_one_serving(
         config = make_config(tmp_path, models, rules_dir, pacs.port)
         node = node_factory(config)
         _wait(lambda: node.models.ready()[0], what="models ready")
+        labels = {"model": "thyroid-seg", "version": "2"}
+        before = sample(config.http_port, "dicom_node_model_load_failures_total", **labels)
         ModelStore(models).set_alias("thyroid-seg", "production", "2", reason="test")
         _wait(
             lambda: (
-                'dicom_node_model_load_failures_total{model="thyroid-seg",version="2"} 1.0'
-                in _metrics(config.http_port)
+                sample(config.http_port, "dicom_node_model_load_failures_total", **labels)
+                == before + 1
             ),
             timeout=5,
             what="the load failure to be counted",

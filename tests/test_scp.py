@@ -38,9 +38,10 @@ from dicom_node.scp import (
     encode_file_meta,
     parse_header,
 )
+from dicom_node.scp_transport import encode_c_store_rsp
 from dicom_node.spool import Spool
 from tests.helpers.dicom_factory import make_ct_series, make_nm, write_series
-from tests.helpers.peers import echoscu, storescu
+from tests.helpers.peers import Orthanc, echoscu, storescu
 
 NODE_AE = "DICOMNODE"
 
@@ -165,6 +166,28 @@ class TestEcho:
         node.scp.stop()
         assert not node.scp.listening
         assert echoscu(port, NODE_AE).returncode != 0
+
+
+class TestListener:
+    def test_listening_socket_has_tcp_nodelay(self, start_node: Callable[..., Node]) -> None:
+        import socket
+
+        node = start_node()
+        server = node.scp._server
+        assert server is not None and server.socket is not None
+        assert server.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert node.port == server.server_address[1] != 0
+
+    def test_small_max_pdu_is_honoured(
+        self, start_node: Callable[..., Node], tmp_path: Path
+    ) -> None:
+        node = start_node(max_pdu=4096)
+        files = write_series([make_nm(rows=64, cols=64, seed="pdu")], tmp_path / "in")
+        result = storescu(files, node.port, NODE_AE, extra_args=["-v"])
+        assert result.returncode == 0, result.stderr
+        assert "Max Send PDV: 4084" in result.stdout + result.stderr
+        (spooled,) = node.spooled()
+        assert dataset_bytes(spooled) == dataset_bytes(files[0])
 
 
 class TestStore:
@@ -450,3 +473,84 @@ class TestParseHeader:
         assert read.MediaStorageSOPInstanceUID == "1.2.3"
         assert read.TransferSyntaxUID == ExplicitVRLittleEndian
         assert read.SourceApplicationEntityTitle == "AE1"
+
+
+class TestFastResponse:
+    @pytest.mark.parametrize("status", [0x0000, 0xA700, 0xC210])
+    def test_c_store_rsp_bytes_equal_pynetdicom_encoding(self, status: int) -> None:
+        from pynetdicom.dimse_messages import C_STORE_RSP
+        from pynetdicom.dimse_primitives import C_STORE
+        from pynetdicom.dsutils import encode
+
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = 7
+        rsp.AffectedSOPClassUID = NuclearMedicineImageStorage
+        rsp.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.123"
+        rsp.Status = status
+        message = C_STORE_RSP()
+        message.primitive_to_message(rsp)
+        assert encode_c_store_rsp(rsp) == encode(message.command_set, True, True)
+
+    def test_error_comment_goes_through_pynetdicom(self) -> None:
+        from pynetdicom.dimse_primitives import C_STORE
+
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = 1
+        rsp.AffectedSOPClassUID = NuclearMedicineImageStorage
+        rsp.AffectedSOPInstanceUID = "1.2.3"
+        rsp.Status = 0xC000
+        rsp.ErrorComment = "bad"
+        assert encode_c_store_rsp(rsp) is None
+
+
+class TestHeaderWalker:
+    """The fast top-level walker reads what pydicom's reader reads."""
+
+    @pytest.mark.parametrize(
+        "transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+    )
+    @pytest.mark.parametrize("kind", ["nm", "nm3", "ct"])
+    def test_fast_and_pydicom_paths_agree(
+        self, tmp_path: Path, transfer_syntax: str, kind: str
+    ) -> None:
+        from dicom_node.scp import _parse_header_fast, _parse_header_pydicom
+
+        if kind == "ct":
+            ds = make_ct_series(n_slices=1, rows=32, cols=32, seed="walker")[0]
+        else:
+            ds = make_nm(rows=32, cols=32, frames=3 if kind == "nm3" else 1, seed="walker")
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        path = tmp_path / "ds.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        data = dataset_bytes(path)
+        implicit = transfer_syntax == ImplicitVRLittleEndian
+        little = transfer_syntax != ExplicitVRBigEndian
+        fast = _parse_header_fast(data, implicit, little)
+        assert fast == _parse_header_pydicom(data, implicit, little)
+        assert fast.study_uid == ds.StudyInstanceUID
+        assert (fast.rows, fast.columns, fast.bits_allocated) == (32, 32, 16)
+        assert fast.pixel_data_length == len(ds.PixelData)
+        assert parse_header(data, transfer_syntax) == fast
+
+
+class TestOrthancInterop:
+    def test_orthanc_pushes_a_study(self, start_node: Callable[..., Node], tmp_path: Path) -> None:
+        node = start_node(allowed_callers=["ORTHANC"])
+        study = make_nm(rows=64, cols=64, seed="orthanc").StudyInstanceUID
+        datasets = [make_nm(rows=64, cols=64, seed="orthanc", instance_number=i) for i in (1, 2)]
+        datasets += make_ct_series(n_slices=2, rows=32, cols=32, study_uid=study, seed="orthanc")
+        write_series(datasets, tmp_path / "study")
+        with Orthanc(modalities={"node": (NODE_AE, "127.0.0.1", node.port)}) as pacs:
+            pacs.upload(tmp_path / "study")
+            (study_id,) = pacs.rest_get("/studies")
+            answer = pacs.send_to_modality("node", [study_id])
+        assert answer["FailedInstancesCount"] == 0
+        assert {r.sop_instance_uid for r in node.recorder.records} == {
+            ds.SOPInstanceUID for ds in datasets
+        }
+        assert {r.calling_ae for r in node.recorder.records} == {"ORTHANC"}
+        for record in node.recorder.records:
+            original = tmp_path / "study" / f"{record.sop_instance_uid}.dcm"
+            assert pydicom.dcmread(node.storage / record.path).PixelData == (
+                pydicom.dcmread(original).PixelData
+            )

@@ -133,6 +133,19 @@ class TestExport:
         assert set(metrics["thyroid"]) == {"dice", "iou", "hd95_mm", "n"}
         assert "nodule_fp_per_image" in metrics
 
+    def test_reference_set_for_the_promotion_gate(
+        self, pipeline: dict[str, Path], tmp_path: Path
+    ) -> None:
+        export_model(
+            pipeline["run"] / "best.pt", tmp_path / "5", reference=pipeline["test"], reference_n=2
+        )
+        manifest = load_manifest(tmp_path / "5" / "manifest.yaml")
+        assert manifest.reference_data == "reference"
+        cases = sorted(p.name for p in (tmp_path / "5" / "reference").iterdir())
+        assert cases == ["case0000", "case0001"]
+        added = ModelStore(tmp_path / "models").add(tmp_path / "5")
+        assert (added.path / "reference" / "case0001" / "truth.npz").is_file()
+
 
 class TestEvaluate:
     def test_report_json_and_markdown(self, pipeline: dict[str, Path]) -> None:

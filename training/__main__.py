@@ -158,6 +158,19 @@ def train_cmd(config_path: str, out: Path, data_dir: Path | None, skip_bad: bool
     help="report.json of an evaluation, copied into the manifest metrics.",
 )
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True)
+@click.option(
+    "--reference",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Case folders to copy as the promotion gate's reference set (reference_data).",
+)
+@click.option(
+    "--reference-n",
+    type=click.IntRange(min=1),
+    default=12,
+    show_default=True,
+    help="How many reference cases to copy.",
+)
 def export_cmd(
     checkpoint: Path,
     out: Path,
@@ -165,13 +178,22 @@ def export_cmd(
     version: str | None,
     report: Path | None,
     opset: int,
+    reference: Path | None,
+    reference_n: int,
 ) -> None:
     """Export a checkpoint to ONNX (parity-checked) with its manifest.yaml."""
     from training.export import ParityError, export_model
 
     try:
         result = export_model(
-            checkpoint, out, name=name, version=version, report=report, opset=opset
+            checkpoint,
+            out,
+            name=name,
+            version=version,
+            report=report,
+            opset=opset,
+            reference=reference,
+            reference_n=reference_n,
         )
     except (ParityError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))

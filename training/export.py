@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import shutil
 import subprocess
 import warnings
 from dataclasses import dataclass
@@ -39,6 +40,35 @@ PARITY_TOLERANCE = 1e-4
 
 HISTORY_FILE = "training_history.json"
 """Learning curve written next to the model (read by ``evaluate``)."""
+
+
+REFERENCE_DIR = "reference"
+"""Folder (inside the version folder) of the promotion gate's reference cases."""
+
+
+def copy_reference(source: Path, target: Path, n: int) -> list[Path]:
+    """Copy the first ``n`` case folders of ``source`` (image.dcm + truth.npz) to ``target``.
+
+    Raises
+    ------
+    ValueError
+        ``source`` holds no case folder with both files.
+    """
+    folders = [
+        p
+        for p in sorted(source.iterdir())
+        if p.is_dir() and (p / "image.dcm").is_file() and (p / "truth.npz").is_file()
+    ][:n]
+    if not folders:
+        raise ValueError(f"reference folder {source} has no case with image.dcm + truth.npz")
+    copied = []
+    for folder in folders:
+        dest = target / folder.name
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("image.dcm", "truth.npz"):
+            shutil.copyfile(folder / name, dest / name)
+        copied.append(dest)
+    return copied
 
 
 class ParityError(RuntimeError):
@@ -145,7 +175,11 @@ def _round(value: Any) -> Any:
 
 
 def _export(
-    net: torch.nn.Module, dummy: torch.Tensor, buffer: io.BytesIO, in_name: str, out_name: str,
+    net: torch.nn.Module,
+    dummy: torch.Tensor,
+    buffer: io.BytesIO,
+    in_name: str,
+    out_name: str,
     opset: int,
 ) -> None:
     torch.onnx.export(
@@ -169,6 +203,8 @@ def export_model(
     version: str | None = None,
     report: Path | str | None = None,
     opset: int = 17,
+    reference: Path | str | None = None,
+    reference_n: int = 12,
 ) -> ExportResult:
     """Export ``checkpoint`` to ``out/model.onnx`` + ``out/manifest.yaml``.
 
@@ -186,6 +222,12 @@ def export_model(
         ``report.json`` from ``evaluate``; its figures become the manifest's ``metrics``.
     opset : int
         ONNX opset, at least 17.
+    reference : path, optional
+        Case folders (``image.dcm`` + ``truth.npz``); the first ``reference_n`` are copied into
+        ``out/reference`` and named as the manifest's ``reference_data``, the set the promotion
+        gate (``dicom-node models promote``) compares versions on.
+    reference_n : int
+        How many reference cases to copy.
 
     Returns
     -------
@@ -241,7 +283,7 @@ def export_model(
         "input": input_spec.model_dump(mode="json", exclude_none=True),
         "output": model_cfg["output"],
         "segments": model_cfg["segments"],
-        "reference_data": None,
+        "reference_data": REFERENCE_DIR if reference is not None else None,
         "provenance": {
             "data_hash": ckpt.get("data_hash"),
             "data_dir": ckpt.get("data_dir"),
@@ -263,6 +305,8 @@ def export_model(
         "metrics": metrics,
     }
     parse_manifest(json.loads(json.dumps(manifest)), source=str(out / MANIFEST_FILE))
+    if reference is not None:
+        copy_reference(Path(reference), out / REFERENCE_DIR, reference_n)
     yaml = YAML()
     yaml.default_flow_style = None
     yaml.width = 100

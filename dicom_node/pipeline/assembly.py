@@ -81,9 +81,12 @@ class Assembler:
             self.store.skip(job["id"], f"routing failed: {exc}", None, rules.version)
             self.audit.write("routing_failed", job=job["id"], error=str(exc))
             return
-        matched = list(decision.matched)
+        matched = [r for r in decision.matched if getattr(r, "model", None)]
         if decision.discarded or not matched:
-            rule = matched[0].name if matched else None
+            # name the rule that discarded the series, not the first one that fired
+            fired = [r for r in decision.matched if getattr(r, "discard", False)]
+            fired = fired or list(decision.matched)
+            rule: str | None = fired[0].name if fired else None
             outcome = f"discarded by rule {rule}" if decision.discarded else "no rule matched"
             self.store.skip(job["id"], outcome, rule, rules.version)
             metrics.ROUTING_DECISIONS.labels(rule=rule or "none").inc()

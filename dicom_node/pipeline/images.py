@@ -44,11 +44,21 @@ def _slice_key(ds: Dataset) -> tuple[float, float]:
     return number, 0.0
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's text on one line (pydicom lists each decoder's complaint on its own line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines) or type(exc).__name__
+
+
 def _frames_of(ds: Dataset, name: str) -> list[np.ndarray]:
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for bad pixel data
-        raise SeriesReadError(f"{name}: pixel data cannot be decoded: {exc}") from exc
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        how = f" ({syntax.name})" if syntax is not None else ""
+        raise SeriesReadError(
+            f"{name}: pixel data{how} cannot be decoded: {_one_line(exc)}"
+        ) from exc
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if samples > 1:  # colour: the models take one channel, so use luminance-like mean
@@ -64,14 +74,19 @@ def read_series(paths: list[Path]) -> SeriesFrames:
     Raises
     ------
     SeriesReadError
-        A file cannot be read or its pixel data decoded; the message names the file.
+        A file cannot be read or its pixel data decoded; the message names the instance by its
+        position in arrival order and its InstanceNumber (not by UID), and the transfer syntax.
     """
     read: list[tuple[Dataset, str]] = []
-    for path in paths:
+    for index, path in enumerate(paths, start=1):
+        # name instances by position and InstanceNumber: the error goes to logs, UIDs must not
+        label = f"instance {index} of {len(paths)}"
         try:
-            read.append((pydicom.dcmread(path), path.name))
+            ds = pydicom.dcmread(path)
         except Exception as exc:
-            raise SeriesReadError(f"{path.name}: not readable as DICOM: {exc}") from exc
+            raise SeriesReadError(f"{label}: not readable as DICOM: {_one_line(exc)}") from exc
+        number = getattr(ds, "InstanceNumber", None)
+        read.append((ds, f"{label} (InstanceNumber {number})" if number is not None else label))
     read.sort(key=lambda pair: _slice_key(pair[0]))
     frames: list[np.ndarray] = []
     for ds, name in read:

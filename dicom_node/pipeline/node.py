@@ -1,8 +1,10 @@
 """The node: receiver, assembly, workers, model serving, rules and health, wired by the job store.
 
-apscheduler is the local driver (periodic polls of the job store); it owns no job state, so a
-second process on the same job store would not fight over it. Workers are a bounded thread pool fed
-by atomic claims from the store.
+apscheduler is the local clock (periodic polls of the job store, gauges); it owns no job state, so
+a second process on the same job store would not fight over it. The passes themselves run on one
+driver thread, woken by that clock, by every instance the SCP records and by every worker that
+frees, so a job starts right after its series completes instead of up to a poll interval later.
+Workers are a bounded thread pool fed by atomic claims from the store.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicom_node import metrics
 from dicom_node.config import NodeConfig
 from dicom_node.http import HealthServer
+from dicom_node.jobstore import TERMINAL as TERMINAL_STATES
 from dicom_node.jobstore import InstanceRow, JobState, JobStore
 from dicom_node.modelstore import ModelRunner, ModelStore, ServingModels
 from dicom_node.pipeline.assembly import Assembler
@@ -32,6 +35,9 @@ LOGGER = logging.getLogger(__name__)
 
 METRICS_INTERVAL = 2.0
 """Seconds between refreshes of the job-state gauges."""
+
+STOP_JOIN_SECONDS = 10.0
+"""How long :meth:`Node.stop` waits for the driver thread to finish its current pass."""
 
 
 class Node:
@@ -77,6 +83,9 @@ class Node:
         self._slots = threading.BoundedSemaphore(config.workers)
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._stopping = threading.Event()
+        self._wake_event = threading.Event()
+        self._models_signature: tuple[tuple[str, int], ...] = ()
+        self._driver = threading.Thread(target=self._drive, name="pipeline-driver", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -88,8 +97,9 @@ class Node:
         self.models.start()
         self.http.start()
         interval = self.config.poll_interval
+        self._driver.start()
         self._scheduler.add_job(
-            self._tick,
+            self._wake,
             "interval",
             seconds=interval,
             id="pipeline",
@@ -105,6 +115,15 @@ class Node:
             max_instances=1,
             coalesce=True,
         )
+        self._models_signature = self._model_store_signature()
+        self._scheduler.add_job(
+            self._retry_rejected_rules,
+            "interval",
+            seconds=self.config.reload_interval,
+            id="rules-retry",
+            max_instances=1,
+            coalesce=True,
+        )
         self._scheduler.start()
         self.scp.start()
         LOGGER.info(
@@ -115,14 +134,26 @@ class Node:
         )
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop accepting associations, let running jobs finish (or persist), then close."""
+        """Stop accepting associations, let running jobs finish (or persist), then close.
+
+        The listener closes first (a new association is refused at once), associations in
+        progress may finish their C-STOREs, no job is claimed any more, and jobs already in a
+        worker run to their next state. Jobs claimed but not started yet go back to
+        ``queued``; everything else unfinished stays in the job store for the next start.
+        """
         if self._stopping.is_set():
             return
         self._stopping.set()
         LOGGER.info("stopping: no new associations; finishing running jobs")
         self.scp.stop()
+        self._wake()
         self._scheduler.shutdown(wait=True)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._driver.is_alive():
+            self._driver.join(STOP_JOIN_SECONDS)
+        self._pool.shutdown(wait=True)  # claimed-but-unstarted jobs release themselves in _run
+        pending = sum(n for state, n in self.store.counts().items() if state not in TERMINAL_STATES)
+        if pending:
+            LOGGER.info("%d unfinished job(s) kept in the job store for the next start", pending)
         self.rules_watcher.stop()
         self.models.stop()
         self.http.stop()
@@ -145,9 +176,52 @@ class Node:
             model_exists=self.model_store.model_exists,
         )
 
+    def _model_store_signature(self) -> tuple[tuple[str, int], ...]:
+        """Names and mtimes of the model store's alias files and version folders."""
+        root = self.config.models
+        paths = [*root.glob("*/aliases.yaml"), *root.glob("*/*/manifest.yaml")]
+        out = []
+        for path in paths:
+            try:
+                out.append((str(path.relative_to(root)), path.stat().st_mtime_ns))
+            except OSError:  # removed while we looked
+                continue
+        return tuple(sorted(out))
+
+    def _retry_rejected_rules(self) -> None:
+        """Load a rejected rule set again when the model store changed since.
+
+        The rules are checked against the model store (a rule naming ``model@production`` is
+        refused while that alias is not set), but the watcher reloads only when the rule files
+        change: without this, promoting the model a rule waits for would leave the node unready
+        until someone touched the rules.
+        """
+        if self.rules.error is None:
+            return
+        signature = self._model_store_signature()
+        if signature == self._models_signature:
+            return
+        self._models_signature = signature
+        LOGGER.info("model store changed: loading the rejected rule set again")
+        self.rules_watcher.check_now(initial=True)
+
     def _on_instance(self, record: Any) -> None:
         """SCP callback after fsync: the job row must exist before the SCP answers Success."""
         self.store.record_instance(InstanceRow(**dataclasses.asdict(record)))
+        self._wake()
+
+    def _wake(self) -> None:
+        """Ask the driver for a pass now (cheap; wake-ups during a pass coalesce into one)."""
+        self._wake_event.set()
+
+    def _drive(self) -> None:
+        """The driver thread: one pass per wake-up until the node stops."""
+        while True:
+            self._wake_event.wait()
+            if self._stopping.is_set():
+                return
+            self._wake_event.clear()
+            self._tick()
 
     def _tick(self) -> None:
         """One pass of the pipeline driver: route/queue, then hand due jobs to free workers."""
@@ -169,9 +243,13 @@ class Node:
 
     def _run(self, job: dict[str, Any]) -> None:
         try:
+            if self._stopping.is_set():  # claimed, but the node stops: leave it for the next start
+                self.store.release(job["id"])
+                return
             self.worker.process(job)
         finally:
             self._slots.release()
+            self._wake()  # a slot is free: the next due job need not wait for the clock
 
     def _update_gauges(self) -> None:
         counts = self.store.counts()
@@ -185,7 +263,12 @@ class Node:
         rules_detail = f"rule set {rules.version} active" if rules is not None else "no rules"
         if self.rules.error:
             rules_detail += f"; last reload rejected: {self.rules.error}"
+        # every production alias in the store, and every alias the active rules name (a rule
+        # may name a model whose production alias is not set: that must not look ready)
         models_ok, models_detail = self.models.ready()
+        refs = sorted({r.model for r in rules.rules if r.model}) if rules is not None else []
+        if models_ok and refs:
+            models_ok, models_detail = self.models.ready(refs)
         listening = bool(self.scp.listening) and not self._stopping.is_set()
         return {
             "rules": (rules is not None, rules_detail),

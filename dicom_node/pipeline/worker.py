@@ -127,6 +127,8 @@ class Worker:
         try:
             resolved = self._resolve(job)
             rows = self.store.series_instances(job["series_uid"])
+            # what this result is built from: an instance recorded after this read re-opens the job
+            self.store.used_instances(job["id"], len(rows))
             self._check_input(resolved, rows[0]["modality"] if rows else None)
             series = read_series([self.config.storage / r["path"] for r in rows])
             result = self._infer(resolved, series)
@@ -220,7 +222,7 @@ class Worker:
                 errors.append(f"{name}: {result.reason}")
         if not errors:
             outcome = f"SEG sent to {', '.join(delivered) or 'no destination'}"
-            self.store.done(job["id"], outcome)
+            state = self.store.done(job["id"], outcome)
             self.audit.write(
                 "done",
                 job=job["id"],
@@ -230,6 +232,8 @@ class Worker:
                 destinations=delivered,
             )
             LOGGER.info("job %s: done, %s", job["id"], outcome)
+            if state is JobState.ROUTED:
+                self.audit.write("reopened", job=job["id"], reason="instances arrived meanwhile")
             return
         error = "; ".join(errors)
         attempts = job["export_attempts"] + 1

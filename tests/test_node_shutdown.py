@@ -1,0 +1,211 @@
+"""Graceful shutdown of ``dicom-node serve``: SIGTERM while jobs are in flight.
+
+What the operator and the PACS notice: the process exits 0 and says it is stopping, nobody can
+associate once it is stopping, and after a restart every series ends ``done`` with exactly one
+SEG at the PACS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from dicom_node.config import NodeConfig
+from dicom_node.jobstore import JobStore
+from tests.conftest import DICOM_NODE, REPO, THYROID_RULE, NodeProcess, make_config, write_rules
+from tests.helpers.dicom_factory import make_nm, write_series
+from tests.helpers.peers import StoreSCP, echoscu, storescu
+from tests.test_node_edge_cases import SilentPeer
+
+
+def _wait(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _states(storage: Path) -> list[str]:
+    """Job states as a second process (the operator's CLI) reads them from the store."""
+    store = JobStore.open(storage)
+    try:
+        return [j["state"] for j in store.list_jobs(limit=100, kind="production")]
+    finally:
+        store.close()
+
+
+class ReadyzNodeProcess(NodeProcess):
+    """``dicom-node serve`` started like ``serve_process``, but waited for through ``/readyz``.
+
+    ``serve_process`` waits by opening a TCP connection to the DICOM port; the SCP keeps the
+    acceptor of such a probe for pynetdicom's ACSE timeout (30 s), which holds up a graceful
+    stop that long (see the xfail test at the end of this file). Polling ``/readyz`` leaves
+    the DICOM port alone, so these tests see the shutdown itself.
+    """
+
+    def start(self, env: dict[str, str] | None = None) -> ReadyzNodeProcess:
+        log = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [*DICOM_NODE, "serve", "--config", str(self.path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+        )
+        url = f"http://127.0.0.1:{self.config.http_port}/readyz"
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"dicom-node exited early:\n{self.output()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    return bool(json.loads(resp.read())["ready"])
+            except (OSError, ValueError):
+                return False
+
+        _wait(ready, timeout=60, what="dicom-node to be ready")
+        return self
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[[NodeConfig, Path], ReadyzNodeProcess]]:
+    """Start ``dicom-node serve`` subprocesses (ready per ``/readyz``); kill -9 at teardown."""
+    procs: list[ReadyzNodeProcess] = []
+
+    def start(config: NodeConfig, workdir: Path) -> ReadyzNodeProcess:
+        proc = ReadyzNodeProcess(config, workdir)
+        procs.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in procs:
+        proc.kill9()
+
+
+class TestSigterm:
+    def test_sigterm_with_jobs_in_flight_then_restart_delivers_each_seg_once(
+        self, tmp_path: Path, models_dir: Path, serve_process: Any
+    ) -> None:
+        rules = tmp_path / "rules"
+        write_rules(rules, THYROID_RULE % {"instances": 4})
+        n_series = 3
+        series = [
+            write_series(
+                [
+                    make_nm(rows=64, cols=64, seed=f"term-{s}", instance_number=i + 1)
+                    for i in range(4)
+                ],
+                tmp_path / f"in{s}",
+            )
+            for s in range(n_series)
+        ]
+        files = [f for s in series for f in s]
+        # the PACS hangs while the node stops: one job is stuck exporting, the others queued
+        hanging = SilentPeer()
+        try:
+            config = make_config(
+                tmp_path, models_dir, rules, hanging.port, workers=1, export_timeout=5.0
+            )
+            node = serve_process(config, tmp_path)
+            assert storescu(files, config.port, config.ae_title).returncode == 0
+            _wait(
+                lambda: sorted(_states(config.storage)) == ["exporting", "queued", "queued"],
+                what="one export in flight and two jobs queued",
+            )
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGTERM)
+            _wait(lambda: "stopping" in node.output(), timeout=5, what="the node to say stopping")
+            _wait(
+                lambda: "stopped listening" in node.output(),
+                timeout=5,
+                what="the listener to close",
+            )
+            assert node.proc.poll() is None, "the export in flight keeps it busy"
+            echo = echoscu(config.port, config.ae_title)
+            assert echo.returncode != 0, "no association once the node is stopping"
+            assert node.proc.poll() is None, "the refusal happened during the shutdown"
+            assert node.proc.wait(30) == 0
+            log = node.output()
+            assert "unfinished job(s) kept in the job store for the next start" in log
+            assert "Traceback" not in log
+            states = sorted(_states(config.storage))
+            assert states == ["exporting", "queued", "queued"], "persisted, not lost or failed"
+        finally:
+            hanging.close()
+
+        pacs = StoreSCP()
+        pacs.port = hanging.port  # the PACS is back where the configuration points
+        with pacs:
+            node = serve_process(config, tmp_path)
+            _wait(
+                lambda: _states(config.storage) == ["done"] * n_series,
+                timeout=30,
+                what="every job done after the restart",
+            )
+            _wait(lambda: len(pacs.received()) >= n_series, what="the SEGs at the PACS")
+            time.sleep(0.3)
+            segs = [pydicom.dcmread(p, stop_before_pixels=True) for p in pacs.received()]
+            assert len(segs) == n_series, "exactly one SEG per series"
+            sources = {str(pydicom.dcmread(s[0]).SeriesInstanceUID) for s in series}
+            assert {str(s.ReferencedSeriesSequence[0].SeriesInstanceUID) for s in segs} == sources
+            assert all(
+                len(s.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 4 for s in segs
+            )
+            assert node.terminate() == 0
+            assert "resuming" in node.output()
+
+    def test_sigterm_on_an_idle_node_exits_zero_and_frees_the_port(
+        self, tmp_path: Path, models_dir: Path, rules_dir: Path, serve_process: Any
+    ) -> None:
+        config = make_config(tmp_path, models_dir, rules_dir, pacs_port=9)
+        node = serve_process(config, tmp_path)
+        assert echoscu(config.port, config.ae_title).returncode == 0
+        assert node.terminate(timeout=15) == 0
+        log = node.output()
+        assert "stopping" in log and "stopped" in log
+        assert echoscu(config.port, config.ae_title).returncode != 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "scp.StorageSCP.stop waits up to 30 s for an acceptor that never got an A-ASSOCIATE-RQ "
+        "(pynetdicom's acse_timeout): after any TCP probe of the DICOM port in the last 30 s, "
+        "SIGTERM outlasts Docker's 10 s stop grace period; an echoscu that lands in the 0.2 s "
+        "before the listener closes does the same. Owner: receiver (scp.py: abort associations "
+        "that are not established once the listener is closed)."
+    ),
+)
+def test_a_tcp_probe_does_not_hold_up_shutdown(
+    tmp_path: Path, models_dir: Path, rules_dir: Path, node_factory: Any
+) -> None:
+    config = make_config(tmp_path, models_dir, rules_dir, pacs_port=9)
+    node = node_factory(config)
+    # a TCP probe (load balancer, Docker/k8s tcpSocket check, port scan): connect, then close
+    socket.create_connection(("127.0.0.1", config.port)).close()
+    _wait(lambda: node.scp._ae.active_associations, timeout=5, what="the acceptor thread")
+    ae = node.scp._ae
+    stopper = threading.Thread(target=node.stop)
+    stopper.start()
+    try:
+        stopper.join(10)
+        assert not stopper.is_alive(), "stop() must not wait for a peer that never associated"
+    finally:  # do not leave the stop running past the test: end the acceptor's wait now
+        for assoc in ae.active_associations:
+            assoc.dul.to_user_queue.put(None)  # what its ACSE timeout would deliver
+        stopper.join(10)
