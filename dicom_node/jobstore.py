@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -48,6 +49,9 @@ LOGGER = logging.getLogger(__name__)
 
 LEASE_SECONDS = 300.0
 """How long a claimed job belongs to its worker before another process may take it over."""
+
+READ_ONLY = "dicom_node_read_only"
+"""Execution option marking a read-only transaction (a deferred ``BEGIN`` on SQLite)."""
 
 
 class JobState(StrEnum):
@@ -161,7 +165,9 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # readers take no write lock (WAL: they never block the receiver's writes)
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def create(url_or_path: str | Path) -> Engine:
@@ -196,6 +202,14 @@ class JobStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:
+        """A read-only transaction: one consistent snapshot, no write lock."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**{READ_ONLY: True})
+            with conn.begin():
+                yield conn
 
     # -- receiving --------------------------------------------------------------------------
     def record_instance(self, inst: InstanceRow) -> bool:
@@ -278,21 +292,38 @@ class JobStore:
     # -- routing and completion ---------------------------------------------------------------
     def jobs_in(self, state: JobState, limit: int = 500) -> list[dict[str, Any]]:
         """Jobs in ``state``, oldest first."""
-        with self.engine.begin() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 select(jobs).where(jobs.c.state == state.value).order_by(jobs.c.id).limit(limit)
             ).mappings()
             return [dict(r) for r in rows]
 
+    def routed_with_series(self, limit: int = 500) -> list[dict[str, Any]]:
+        """``routed`` jobs, oldest first, each with its series' ``series_n_instances`` and
+        ``last_received`` (one query for the whole completion check)."""
+        stmt = (
+            select(
+                jobs,
+                series.c.n_instances.label("series_n_instances"),
+                series.c.last_received,
+            )
+            .select_from(jobs.join(series, series.c.series_uid == jobs.c.series_uid))
+            .where(jobs.c.state == JobState.ROUTED.value)
+            .order_by(jobs.c.id)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [dict(r) for r in conn.execute(stmt).mappings()]
+
     def series_info(self, series_uid: str) -> dict[str, Any] | None:
-        with self.engine.begin() as conn:
+        with self._read() as conn:
             row = conn.execute(select(series).where(series.c.series_uid == series_uid)).mappings()
             first = row.first()
             return dict(first) if first else None
 
     def series_instances(self, series_uid: str) -> list[dict[str, Any]]:
         """Instances of a series in arrival order."""
-        with self.engine.begin() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 select(instances)
                 .where(instances.c.series_uid == series_uid)
@@ -363,6 +394,8 @@ class JobStore:
         ``exporting`` for an export retry), or None when nothing is due.
         """
         now = time.time()
+        if not self._anything_due(now):  # a cheap read first: most polls find nothing
+            return None
         due = (
             select(jobs.c.id)
             .where(
@@ -395,6 +428,18 @@ class JobStore:
         with self.engine.begin() as conn:
             row = conn.execute(stmt).mappings().first()
             return dict(row) if row else None
+
+    def _anything_due(self, now: float) -> bool:
+        stmt = (
+            select(jobs.c.id)
+            .where(
+                jobs.c.state.in_([JobState.QUEUED.value, JobState.EXPORTING.value]),
+                jobs.c.next_attempt_at <= now,
+            )
+            .limit(1)
+        )
+        with self._read() as conn:
+            return conn.execute(stmt).first() is not None
 
     def resolved(
         self, job_id: int, name: str, version: str, alias: str | None, sha256: str
@@ -552,7 +597,7 @@ class JobStore:
 
     # -- reading ----------------------------------------------------------------
     def get(self, job_id: int) -> dict[str, Any] | None:
-        with self.engine.begin() as conn:
+        with self._read() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
             return dict(row) if row else None
 
@@ -565,19 +610,19 @@ class JobStore:
             stmt = stmt.where(jobs.c.state.in_(list(states)))
         if kind:
             stmt = stmt.where(jobs.c.kind == kind)
-        with self.engine.begin() as conn:
+        with self._read() as conn:
             return [dict(r) for r in conn.execute(stmt).mappings()]
 
     def counts(self) -> dict[str, int]:
         """Number of jobs in each state (every state present, zero included)."""
         out = {s.value: 0 for s in JobState}
-        with self.engine.begin() as conn:
+        with self._read() as conn:
             for state, n in conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)):
                 out[state] = n
         return out
 
     def iter_all(self) -> Iterator[dict[str, Any]]:
-        with self.engine.begin() as conn:
+        with self._read() as conn:
             rows = [dict(r) for r in conn.execute(select(jobs).order_by(jobs.c.id)).mappings()]
         yield from rows
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
 
 from dicom_node.config import NodeConfig
 from dicom_node.jobstore import JobStore
@@ -169,6 +171,52 @@ class TestSigterm:
             assert node.terminate() == 0
             assert "resuming" in node.output()
 
+    def test_an_association_in_progress_at_sigterm_completes_every_c_store(
+        self, tmp_path: Path, models_dir: Path, serve_process: Any
+    ) -> None:
+        rules = tmp_path / "rules"
+        write_rules(rules, THYROID_RULE % {"instances": 3})
+        datasets = [
+            make_nm(rows=64, cols=64, seed=f"inflight-{s}", instance_number=i + 1)
+            for s in range(2)
+            for i in range(3)
+        ]
+        with StoreSCP() as pacs:
+            config = make_config(tmp_path, models_dir, rules, pacs.port)
+            node = serve_process(config, tmp_path)
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(datasets[0].SOPClassUID, ExplicitVRLittleEndian)
+            assoc = ae.associate("127.0.0.1", config.port, ae_title=config.ae_title)
+            assert assoc.is_established
+            try:
+                statuses = [int(assoc.send_c_store(datasets[0]).Status)]
+                assert node.proc is not None
+                node.proc.send_signal(signal.SIGTERM)
+                _wait(
+                    lambda: "stopped listening" in node.output() or "stopping" in node.output(),
+                    timeout=5,
+                    what="the node to start stopping",
+                )
+                time.sleep(0.5)  # the listener is closed by now; our association lives on
+                assert echoscu(config.port, config.ae_title).returncode != 0
+                statuses += [int(assoc.send_c_store(ds).Status) for ds in datasets[1:]]
+            finally:
+                assoc.release()
+                ae.shutdown()
+            assert statuses == [0x0000] * len(datasets), "the PACS sees no failed C-STORE"
+            assert node.proc.wait(30) == 0
+            kept = _states(config.storage)
+            assert len(kept) == 2 and set(kept) <= {"received", "routed"}, "kept for the restart"
+
+            node = serve_process(config, tmp_path)
+            _wait(lambda: _states(config.storage) == ["done", "done"], what="both series done")
+            _wait(lambda: len(pacs.received()) == 2, what="two SEGs")
+            segs = [pydicom.dcmread(p, stop_before_pixels=True) for p in pacs.received()]
+            assert all(
+                len(s.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 3 for s in segs
+            )
+            assert node.terminate() == 0
+
     def test_sigterm_on_an_idle_node_exits_zero_and_frees_the_port(
         self, tmp_path: Path, models_dir: Path, rules_dir: Path, serve_process: Any
     ) -> None:
@@ -203,9 +251,34 @@ def test_a_tcp_probe_does_not_hold_up_shutdown(
     stopper = threading.Thread(target=node.stop)
     stopper.start()
     try:
-        stopper.join(10)
+        stopper.join(5)  # a correct stop takes well under a second here
         assert not stopper.is_alive(), "stop() must not wait for a peer that never associated"
     finally:  # do not leave the stop running past the test: end the acceptor's wait now
         for assoc in ae.active_associations:
             assoc.dul.to_user_queue.put(None)  # what its ACSE timeout would deliver
         stopper.join(10)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "cli.setup_logging leaves highdicom at INFO, and highdicom.base logs "
+        "'copy ... attributes from dataset \"<SOP Instance UID>\"' for every SEG it builds: "
+        "UIDs in the info-level log (DESIGN: UIDs only at debug level). Owner: lead (cli.py: "
+        "logging.getLogger('highdicom').setLevel(logging.WARNING))."
+    ),
+)
+def test_serve_log_keeps_uids_out_of_info_lines(
+    tmp_path: Path, models_dir: Path, rules_dir: Path, serve_process: Any
+) -> None:
+    with StoreSCP() as pacs:
+        config = make_config(tmp_path, models_dir, rules_dir, pacs.port)
+        node = serve_process(config, tmp_path)
+        files = write_series([make_nm(rows=64, cols=64, seed="log-uids")], tmp_path / "in")
+        assert storescu(files, config.port, config.ae_title).returncode == 0
+        _wait(lambda: _states(config.storage) == ["done"], what="the job to finish")
+        assert node.terminate(timeout=15) == 0
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    uids = {str(source.SOPInstanceUID), str(source.SeriesInstanceUID), str(source.StudyInstanceUID)}
+    leaking = [line for line in node.output().splitlines() if any(u in line for u in uids)]
+    assert leaking == []

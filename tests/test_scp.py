@@ -178,6 +178,34 @@ class TestListener:
         assert server.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         assert node.port == server.server_address[1] != 0
 
+    def test_port_in_use_raises(self, start_node: Callable[..., Node], tmp_path: Path) -> None:
+        node = start_node()
+        config = NodeConfig(
+            ae_title=NODE_AE,
+            host="127.0.0.1",
+            port=node.port,
+            storage=tmp_path / "other",
+            min_free_disk=0,
+        )
+        other = StorageSCP(config, Spool(config.storage), Recorder())
+        with pytest.raises(OSError, match="Address already in use"):
+            other.start()
+        assert not other.listening and other.port == 0
+        assert echoscu(node.port, NODE_AE).returncode == 0
+
+    def test_stop_aborts_an_association_that_does_not_end(
+        self, start_node: Callable[..., Node]
+    ) -> None:
+        node = start_node()
+        ae = AE(ae_title="LINGER")
+        ae.add_requested_context(NuclearMedicineImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+        assert assoc.is_established
+        node.scp.stop(timeout=0.5)
+        assoc.dul.join(timeout=10)  # the peer sees the abort and its DUL ends
+        assert assoc.is_aborted
+        assert not node.scp.listening
+
     def test_small_max_pdu_is_honoured(
         self, start_node: Callable[..., Node], tmp_path: Path
     ) -> None:
@@ -378,7 +406,8 @@ class TestBadInput:
         if value is None:
             delattr(ds, keyword)
         else:
-            setattr(ds, keyword, value)
+            with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+                setattr(ds, keyword, value)
         before = rejected("missing_uid")
         # the good one on the same association is still served
         good = make_nm(rows=32, cols=32, seed="after-bad")
@@ -513,7 +542,7 @@ class TestHeaderWalker:
     def test_fast_and_pydicom_paths_agree(
         self, tmp_path: Path, transfer_syntax: str, kind: str
     ) -> None:
-        from dicom_node.scp import _parse_header_fast, _parse_header_pydicom
+        from dicom_node.rawheader import _parse_header_fast, _parse_header_pydicom
 
         if kind == "ct":
             ds = make_ct_series(n_slices=1, rows=32, cols=32, seed="walker")[0]

@@ -60,7 +60,7 @@ class Assembler:
                 self._route(job, rules)
         queued = 0
         now = time.time()
-        for job in self.store.jobs_in(JobState.ROUTED):
+        for job in self.store.routed_with_series():
             queued += self._maybe_queue(job, now)
         return queued
 
@@ -124,22 +124,19 @@ class Assembler:
         LOGGER.info("job %s: routed by %s to %s", job["id"], matched[0].name, matched[0].model)
 
     def _maybe_queue(self, job: dict[str, Any], now: float) -> int:
-        info = self.store.series_info(job["series_uid"])
-        if info is None:
-            return 0
+        """Queue a job of :meth:`JobStore.routed_with_series` if its series is complete."""
+        n_instances = job["series_n_instances"]
         need = job["complete_instances"]
         idle = job["complete_idle"]
         if need is None and idle is None:
             idle = self.default_idle
-        complete = (need is not None and info["n_instances"] >= need) or (
-            idle is not None and now - info["last_received"] >= idle
+        complete = (need is not None and n_instances >= need) or (
+            idle is not None and now - job["last_received"] >= idle
         )
-        if complete and self.store.queue(job["id"], info["n_instances"]):
+        if complete and self.store.queue(job["id"], n_instances):
             metrics.SERIES_COMPLETED.inc()
             LOGGER.info(
-                "job %s: series complete with %d instance(s), queued",
-                job["id"],
-                info["n_instances"],
+                "job %s: series complete with %d instance(s), queued", job["id"], n_instances
             )
             return 1
         return 0

@@ -36,6 +36,10 @@ LOGGER = logging.getLogger(__name__)
 METRICS_INTERVAL = 2.0
 """Seconds between refreshes of the job-state gauges."""
 
+PASS_MIN_GAP = 0.02
+"""Seconds the driver rests after a pass: wake-ups from a burst of C-STOREs coalesce into at most
+one pass per gap instead of one per instance (the receiver keeps the CPU and the job store)."""
+
 STOP_JOIN_SECONDS = 10.0
 """How long :meth:`Node.stop` waits for the driver thread to finish its current pass."""
 
@@ -222,6 +226,7 @@ class Node:
                 return
             self._wake_event.clear()
             self._tick()
+            self._stopping.wait(PASS_MIN_GAP)
 
     def _tick(self) -> None:
         """One pass of the pipeline driver: route/queue, then hand due jobs to free workers."""
