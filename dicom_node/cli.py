@@ -51,6 +51,8 @@ def setup_logging(level: str) -> None:
     # pynetdicom logs every PDU at INFO: keep its noise (and any peer data) to warnings
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # highdicom logs source SOP Instance UIDs at INFO for every SEG: UIDs only at DEBUG here
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,7 +82,7 @@ def serve(config_path: Path | None) -> None:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    while not stop.wait(0.5):
+    while not stop.wait(0.05):  # stop accepting promptly after SIGTERM
         pass
     node.stop()
 

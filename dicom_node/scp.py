@@ -421,6 +421,19 @@ def build_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     return context
 
 
+
+def _end_negotiation(assoc: Any) -> None:
+    """End an acceptor still waiting for A-ASSOCIATE-RQ, as its ACSE timeout would.
+
+    pynetdicom's acceptor blocks on the DUL's queue for up to ``acse_timeout``; ``abort()`` does
+    not wake it. A ``None`` on that queue is exactly what the timeout delivers.
+    """
+    assoc.dul.to_user_queue.put(None)
+
+NEGOTIATION_GRACE = 1.0
+"""Seconds a connection that has not finished association negotiation may hold up ``stop()``."""
+
+
 class StorageSCP:
     """The node's listener: C-ECHO and C-STORE (every storage SOP class and transfer syntax).
 
@@ -514,8 +527,15 @@ class StorageSCP:
         server.shutdown()
         if thread is not None:
             thread.join(timeout=5)
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         while ae.active_associations and time.monotonic() < deadline:
+            if time.monotonic() - start > NEGOTIATION_GRACE:
+                # a bare TCP probe (health check, port scan) never sends A-ASSOCIATE-RQ and would
+                # hold the stop for the whole timeout: only established associations may finish
+                for assoc in ae.active_associations:
+                    if not assoc.is_established:
+                        _end_negotiation(assoc)
             time.sleep(0.05)
         for assoc in ae.active_associations:
             LOGGER.warning("aborting an association still running at shutdown")

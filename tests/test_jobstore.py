@@ -128,3 +128,29 @@ class TestRetry:
         store.exporting(job["id"], "results/x.dcm", "1.9")
         store.fail(job["id"], "export failed")
         assert store.retry(job["id"])["state"] == "exporting"
+
+
+class TestReconcile:
+    def test_spooled_instance_without_row_is_recovered(self, tmp_path: Path) -> None:
+        from dicom_node.pipeline.reconcile import reconcile_spool
+        from tests.helpers.dicom_factory import make_nm
+
+        ds = make_nm(rows=32, cols=32, seed="reconcile")
+        folder = tmp_path / "spool" / ds.StudyInstanceUID / ds.SeriesInstanceUID
+        folder.mkdir(parents=True)
+        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        (folder / f".tmp-{ds.SOPInstanceUID}.123").write_bytes(b"half written")
+        store = JobStore.open(tmp_path)
+        try:
+            assert reconcile_spool(store, tmp_path) == 1
+            assert reconcile_spool(store, tmp_path) == 0
+            (job,) = store.jobs_in(JobState.RECEIVED)
+            assert job["series_uid"] == ds.SeriesInstanceUID
+            row = store.series_instances(ds.SeriesInstanceUID)[0]
+            assert (
+                row["path"] == f"spool/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/"
+                f"{ds.SOPInstanceUID}.dcm"
+            )
+            assert row["modality"] == "NM"
+        finally:
+            store.close()

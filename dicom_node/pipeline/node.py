@@ -26,6 +26,7 @@ from dicom_node.jobstore import InstanceRow, JobState, JobStore
 from dicom_node.modelstore import ModelRunner, ModelStore, ServingModels
 from dicom_node.pipeline.assembly import Assembler
 from dicom_node.pipeline.audit import AuditLog
+from dicom_node.pipeline.reconcile import reconcile_spool
 from dicom_node.pipeline.worker import Worker
 from dicom_node.routing import ActiveRules, RulesWatcher, load_rules
 from dicom_node.scp import StorageSCP
@@ -94,6 +95,7 @@ class Node:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         """Load rules and models, resume unfinished jobs, then listen for DICOM and HTTP."""
+        reconcile_spool(self.store, self.config.storage)
         resumed = self.store.release_running()
         if resumed:
             LOGGER.info("resuming %d interrupted job(s)", resumed)

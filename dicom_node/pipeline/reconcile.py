@@ -1,0 +1,65 @@
+"""Start-up reconciliation: every spooled instance has its row in the job store.
+
+The receiver fsyncs each instance's bytes before it answers Success, and then records the instance
+in the job store. The job store runs SQLite with ``synchronous=NORMAL`` (WAL): a committed row
+survives a crash of the process but may be lost with the last transactions on a power cut. This
+scan closes that gap: files in the spool without a row are read back and recorded, so nothing the
+node acknowledged is ever forgotten, and one flush per C-STORE is saved on the hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pydicom
+
+from dicom_node.jobstore import InstanceRow, JobStore, instances
+from dicom_node.spool import SPOOL_DIR
+
+LOGGER = logging.getLogger(__name__)
+
+
+def _row_for(path: Path, storage: Path) -> InstanceRow:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    stat = path.stat()
+    return InstanceRow(
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        study_uid=str(ds.StudyInstanceUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        modality=str(ds.get("Modality", "")) or None,
+        path=path.relative_to(storage).as_posix(),
+        size=stat.st_size,
+        calling_ae=None,
+        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) or None,
+        received_at=stat.st_mtime,
+    )
+
+
+def reconcile_spool(store: JobStore, storage: Path) -> int:
+    """Record spooled instances the job store does not know; return how many were added."""
+    root = Path(storage) / SPOOL_DIR
+    if not root.is_dir():
+        return 0
+    with store.engine.begin() as conn:
+        known = {
+            row[0]
+            for row in conn.execute(
+                instances.select().with_only_columns(instances.c.sop_instance_uid)
+            )
+        }
+    added = 0
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            if not name.endswith(".dcm") or name[:-4] in known:
+                continue  # temp files of interrupted writes are not acknowledged instances
+            path = Path(folder) / name
+            try:
+                added += store.record_instance(_row_for(path, Path(storage)))
+            except Exception as exc:  # one unreadable file must not stop the start-up
+                LOGGER.error("spool file %s could not be reconciled: %s", name, exc)
+    if added:
+        LOGGER.warning("recovered %d spooled instance(s) missing from the job store", added)
+    return added
