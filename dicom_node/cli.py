@@ -107,12 +107,11 @@ def demo(config_path: Path | None, size: str, seed: int, out: Path | None) -> No
         report = run_demo(config, size=int(size), seed=seed, out=out)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
-    console = Console()
-    console.print(f"[bold green]SEG received[/] {report.seg_path}")
-    console.print(f"model {report.model} version {report.version}, rule {report.rule}")
-    console.print(f"time from C-STORE to SEG: {report.seconds:.2f} s")
+    click.echo(f"SEG received: {report.seg_path}")
+    click.echo(f"model {report.model} version {report.version}, rule {report.rule}")
+    click.echo(f"time from C-STORE to SEG: {report.seconds:.2f} s")
     for key, value in report.dice.items():
-        console.print(f"Dice {key}: {value:.3f}")
+        click.echo(f"Dice {key}: {value:.3f} (against the phantom's truth)")
 
 
 def _open_store(config: NodeConfig) -> Any:

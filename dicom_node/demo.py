@@ -132,12 +132,18 @@ def run_demo(
     from dicom_node.pipeline.node import Node
 
     root = Path(out) if out else Path(tempfile.mkdtemp(prefix="dicom-node-demo-"))
-    (root / "rules").mkdir(parents=True, exist_ok=True)
-    (root / "received").mkdir(exist_ok=True)
-    (root / "rules" / "demo.yaml").write_text(DEMO_RULE.format(model=model_ref))
+    (root / "received").mkdir(parents=True, exist_ok=True)
+    rules = config.rules
+    if not any(rules.glob("*.yaml")):  # no rules of the site's own: route NM to the model
+        rules = root / "rules"
+        rules.mkdir(exist_ok=True)
+        (rules / "demo.yaml").write_text(DEMO_RULE.format(model=model_ref))
     if not (config.models / model_ref.split("@")[0].split(":")[0]).is_dir():
         raise RuntimeError(f"model {model_ref} is not in the model store {config.models}")
     receiver = _Receiver(root / "received")
+    stand_in = Destination(ae_title=DEMO_AE, host="127.0.0.1", port=receiver.port)
+    # every destination a rule may name is the in-process stand-in for the PACS
+    names = set(config.destinations) | {"demo"}
     demo_config = config.model_copy(
         update={
             "port": 0,
@@ -145,11 +151,9 @@ def run_demo(
             "host": "127.0.0.1",
             "http_host": "127.0.0.1",
             "storage": root / "storage",
-            "rules": root / "rules",
+            "rules": rules,
             "allowed_callers": [],
-            "destinations": {
-                "demo": Destination(ae_title=DEMO_AE, host="127.0.0.1", port=receiver.port)
-            },
+            "destinations": {name: stand_in for name in names},
             "min_free_disk": 0,
             "tls": None,
         }
@@ -163,9 +167,13 @@ def run_demo(
         start = time.perf_counter()
         _push(case.dataset, node.dicom_port, demo_config.ae_title)
         if not receiver.arrived.wait(timeout):
-            failed = node.store.list_jobs(["failed"])
-            reason = failed[0]["error"] if failed else "no job finished"
-            raise RuntimeError(f"no SEG within {timeout:.0f} s: {reason}")
+            jobs = node.store.list_jobs(limit=1)
+            reason = (
+                (jobs[0]["error"] or jobs[0]["outcome"] or jobs[0]["state"])
+                if jobs
+                else "the study was not recorded"
+            )
+            raise RuntimeError(f"no SEG within {timeout:.0f} s (rules in {rules}): {reason}")
         seconds = time.perf_counter() - start
         node.wait_idle(10.0)
         job = node.store.list_jobs(["done"], limit=1)[0]

@@ -80,6 +80,6 @@ class TestDemo:
             "demo", "--size", "128", "--out", str(tmp_path / "demo"), "--config", str(path)
         )
         assert result.returncode == 0, result.stderr + result.stdout
-        assert "SEG received" in result.stdout
+        assert "SEG received:" in result.stdout
         assert "Dice thyroid" in result.stdout
         assert list((tmp_path / "demo" / "received").glob("*.dcm"))
