@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,8 @@ from sqlalchemy import (
     select,
     update,
 )
+
+from dicom_node.records import InstanceRecord
 
 LOGGER = logging.getLogger(__name__)
 
@@ -135,22 +136,6 @@ jobs = Table(
 )
 
 
-@dataclass(frozen=True)
-class InstanceRow:
-    """An instance the SCP has fsynced into the spool (the receiver's callback argument)."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    study_uid: str
-    series_uid: str
-    modality: str | None
-    path: str
-    size: int
-    calling_ae: str | None
-    transfer_syntax: str | None
-    received_at: float
-
-
 def _sqlite_pragmas(engine: Engine) -> None:
     """WAL, full fsync, and ``BEGIN IMMEDIATE`` so writers queue instead of failing on upgrade."""
 
@@ -215,7 +200,7 @@ class JobStore:
                 yield conn
 
     # -- receiving --------------------------------------------------------------------------
-    def record_instance(self, inst: InstanceRow) -> bool:
+    def record_instance(self, inst: InstanceRecord) -> bool:
         """Record a spooled instance; return False if its SOP Instance UID was already known.
 
         Creates the series and its ``received`` job on the first instance, and re-opens a series

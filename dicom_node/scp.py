@@ -38,6 +38,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_node import metrics
 from dicom_node.config import NodeConfig, TLSConfig
 from dicom_node.rawheader import Header, encode_file_meta, parse_header
+from dicom_node.records import InstanceRecord
 from dicom_node.scp_transport import NodeAssociationServer
 from dicom_node.spool import InvalidUID, Spool, validate_uid
 
@@ -81,29 +82,6 @@ MAX_DIMENSION = 16384
 ECHO_SUCCESS = 0x0000
 
 _OUT_OF_RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE})
-
-
-@dataclass(frozen=True)
-class InstanceRecord:
-    """One instance safely in the spool: what ``on_instance`` receives.
-
-    The callback is also called when the SOP instance was already in the spool (the PACS resent
-    it, possibly because the previous attempt got a failure status), so it must be idempotent on
-    ``sop_instance_uid``.
-    """
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    study_uid: str
-    series_uid: str
-    modality: str | None
-    path: str
-    """Relative to ``storage`` (``spool/<study>/<series>/<sop>.dcm``)."""
-    size: int
-    calling_ae: str | None
-    transfer_syntax: str | None
-    received_at: float
-    """``time.time()`` when the C-STORE request was handled."""
 
 
 class Refused(Exception):
@@ -421,7 +399,6 @@ def build_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     return context
 
 
-
 def _end_negotiation(assoc: Any) -> None:
     """End an acceptor still waiting for A-ASSOCIATE-RQ, as its ACSE timeout would.
 
@@ -429,6 +406,7 @@ def _end_negotiation(assoc: Any) -> None:
     not wake it. A ``None`` on that queue is exactly what the timeout delivers.
     """
     assoc.dul.to_user_queue.put(None)
+
 
 NEGOTIATION_GRACE = 1.0
 """Seconds a connection that has not finished association negotiation may hold up ``stop()``."""

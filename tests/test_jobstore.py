@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.jobstore import InstanceRow, JobState, JobStore
+from dicom_node.jobstore import JobState, JobStore
+from dicom_node.records import InstanceRecord
 
 
-def _inst(sop: str, series: str = "1.2.3.4", study: str = "1.2.3") -> InstanceRow:
-    return InstanceRow(
+def _inst(sop: str, series: str = "1.2.3.4", study: str = "1.2.3") -> InstanceRecord:
+    return InstanceRecord(
         sop,
         "1.2.840.10008.5.1.4.1.1.20",
         study,

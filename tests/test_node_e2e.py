@@ -19,18 +19,9 @@ from tests.conftest import DICOM_NODE, REPO, THYROID_RULE, make_config, write_ru
 from tests.helpers.dicom_factory import make_ct_series, make_nm, write_series
 from tests.helpers.metrics import sample, scrape, value
 from tests.helpers.peers import Orthanc, dciodvfy, storescu
+from tests.helpers.waiting import wait_until
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-
-
-def _wait(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _segs_in(orthanc: Orthanc) -> list[dict[str, Any]]:
@@ -72,7 +63,7 @@ class TestStorescuToOrthanc:
             result = storescu(files, config.port, config.ae_title)
             assert result.returncode == 0, result.stderr
 
-            segs = _wait(lambda: _segs_in(orthanc), what="a SEG in Orthanc")
+            segs = wait_until(lambda: _segs_in(orthanc), what="a SEG in Orthanc")
             assert len(segs) == 1
             source = pydicom.dcmread(files[0])
             seg_bytes = orthanc.instance_file(segs[0]["id"])
@@ -120,7 +111,7 @@ class TestStorescuToOrthanc:
         node = node_factory(config)
         files = write_series(make_ct_series(n_slices=2, seed=3), tmp_path / "ct")
         assert storescu(files, config.port, config.ae_title).returncode == 0
-        job = _wait(lambda: node.store.list_jobs(["skipped"]), what="skipped job")[0]
+        job = wait_until(lambda: node.store.list_jobs(["skipped"]), what="skipped job")[0]
         assert job["outcome"] == "no rule matched"
         events = [e["event"] for e in node.audit.read()]
         assert "skipped" in events
@@ -137,7 +128,7 @@ class TestOrthancPushes:
             files = write_series([make_nm(seed=11)], tmp_path / "in")
             uploaded = orthanc.upload(files[0])
             orthanc.send_to_modality("node", [uploaded[0]["ID"]])
-            segs = _wait(lambda: _segs_in(orthanc), what="a SEG in Orthanc")
+            segs = wait_until(lambda: _segs_in(orthanc), what="a SEG in Orthanc")
             assert len(segs) == 1
             assert "AI" in segs[0].get("SeriesDescription", "")
 
@@ -155,7 +146,7 @@ class TestFailuresAndRetry:
             )
             files = write_series([make_nm(seed=21)], tmp_path / "in")
             assert storescu(files, config.port, config.ae_title).returncode == 0
-            failed = _wait(
+            failed = wait_until(
                 lambda: node.store.list_jobs(["failed"]),
                 timeout=30,
                 what="the export to fail for good",
@@ -175,7 +166,7 @@ class TestFailuresAndRetry:
                 }
             )
             node.store.retry(failed["id"])
-            _wait(lambda: node.store.get(failed["id"])["state"] == "done", what="retry")
+            wait_until(lambda: node.store.get(failed["id"])["state"] == "done", what="retry")
             assert len(_segs_in(orthanc)) == 1
             node.store.retry  # noqa: B018 (a second retry of a done job is refused below)
             with pytest.raises(ValueError, match="only failed jobs can be retried"):
@@ -200,7 +191,7 @@ class TestCrashRecovery:
             time.sleep(0.3)  # the job is routed/queued/running now: kill it mid-flight
             node.kill9()
             node = node_process(config, tmp_path)
-            segs = _wait(lambda: _segs_in(orthanc), timeout=60, what="a SEG after restarts")
+            segs = wait_until(lambda: _segs_in(orthanc), timeout=60, what="a SEG after restarts")
             time.sleep(1.0)
             assert len(_segs_in(orthanc)) == 1
             seg = pydicom.dcmread(

@@ -20,13 +20,15 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
 from dicom_node.config import Destination
-from dicom_node.jobstore import InstanceRow, JobState, JobStore
+from dicom_node.jobstore import JobState, JobStore
 from dicom_node.modelstore import ModelStore
+from dicom_node.records import InstanceRecord
 from tests.conftest import make_config, write_rules
 from tests.helpers.dicom_factory import make_nm, write_series
 from tests.helpers.onnx_models import make_store
 from tests.helpers.peers import Orthanc, StoreSCP, storescu
 from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -39,16 +41,6 @@ rules:
     send_to: [pacs]
     stop: true
 """
-
-
-def _wait(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -140,7 +132,7 @@ class TestConcurrentSenders:
             ]
             assert failed == [], "every C-STORE must succeed"
 
-            _wait(lambda: len(pacs.received()) >= senders, timeout=60, what="16 SEGs")
+            wait_until(lambda: len(pacs.received()) >= senders, timeout=60, what="16 SEGs")
             assert node.wait_idle(30)
             jobs = node.store.list_jobs(limit=100, kind="production")
             assert len(jobs) == senders, "one job per series, no double routing"
@@ -179,7 +171,7 @@ class TestStudiesVersusAssociations:
             one = [f for files in bcd.values() for f in files]
             assert storescu(one, config.port, config.ae_title).returncode == 0
 
-            _wait(lambda: len(pacs.received()) >= 5, timeout=30, what="five SEGs")
+            wait_until(lambda: len(pacs.received()) >= 5, timeout=30, what="five SEGs")
             assert node.wait_idle(20)
             jobs = node.store.list_jobs(limit=50)
             assert len(jobs) == 5
@@ -201,10 +193,10 @@ class TestLateInstance:
             config = make_config(tmp_path, models_dir, rules, orthanc.dicom_port)
             node = node_factory(config)
             assert storescu(files[:2], config.port, config.ae_title).returncode == 0
-            first = _wait(lambda: node.store.list_jobs(["done"]), what="the first SEG")[0]
+            first = wait_until(lambda: node.store.list_jobs(["done"]), what="the first SEG")[0]
 
             assert storescu(files[2:], config.port, config.ae_title).returncode == 0
-            job = _wait(
+            job = wait_until(
                 lambda: (
                     (j := node.store.get(first["id"]))["state"] == "done"
                     and j["n_instances"] == 3
@@ -223,7 +215,7 @@ class TestLateInstance:
                         out.append(pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw)))
                 return out
 
-            segs = _wait(
+            segs = wait_until(
                 lambda: [s for s in pacs_segs() if len(_referenced(s)) == 3],
                 what="the PACS to hold the rebuilt SEG",
             )
@@ -236,7 +228,7 @@ class TestLateInstance:
 
         def arrive(n: int) -> None:
             store.record_instance(
-                InstanceRow(
+                InstanceRecord(
                     sop_instance_uid=f"1.2.3.{n}",
                     sop_class_uid="1.2.840.10008.5.1.4.1.1.20",
                     study_uid="1.2.3",
@@ -305,7 +297,7 @@ class TestFanOut:
             config = make_config(tmp_path, models_dir, rules, pacs.port)
             node = node_factory(config)
             assert storescu(kept + dropped, config.port, config.ae_title).returncode == 0
-            _wait(lambda: len(pacs.received()) >= 2, what="two SEGs")
+            wait_until(lambda: len(pacs.received()) >= 2, what="two SEGs")
             assert node.wait_idle(20)
             jobs = {j["rule"]: j for j in node.store.list_jobs()}
             assert {r: j["state"] for r, j in jobs.items()} == {
@@ -353,7 +345,7 @@ class TestFanOut:
             )
             node = node_factory(config)
             assert storescu(files, config.port, config.ae_title).returncode == 0
-            failed = _wait(lambda: node.store.list_jobs(["failed"]), what="a failed export")[0]
+            failed = wait_until(lambda: node.store.list_jobs(["failed"]), what="a failed export")[0]
             assert failed["error"].startswith("export failed after 3 attempt(s): backup: ")
             assert failed["delivered"] == ["pacs"]
             assert len(pacs.received()) == 1, "the reachable PACS got it once, not per attempt"
@@ -364,7 +356,9 @@ class TestFanOut:
             backup.port = backup_port
             with backup:
                 node.store.retry(failed["id"])
-                _wait(lambda: node.store.get(failed["id"])["state"] == "done", what="the retry")
+                wait_until(
+                    lambda: node.store.get(failed["id"])["state"] == "done", what="the retry"
+                )
                 assert node.store.get(failed["id"])["delivered"] == ["pacs", "backup"]
                 assert len(backup.received()) == 1
                 assert len(pacs.received()) == 1, "retry resends only to the missing destination"
@@ -391,7 +385,7 @@ class TestBadPixelData:
             node = node_factory(config)
             sent = storescu(bad, config.port, config.ae_title, extra_args=["-xr"])
             assert sent.returncode == 0, "the header is valid: the SCP keeps it " + sent.stderr
-            failed = _wait(lambda: node.store.list_jobs(["failed"]), what="a failed job")[0]
+            failed = wait_until(lambda: node.store.list_jobs(["failed"]), what="a failed job")[0]
             assert failed["error"].startswith(
                 "instance 1 of 1 (InstanceNumber 1): pixel data (RLE Lossless) cannot be decoded: "
             ), failed["error"]
@@ -400,7 +394,7 @@ class TestBadPixelData:
             assert pydicom.dcmread(bad[0]).SOPInstanceUID not in failed["error"]
 
             assert storescu(good, config.port, config.ae_title).returncode == 0
-            _wait(lambda: len(pacs.received()) == 1, what="the next series' SEG")
+            wait_until(lambda: len(pacs.received()) == 1, what="the next series' SEG")
             assert node.wait_idle(10)
             states = sorted(j["state"] for j in node.store.list_jobs())
             assert states == ["done", "failed"]
@@ -421,11 +415,11 @@ class TestGaugesAndReadiness:
             def gauges() -> str:
                 return _get(config.http_port, "/metrics")[1]
 
-            _wait(
+            wait_until(
                 lambda: (c := node.store.counts())["exporting"] == 1 and c["queued"] == 2,
                 what="one export in flight, two jobs queued behind it",
             )
-            body = _wait(
+            body = wait_until(
                 lambda: (
                     (b := gauges())
                     and 'dicom_node_jobs{state="queued"} 2.0' in b
@@ -444,7 +438,7 @@ class TestGaugesAndReadiness:
         models = make_store(tmp_path / "models", versions=["1"], production=None)
         config = make_config(tmp_path, models, rules_dir, pacs_port=9)
         node_factory(config)
-        code, body = _wait(
+        code, body = wait_until(
             lambda: (r := _get(config.http_port, "/readyz"))[0] == 503 and r,
             timeout=5,
             what="/readyz to answer 503",
@@ -457,7 +451,7 @@ class TestGaugesAndReadiness:
         assert all("thyroid-seg" in d for d in failing.values()), failing
 
         ModelStore(models).set_alias("thyroid-seg", "production", "1", reason="test")
-        _wait(
+        wait_until(
             lambda: _get(config.http_port, "/readyz")[0] == 200,
             timeout=5,
             what="/readyz to turn 200 once production is set",

@@ -22,16 +22,7 @@ from tests.helpers.dicom_factory import make_ct_series, make_nm, write_series
 from tests.helpers.metrics import sample
 from tests.helpers.onnx_models import make_store
 from tests.helpers.peers import StoreSCP, storescu
-
-
-def _wait(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+from tests.helpers.waiting import wait_until
 
 
 def _readyz(port: int) -> dict[str, Any]:
@@ -65,14 +56,14 @@ class TestRulesHotReload:
         with StoreSCP() as pacs:
             config = make_config(tmp_path, models_dir, rules, pacs.port)
             node = node_factory(config)
-            _wait(lambda: node.rules.current is not None, what="rules loaded")
+            wait_until(lambda: node.rules.current is not None, what="rules loaded")
             first_version = node.rules.current.version
 
             def send(seed: int) -> dict[str, Any]:
                 files = write_series([make_nm(seed=seed)], tmp_path / f"in{seed}")
                 assert storescu(files, config.port, config.ae_title).returncode == 0
                 series = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
-                return _wait(
+                return wait_until(
                     lambda: [
                         j for j in node.store.list_jobs() if j["series_uid"] == series and j["rule"]
                     ],
@@ -83,7 +74,7 @@ class TestRulesHotReload:
 
             # a good edit: applied within 2 s
             path.write_text(path.read_text().replace("name: thyroid", "name: thyroid-v2"))
-            _wait(
+            wait_until(
                 lambda: node.rules.current.version != first_version,
                 timeout=2.5,
                 what="the edited rules to be active",
@@ -96,7 +87,7 @@ class TestRulesHotReload:
             )
             # a bad edit: rejected whole, the last good set keeps routing, visible in /readyz
             path.write_text(path.read_text().replace("Modality: NM", "Modality: {regexp: NM}"))
-            _wait(lambda: node.rules.error, timeout=2.5, what="the bad edit to be rejected")
+            wait_until(lambda: node.rules.error, timeout=2.5, what="the bad edit to be rejected")
             body = _readyz(config.http_port)
             assert "regexp" in body["checks"]["rules"]["detail"]
             failures = sample(config.http_port, "dicom_node_rules_reload_failures_total")
@@ -106,14 +97,14 @@ class TestRulesHotReload:
 
             # the file deleted: no rule, the next series is skipped (and says why)
             path.unlink()
-            _wait(
+            wait_until(
                 lambda: node.rules.current.version != good_version,
                 timeout=2.5,
                 what="the empty rule set to be active",
             )
             files = write_series([make_nm(seed=4)], tmp_path / "in4")
             assert storescu(files, config.port, config.ae_title).returncode == 0
-            skipped = _wait(lambda: node.store.list_jobs(["skipped"]), what="a skipped job")
+            skipped = wait_until(lambda: node.store.list_jobs(["skipped"]), what="a skipped job")
             assert skipped[0]["outcome"] == "no rule matched"
 
 
@@ -130,7 +121,7 @@ class TestModelSwapUnderLoad:
         with StoreSCP() as pacs:
             config = make_config(tmp_path, models, rules_dir, pacs.port, workers=2)
             node = node_factory(config)
-            _wait(lambda: node.models.ready()[0], what="models ready")
+            wait_until(lambda: node.models.ready()[0], what="models ready")
 
             def swap() -> None:
                 for action in ("promote", "rollback", "promote", "rollback"):
@@ -159,7 +150,7 @@ class TestModelSwapUnderLoad:
                 last = bisect.bisect_right(times, job["started_at"]) - 1
                 held = {version for _, version in timeline[first : last + 1]}
                 assert job["model_version"] in held, (job, timeline)
-            _wait(lambda: len(pacs.received()) == n_studies, what="every SEG at the PACS")
+            wait_until(lambda: len(pacs.received()) == n_studies, what="every SEG at the PACS")
             seg_versions = _seg_versions(pacs.received())
             assert sorted(seg_versions) == sorted(j["model_version"] for j in jobs)
 
@@ -186,7 +177,7 @@ class TestShadowAndCanary:
             )
             assert storescu(files, config.port, config.ae_title).returncode == 0
             assert node.wait_idle(60)
-            shadows = _wait(
+            shadows = wait_until(
                 lambda: (
                     len(node.store.list_jobs(kind="shadow")) == 3
                     and node.store.list_jobs(kind="shadow")
@@ -195,7 +186,7 @@ class TestShadowAndCanary:
             )
             assert {s["model_version"] for s in shadows} == {"2"}
             assert all(set(s["details"]["agreement"]) == {"thyroid", "nodule"} for s in shadows)
-            _wait(lambda: len(pacs.received()) == 3, what="production SEGs")
+            wait_until(lambda: len(pacs.received()) == 3, what="production SEGs")
             assert _seg_versions(pacs.received()) == ["1", "1", "1"]
             labels = {"model": "thyroid-seg", "segment": "thyroid", "version": "2"}
             assert (
@@ -237,11 +228,11 @@ def test_broken_new_version_keeps_old_one_serving(
     with StoreSCP() as pacs:
         config = make_config(tmp_path, models, rules_dir, pacs.port)
         node = node_factory(config)
-        _wait(lambda: node.models.ready()[0], what="models ready")
+        wait_until(lambda: node.models.ready()[0], what="models ready")
         labels = {"model": "thyroid-seg", "version": "2"}
         before = sample(config.http_port, "dicom_node_model_load_failures_total", **labels)
         ModelStore(models).set_alias("thyroid-seg", "production", "2", reason="test")
-        _wait(
+        wait_until(
             lambda: (
                 sample(config.http_port, "dicom_node_model_load_failures_total", **labels)
                 == before + 1
@@ -265,6 +256,6 @@ def test_ct_series_to_nm_only_model_fails_visibly(
     node = node_factory(config)
     files = write_series(make_ct_series(n_slices=2, seed=5), tmp_path / "ct")
     assert storescu(files, config.port, config.ae_title).returncode == 0
-    failed = _wait(lambda: node.store.list_jobs(["failed"]), what="a failed job")[0]
+    failed = wait_until(lambda: node.store.list_jobs(["failed"]), what="a failed job")[0]
     assert "accepts modalities ['NM']" in failed["error"]
     assert "the series is CT" in failed["error"]

@@ -29,17 +29,8 @@ from dicom_node.jobstore import JobStore
 from tests.conftest import DICOM_NODE, REPO, THYROID_RULE, NodeProcess, make_config, write_rules
 from tests.helpers.dicom_factory import make_nm, write_series
 from tests.helpers.peers import StoreSCP, echoscu, storescu
+from tests.helpers.waiting import wait_until
 from tests.test_node_edge_cases import SilentPeer
-
-
-def _wait(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _states(storage: Path) -> list[str]:
@@ -80,7 +71,7 @@ class ReadyzNodeProcess(NodeProcess):
             except (OSError, ValueError):
                 return False
 
-        _wait(ready, timeout=60, what="dicom-node to be ready")
+        wait_until(ready, timeout=60, what="dicom-node to be ready")
         return self
 
 
@@ -125,14 +116,16 @@ class TestSigterm:
             )
             node = serve_process(config, tmp_path)
             assert storescu(files, config.port, config.ae_title).returncode == 0
-            _wait(
+            wait_until(
                 lambda: sorted(_states(config.storage)) == ["exporting", "queued", "queued"],
                 what="one export in flight and two jobs queued",
             )
             assert node.proc is not None
             node.proc.send_signal(signal.SIGTERM)
-            _wait(lambda: "stopping" in node.output(), timeout=5, what="the node to say stopping")
-            _wait(
+            wait_until(
+                lambda: "stopping" in node.output(), timeout=5, what="the node to say stopping"
+            )
+            wait_until(
                 lambda: "stopped listening" in node.output(),
                 timeout=5,
                 what="the listener to close",
@@ -154,12 +147,12 @@ class TestSigterm:
         pacs.port = hanging.port  # the PACS is back where the configuration points
         with pacs:
             node = serve_process(config, tmp_path)
-            _wait(
+            wait_until(
                 lambda: _states(config.storage) == ["done"] * n_series,
                 timeout=30,
                 what="every job done after the restart",
             )
-            _wait(lambda: len(pacs.received()) >= n_series, what="the SEGs at the PACS")
+            wait_until(lambda: len(pacs.received()) >= n_series, what="the SEGs at the PACS")
             time.sleep(0.3)
             segs = [pydicom.dcmread(p, stop_before_pixels=True) for p in pacs.received()]
             assert len(segs) == n_series, "exactly one SEG per series"
@@ -192,7 +185,7 @@ class TestSigterm:
                 statuses = [int(assoc.send_c_store(datasets[0]).Status)]
                 assert node.proc is not None
                 node.proc.send_signal(signal.SIGTERM)
-                _wait(
+                wait_until(
                     lambda: "stopped listening" in node.output() or "stopping" in node.output(),
                     timeout=5,
                     what="the node to start stopping",
@@ -209,8 +202,8 @@ class TestSigterm:
             assert len(kept) == 2 and set(kept) <= {"received", "routed"}, "kept for the restart"
 
             node = serve_process(config, tmp_path)
-            _wait(lambda: _states(config.storage) == ["done", "done"], what="both series done")
-            _wait(lambda: len(pacs.received()) == 2, what="two SEGs")
+            wait_until(lambda: _states(config.storage) == ["done", "done"], what="both series done")
+            wait_until(lambda: len(pacs.received()) == 2, what="two SEGs")
             segs = [pydicom.dcmread(p, stop_before_pixels=True) for p in pacs.received()]
             assert all(
                 len(s.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 3 for s in segs
@@ -236,7 +229,7 @@ def test_a_tcp_probe_does_not_hold_up_shutdown(
     node = node_factory(config)
     # a TCP probe (load balancer, Docker/k8s tcpSocket check, port scan): connect, then close
     socket.create_connection(("127.0.0.1", config.port)).close()
-    _wait(lambda: node.scp._ae.active_associations, timeout=5, what="the acceptor thread")
+    wait_until(lambda: node.scp._ae.active_associations, timeout=5, what="the acceptor thread")
     ae = node.scp._ae
     stopper = threading.Thread(target=node.stop)
     stopper.start()
@@ -257,7 +250,7 @@ def test_serve_log_keeps_uids_out_of_info_lines(
         node = serve_process(config, tmp_path)
         files = write_series([make_nm(rows=64, cols=64, seed="log-uids")], tmp_path / "in")
         assert storescu(files, config.port, config.ae_title).returncode == 0
-        _wait(lambda: _states(config.storage) == ["done"], what="the job to finish")
+        wait_until(lambda: _states(config.storage) == ["done"], what="the job to finish")
         assert node.terminate(timeout=15) == 0
     source = pydicom.dcmread(files[0], stop_before_pixels=True)
     uids = {str(source.SOPInstanceUID), str(source.SeriesInstanceUID), str(source.StudyInstanceUID)}

@@ -6,7 +6,6 @@ defaults (`./rules`, `./models`), and must get back dciodvfy-clean SEGs that out
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from dicom_node.routing import load_rules
 from tests.conftest import REPO
 from tests.helpers.peers import Orthanc, dciodvfy
 from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 HELD_OUT_SEEDS = (990_001, 990_002)  # not in training: training uses its own documented seeds
@@ -29,16 +29,6 @@ HELD_OUT_SEEDS = (990_001, 990_002)  # not in training: training uses its own do
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
-def _wait(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_shipped_model_is_in_the_store_and_small() -> None:
@@ -76,9 +66,9 @@ def test_orthanc_push_gets_a_good_seg_from_the_shipped_model(
                 "models": REPO / "models",
                 "min_free_disk": 0,
                 "destinations": {
-                    "pacs": load_config(environ={}).destinations["pacs"].model_copy(
-                        update={"port": orthanc.dicom_port}
-                    )
+                    "pacs": load_config(environ={})
+                    .destinations["pacs"]
+                    .model_copy(update={"port": orthanc.dicom_port})
                 },
             }
         )
@@ -98,7 +88,7 @@ def test_orthanc_push_gets_a_good_seg_from_the_shipped_model(
                 if orthanc.instance_tags(i).get("SOPClassUID") == SEG_SOP_CLASS
             ]
 
-        seg_ids = _wait(lambda: len(segs()) == len(cases) and segs(), 60, "two SEGs")
+        seg_ids = wait_until(lambda: len(segs()) == len(cases) and segs(), 60, "two SEGs")
         assert node.wait_idle(10)
         for job in node.store.list_jobs():
             assert (job["state"], job["rule"], job["model_version"]) == (

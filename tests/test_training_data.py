@@ -19,6 +19,7 @@ from training.transforms import (
     Compose,
     RandAffine,
     RandCountScale,
+    RandCrop,
     RandFlipLR,
     ToNetworkInput,
     build_augmentation,
@@ -251,6 +252,14 @@ class TestTransforms:
             runs.append([pipeline(self._sample())["image"] for _ in range(3)])
         for a, b in zip(*runs, strict=True):
             np.testing.assert_array_equal(a, b)
+
+    def test_crop_keeps_image_and_masks_aligned(self) -> None:
+        sample = ToNetworkInput(SPEC)(self._sample())
+        out = RandCrop(32, foreground_prob=1.0).set_random_state(2)(sample)
+        assert out["image"].shape == (1, 32, 32) and out["masks"].shape == (2, 32, 32)
+        assert out["masks"][0].sum() > 0
+        with pytest.raises(ValueError, match="crop size must be at least 8"):
+            RandCrop(4)
 
     def test_failure_names_the_transform_and_case(self) -> None:
         bad = {"image": np.zeros((4, 4)), "masks": None, "case": "case42"}

@@ -9,7 +9,6 @@ Workers are a bounded thread pool fed by atomic claims from the store.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -22,7 +21,7 @@ from dicom_node import metrics
 from dicom_node.config import NodeConfig
 from dicom_node.http import HealthServer
 from dicom_node.jobstore import TERMINAL as TERMINAL_STATES
-from dicom_node.jobstore import InstanceRow, JobState, JobStore
+from dicom_node.jobstore import JobState, JobStore
 from dicom_node.modelstore import ModelRunner, ModelStore, ServingModels
 from dicom_node.pipeline.assembly import Assembler
 from dicom_node.pipeline.audit import AuditLog
@@ -213,7 +212,7 @@ class Node:
 
     def _on_instance(self, record: Any) -> None:
         """SCP callback after fsync: the job row must exist before the SCP answers Success."""
-        self.store.record_instance(InstanceRow(**dataclasses.asdict(record)))
+        self.store.record_instance(record)
         self._wake()
 
     def _wake(self) -> None:

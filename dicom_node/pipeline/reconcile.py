@@ -15,16 +15,17 @@ from pathlib import Path
 
 import pydicom
 
-from dicom_node.jobstore import InstanceRow, JobStore, instances
+from dicom_node.jobstore import JobStore, instances
+from dicom_node.records import InstanceRecord
 from dicom_node.spool import SPOOL_DIR
 
 LOGGER = logging.getLogger(__name__)
 
 
-def _row_for(path: Path, storage: Path) -> InstanceRow:
+def _row_for(path: Path, storage: Path) -> InstanceRecord:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     stat = path.stat()
-    return InstanceRow(
+    return InstanceRecord(
         sop_instance_uid=str(ds.SOPInstanceUID),
         sop_class_uid=str(ds.SOPClassUID),
         study_uid=str(ds.StudyInstanceUID),
