@@ -213,3 +213,35 @@ class TestPublish:
         assert "already exists" in result.output
         with pytest.raises(ModelStoreError, match="already exists"):
             ModelStore(store_root).add(pipeline["model"])
+
+
+class TestServedByANode:
+    def test_published_version_is_served_by_a_running_node(
+        self, pipeline: dict[str, Path], tmp_path: Path, node_factory: object
+    ) -> None:
+        """The trained model goes through publish into a store a running node serves from."""
+        import pydicom
+
+        from dicom_node.phantoms import make_case
+        from tests.conftest import THYROID_RULE, make_config, write_rules
+        from tests.helpers.peers import StoreSCP, storescu
+        from tests.helpers.waiting import wait_until
+
+        store_root = tmp_path / "models"
+        _run(
+            "publish", str(pipeline["model"]), "--models", str(store_root), "--alias", "production"
+        )
+        rules = write_rules(tmp_path / "rules", THYROID_RULE % {"instances": 1}).parent
+        with StoreSCP() as pacs:
+            config = make_config(tmp_path, store_root, rules, pacs.port)
+            node = node_factory(config)  # type: ignore[operator]
+            case = make_case(4242, 64)
+            path = tmp_path / "study.dcm"
+            case.dataset.save_as(path, enforce_file_format=True)
+            assert storescu([path], config.port, config.ae_title).returncode == 0
+            (seg_path,) = wait_until(pacs.received, what="the SEG at the PACS")
+            seg = pydicom.dcmread(seg_path)
+            algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+            assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("thyroid-seg", "2")
+            assert node.wait_idle(10)
+            assert node.store.list_jobs()[0]["model_version"] == "2"
