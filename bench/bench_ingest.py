@@ -166,14 +166,12 @@ class IngestBenchmark:
         callback: Callable[[InstanceRecord], None] = records.append
         store = None
         if self.jobstore:
-            from dataclasses import asdict
-
-            from dicom_node.jobstore import InstanceRow, JobStore
+            from dicom_node.jobstore import JobStore
 
             store = JobStore.open(storage)
 
             def callback(record: InstanceRecord) -> None:
-                store.record_instance(InstanceRow(**asdict(record)))
+                store.record_instance(record)
                 records.append(record)
 
         scp = StorageSCP(config, spool, callback)
