@@ -127,7 +127,7 @@ def _open_store(config: NodeConfig) -> Any:
 def _when(ts: float | None) -> str:
     if not ts:
         return ""
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%m-%d %H:%M:%S")
 
 
 @main.command()

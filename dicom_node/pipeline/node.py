@@ -275,6 +275,8 @@ class Node:
         refs = sorted({r.model for r in rules.rules if r.model}) if rules is not None else []
         if models_ok and refs:
             models_ok, models_detail = self.models.ready(refs)
+        if models_ok:
+            models_detail = _describe_served(self.models.served()) or "no models in the store"
         listening = bool(self.scp.listening) and not self._stopping.is_set()
         return {
             "rules": (rules is not None, rules_detail),
@@ -306,3 +308,16 @@ def _now() -> Any:
     from datetime import UTC, datetime
 
     return datetime.now(UTC)
+
+
+def _describe_served(served: dict[str, dict[str, Any]]) -> str:
+    """``thyroid-seg: production=1, shadow=2`` for every model served."""
+    parts = []
+    for name, aliases in sorted(served.items()):
+        pairs = []
+        for alias, version in sorted(aliases.items()):
+            if isinstance(version, dict):
+                version = f"{version['version']} ({version['percent']}%)"
+            pairs.append(f"{alias}={version}")
+        parts.append(f"{name}: {', '.join(pairs)}")
+    return "; ".join(parts)
