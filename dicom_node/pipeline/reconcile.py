@@ -60,7 +60,8 @@ def reconcile_spool(store: JobStore, storage: Path) -> int:
             try:
                 added += store.record_instance(_row_for(path, Path(storage)))
             except Exception as exc:  # one unreadable file must not stop the start-up
-                LOGGER.error("spool file %s could not be reconciled: %s", name, exc)
+                LOGGER.error("a spool file could not be reconciled: %s", type(exc).__name__)
+                LOGGER.debug("unreadable spool file %s: %s", path, exc)  # UIDs: debug only
     if added:
         LOGGER.warning("recovered %d spooled instance(s) missing from the job store", added)
     return added
