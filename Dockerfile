@@ -23,10 +23,12 @@ RUN pip install --no-cache-dir . \
     && if [ "$GPU" = "1" ]; then pip uninstall -y onnxruntime && pip install --no-cache-dir onnxruntime-gpu; fi
 COPY rules ./rules
 COPY models ./models
+# rules and models stay writable by the node's user: physicists edit rules and developers move
+# aliases on a running node (mount your own over /app/rules and /app/models to keep them)
 RUN useradd --system --uid 10001 --home /app dicomnode && mkdir -p /data \
-    && chown -R dicomnode /data
+    && chown -R dicomnode /data /app/rules /app/models
 USER dicomnode
-VOLUME ["/data"]
+VOLUME ["/data", "/app/rules", "/app/models"]
 EXPOSE 11112 9100
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD python3 -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9100/healthz', timeout=4).status == 200 else 1)"
