@@ -40,6 +40,7 @@ test-deps:
 
 lint: $(STAMP)
 	$(BIN)/ruff check dicom_node training tests bench
+	$(BIN)/mypy dicom_node training
 
 bench: $(STAMP) test-deps
 	$(BIN)/python bench/run.py

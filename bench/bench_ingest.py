@@ -10,6 +10,12 @@ process with its real durability (fsync before Success) and a callback that reco
 Run ``python bench/bench_ingest.py`` (``--quick`` for 60 NM + 20 CT and one round, as CI does).
 Rounds alternate the receivers so that load from other processes hits both alike; the ratio is
 DCMTK time / node time (1.0 = as fast as DCMTK), from medians and from best runs.
+
+Each receiver's output is deleted right after its run, so every run creates its files while the
+previous runs' files are freshly deleted. On ext4 *without a journal* (this build machine) that
+makes every file creation scan the recently freed inodes (``perf``: ``ext4_create`` ->
+``recently_deleted``), a cost that grows over the rounds for both receivers. ``--keep-outputs``
+deletes the outputs only at the end, which measures both receivers without that effect.
 """
 
 from __future__ import annotations
@@ -99,11 +105,28 @@ class IngestBenchmark:
     """
 
     def __init__(
-        self, n_nm: int = 600, n_ct: int = 200, jobstore: bool = False, senders: int = 1
+        self,
+        n_nm: int = 600,
+        n_ct: int = 200,
+        jobstore: bool = False,
+        senders: int = 1,
+        keep_outputs: bool = False,
     ) -> None:
         self.n_nm, self.n_ct, self.jobstore, self.senders = n_nm, n_ct, jobstore, senders
+        self.keep_outputs = keep_outputs
         self.tmp: Path | None = None
         self.workload: Workload | None = None
+        self._runs = 0
+
+    def _output(self, name: str) -> Path:
+        """A fresh output folder for one run (kept until teardown with ``keep_outputs``)."""
+        assert self.tmp is not None
+        self._runs += 1
+        return self.tmp / (f"{name}-{self._runs}" if self.keep_outputs else name)
+
+    def _discard(self, folder: Path) -> None:
+        if not self.keep_outputs:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def setup(self) -> None:
         """Create the tmp folder and the files to send."""
@@ -139,12 +162,12 @@ class IngestBenchmark:
     def time_dcmtk_storescp(self) -> float:
         """DCMTK storescp writing every file (no fsync): the reference."""
         assert self.tmp is not None and self.workload is not None
-        out = self.tmp / "storescp-out"
+        out = self._output("storescp-out")
         fork = ["--fork"] if self.senders > 1 else []  # one process per association
         with StoreSCP(output_dir=out, extra_args=fork) as scp:
             elapsed = self._send(scp.port, scp.aet)
             received = len(scp.received())
-        shutil.rmtree(out, ignore_errors=True)
+        self._discard(out)
         if received != self.workload.n_files:
             raise RuntimeError(f"storescp stored {received} of {self.workload.n_files}")
         return elapsed
@@ -152,7 +175,7 @@ class IngestBenchmark:
     def time_node(self, variant: str = "node") -> float:
         """The node's StorageSCP with the durability of ``variant`` (see :data:`VARIANTS`)."""
         assert self.tmp is not None and self.workload is not None
-        storage = self.tmp / f"storage-{variant}"
+        storage = self._output(f"storage-{variant}")
         config = NodeConfig(
             ae_title="DICOMNODE",
             host="127.0.0.1",
@@ -182,17 +205,23 @@ class IngestBenchmark:
             scp.stop()
             if store is not None:
                 store.close()
-        shutil.rmtree(storage, ignore_errors=True)
+        self._discard(storage)
         if len(records) != self.workload.n_files:
             raise RuntimeError(f"node recorded {len(records)} of {self.workload.n_files}")
         return elapsed
 
 
 def run(
-    rounds: int, n_nm: int, n_ct: int, variants: list[str], jobstore: bool, senders: int = 1
+    rounds: int,
+    n_nm: int,
+    n_ct: int,
+    variants: list[str],
+    jobstore: bool,
+    senders: int = 1,
+    keep_outputs: bool = False,
 ) -> str:
     """Run the benchmark and return a Markdown report."""
-    bench = IngestBenchmark(n_nm, n_ct, jobstore, senders)
+    bench = IngestBenchmark(n_nm, n_ct, jobstore, senders, keep_outputs)
     bench.setup()
     try:
         assert bench.workload is not None
@@ -218,7 +247,9 @@ def run(
         f"{senders} concurrent storescu association(s) (storescp "
         f"{'--fork' if senders > 1 else 'single process'}), TCP_NODELAY=1; {rounds} round(s), "
         "receivers "
-        "alternating; callback: " + ("SQLite job store" if jobstore else "in-memory list"),
+        "alternating; callback: "
+        + ("SQLite job store" if jobstore else "in-memory list")
+        + ("; outputs kept until the end" if keep_outputs else "; outputs deleted after each run"),
         "",
         "| receiver | median s | best s | images/s (median) | MB/s (median) | ratio median | "
         "ratio best |",
@@ -258,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--jobstore", action="store_true", help="record into the SQLite job store")
     parser.add_argument("--senders", type=int, default=1, help="concurrent storescu processes")
+    parser.add_argument(
+        "--keep-outputs",
+        action="store_true",
+        help="delete received files only at the end (no freshly freed inodes during the runs)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("dicom_node").setLevel(logging.WARNING)
@@ -267,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
     n_nm, n_ct, rounds = (60, 20, 1) if args.quick else (600, 200, args.rounds)
-    print(run(rounds, n_nm, n_ct, variants, args.jobstore, max(1, args.senders)))
+    print(run(rounds, n_nm, n_ct, variants, args.jobstore, max(1, args.senders), args.keep_outputs))
     return 0
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.uid import NuclearMedicineImageStorage, SegmentationStorage
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import NuclearMedicineImageStorage, SegmentationStorage
 
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.phantoms import make_case
@@ -60,10 +60,14 @@ class _Receiver:
         self.arrived = threading.Event()
         ae = AE(ae_title=DEMO_AE)
         ae.add_supported_context(SegmentationStorage)
-        self._server = ae.start_server(
+        server = ae.start_server(
             ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
         )
-        self.port = int(self._server.socket.getsockname()[1])
+        if server is None:  # only a blocking start_server returns None
+            raise RuntimeError("the demo receiver did not start: start_server returned None")
+        self._server = server
+        # pynetdicom sets server_address from socket.getsockname() after binding port 0
+        self.port = int(server.server_address[1])
 
     def _on_store(self, event: evt.Event) -> int:
         ds = event.dataset

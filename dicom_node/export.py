@@ -20,6 +20,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import build_context
 from pynetdicom.status import code_to_category
 from pynetdicom.transport import AddressInformation, AssociationSocket
@@ -142,6 +143,7 @@ def _refusal_reason(
 
 def _contexts_for(ds: Dataset) -> list[Any]:
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    syntaxes: list[str | UID]
     if syntax is not None and UID(syntax) not in NATIVE_SYNTAXES:
         syntaxes = [UID(syntax)]  # compressed: the peer must accept it as it is
     else:
@@ -199,7 +201,7 @@ def send_dataset(
     ae.network_timeout = timeout
     tls_args = (tls_context, destination.host) if tls_context is not None else None
     connected: list[bool] = []
-    handlers = [(evt.EVT_CONN_OPEN, lambda event: connected.append(True))]
+    handlers: list[EventHandlerType] = [(evt.EVT_CONN_OPEN, lambda event: connected.append(True))]
     assoc: Association | None = None
     try:
         assoc = ae.associate(

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 LOGGER = logging.getLogger(__name__)
 
-NM_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
+NM_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.20")
 """SOP Class UID of NM Image Storage."""
 
 SEGMENT_KEYS = ("thyroid", "nodule")
@@ -318,7 +318,7 @@ def _render(
     return expected, {"thyroid": thyroid, "nodule": nodule}, meta
 
 
-def _uid(*parts: object) -> str:
+def _uid(*parts: object) -> UID:
     return generate_uid(prefix=_UID_ROOT, entropy_srcs=["dicom-node-phantom", *map(str, parts)])
 
 
@@ -537,7 +537,8 @@ def write_case(case: PhantomCase, folder: Path) -> Path:
     """Write ``image.dcm`` and ``truth.npz`` of one case into ``folder``; return the folder."""
     folder.mkdir(parents=True, exist_ok=True)
     case.dataset.save_as(folder / "image.dcm", enforce_file_format=True)
-    np.savez_compressed(folder / "truth.npz", **case.truth)
+    # numpy's stub fears a key named "allow_pickle" in the dict; the keys are SEGMENT_KEYS
+    np.savez_compressed(folder / "truth.npz", **case.truth)  # type: ignore[arg-type]
     return folder
 
 

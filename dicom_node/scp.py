@@ -435,6 +435,7 @@ class StorageSCP:
     ) -> None:
         self.config = config
         self.spool = spool
+        spool.prepare_ahead = True  # temp files created off the C-STORE path (spool.py)
         self.on_instance = on_instance
         self._server: NodeAssociationServer | None = None
         self._thread: threading.Thread | None = None

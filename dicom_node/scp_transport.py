@@ -5,13 +5,22 @@ finds nothing to do, and the association reactor sleeps 1 ms before every look a
 queue. On a loaded 2-core VM each such nap lasts 1-2 ms, and a C-STORE crosses both loops several
 times (data PDUs in, response out), so polling, not work, dominated the time per instance
 (``bench/bench_ingest.py``, RESULTS.md). The classes here keep pynetdicom's state machine, ACSE,
-DIMSE and event handlers, and change only how the loops wait:
+DIMSE and event handlers, change how the loops wait, and take a short cut for the per-instance
+traffic (C-STORE-RQ in, C-STORE-RSP out) wherever pynetdicom's long way would do the same:
 
 - :class:`NodeDUL` waits in ``select`` on the socket *and* a wake-up socket pair that
   :meth:`NodeDUL.send_pdu` pokes, so it reacts to incoming bytes and outgoing primitives at once.
+  A P-DATA-TF received in Sta6 goes straight to DIMSE with its PDVs as views of the receive
+  buffer (:meth:`NodeDUL._read_pdu_data`), which is all that the state machine's DT-2 does.
 - :class:`NodeAssociation` blocks on the DIMSE message queue (``queue.get`` with a short timeout)
   instead of sleeping.
 - :class:`NodeAssociationSocket` reads whole PDUs with ``recv_into`` rather than 4 KiB pieces.
+- :class:`NodeDIMSE` assembles C-STORE requests itself: the command set is read with ``struct``
+  (:func:`parse_c_store_rq`) and the data set fragments are joined once, instead of decoding the
+  command through pydicom and copying each fragment into a ``BytesIO``. It encodes the C-STORE
+  response with ``struct`` and sends it from the association thread (no hand-off to the DUL
+  thread) on plain TCP. Anything else, and everything while pynetdicom's debug logging or
+  another handler watches PDUs, DIMSE messages or state transitions, goes pynetdicom's way.
 - :class:`NodeAssociationServer` sets TCP_NODELAY on the listening and accepted sockets and does the
   TLS handshake in the connection's own thread, so a silent client cannot stall accepting.
 """
@@ -24,13 +33,16 @@ import select
 import socket
 import ssl
 import struct
+import threading
 import time
 from datetime import datetime
+from io import BytesIO
 from typing import Any, cast
 
-from pynetdicom import _handlers, evt
+from pynetdicom import _config, _handlers, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -62,7 +74,22 @@ _STANDARD_LOG_HANDLERS = (
 
 
 class NodeAssociationSocket(AssociationSocket):
-    """AssociationSocket that reads a PDU with few large ``recv_into`` calls."""
+    """AssociationSocket that reads a PDU with few large ``recv_into`` calls.
+
+    Sends are serialised by a lock: the association thread sends C-STORE responses itself
+    (:meth:`NodeDIMSE.send_msg`) while the DUL thread may send other PDUs.
+    """
+
+    _send_lock = threading.Lock()  # replaced per instance in __init__
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._send_lock = threading.Lock()
+
+    def send(self, bytestream: bytes) -> None:
+        """Send ``bytestream`` whole (pynetdicom's ``send``, one sender at a time)."""
+        with self._send_lock:
+            super().send(bytestream)
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly ``nr_bytes`` (fewer only when the peer closed the connection)."""
@@ -115,12 +142,191 @@ def encode_c_store_rsp(rsp: C_STORE) -> bytes | None:
     return _implicit(0x00000000, struct.pack("<L", len(body))) + body
 
 
-class NodeDIMSE(DIMSEServiceProvider):
-    """DIMSE provider that encodes C-STORE responses directly (the per-instance reply).
+_CMD_US = {
+    0x0100: "CommandField",
+    0x0110: "MessageID",
+    0x0700: "Priority",
+    0x0800: "CommandDataSetType",
+    0x1031: "MoveOriginatorMessageID",
+}
+_CMD_UI = {0x0002: "AffectedSOPClassUID", 0x1000: "AffectedSOPInstanceUID"}
+_C_STORE_RQ = 0x0001
+_NO_DATA_SET = 0x0101
 
-    Everything else, and every response when a handler listens to ``EVT_DIMSE_SENT`` (pynetdicom's
-    debug logging), goes through pynetdicom's own path.
+
+def parse_c_store_rq(command: bytes) -> dict[str, Any] | None:
+    """Read a C-STORE-RQ command set (Implicit VR Little Endian) without pydicom.
+
+    Returns the primitive's parameters by keyword (plus ``CommandField`` and
+    ``CommandDataSetType``), or None for anything this fast path does not cover: another
+    command, a request without a data set, an element it does not know, a malformed length.
+    pynetdicom then decodes the command itself, so odd requests behave exactly as before.
     """
+    fields: dict[str, Any] = {}
+    offset, end = 0, len(command)
+    while offset < end:
+        if end - offset < 8:
+            return None
+        group, element, length = struct.unpack_from("<HHL", command, offset)
+        offset += 8
+        if group != 0 or offset + length > end:
+            return None
+        value = command[offset : offset + length]
+        offset += length
+        if element == 0x0000:  # CommandGroupLength
+            if length != 4:
+                return None
+        elif element in _CMD_US:
+            if length != 2:
+                return None
+            fields[_CMD_US[element]] = value[0] | (value[1] << 8)
+        elif element in _CMD_UI:
+            fields[_CMD_UI[element]] = value.rstrip(b"\x00 ").decode("ascii")
+        elif element == 0x1030:
+            fields["MoveOriginatorApplicationEntityTitle"] = value.decode("ascii").strip()
+        else:
+            return None
+    if fields.get("CommandField") != _C_STORE_RQ:
+        return None
+    if fields.get("CommandDataSetType", _NO_DATA_SET) == _NO_DATA_SET:
+        return None
+    if not all(k in fields for k in ("MessageID", *_CMD_UI.values())):
+        return None
+    return fields
+
+
+def _c_store_request(fields: dict[str, Any], context_id: int) -> C_STORE:
+    """The C-STORE primitive pynetdicom would build from ``fields`` (its setters validate)."""
+    req = C_STORE()
+    for keyword, value in fields.items():
+        if keyword not in ("CommandField", "CommandDataSetType"):
+            setattr(req, keyword, value)
+    req._context_id = context_id
+    req._dataset_path = None
+    req._dataset_file = None
+    return req
+
+
+class NodeDIMSE(DIMSEServiceProvider):
+    """DIMSE provider with a fast path for the per-instance traffic: C-STORE-RQ in, RSP out.
+
+    Incoming: a C-STORE-RQ is assembled here (:meth:`receive_primitive`). Outgoing: a plain
+    C-STORE-RSP is encoded with ``struct`` (:meth:`send_msg`). Everything else, and everything
+    while a handler listens to ``EVT_DIMSE_RECV`` / ``EVT_DIMSE_SENT`` (pynetdicom's debug
+    logging) or ``STORE_RECV_CHUNKED_DATASET`` is set, goes through pynetdicom's own path.
+    """
+
+    _fast_command: list[bytes] | None = None
+    """Command fragments received so far (fast path), None between messages."""
+    _fast_request: C_STORE | None = None
+    """The C-STORE-RQ whose data set is being received (fast path)."""
+    _fast_data: list[Any] | None = None
+    _fast_raw_command: bytes = b""
+
+    def _send_now(self, command: bytes, context_id: int) -> bool:
+        """Send a one-PDV P-DATA-TF (a C-STORE-RSP) from this thread; False: use the DUL.
+
+        Saves the hand-off to the DUL thread (queue, wake-up, ``select``) per instance. Only in
+        state Sta6 with nothing else queued for the peer (then the DUL would do exactly this:
+        DT-1 sends the PDU and stays in Sta6), on a plain TCP socket (an SSL object must not be
+        written and read by two threads at once) and when no handler watches sent PDUs.
+        """
+        dul = self.dul
+        sock = dul.socket
+        if (
+            not isinstance(sock, NodeAssociationSocket)
+            or isinstance(sock.socket, ssl.SSLSocket)
+            or dul.state_machine.current_state != "Sta6"
+            or not dul.to_provider_queue.empty()
+            or self.assoc.get_handlers(evt.EVT_PDU_SENT)
+            or self.assoc.get_handlers(evt.EVT_FSM_TRANSITION)
+        ):
+            return False
+        pdv_length = len(command) + 2
+        sock.send(
+            struct.pack(">BBLLBB", 0x04, 0x00, pdv_length + 4, pdv_length, context_id, 0x03)
+            + command
+        )
+        return True
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        """Process a P-DATA primitive: C-STORE-RQ fragments here, the rest by pynetdicom."""
+        if primitive.__class__ is not P_DATA:
+            self._fast_abandon()
+            super().receive_primitive(primitive)
+            return
+        self.receive_pdvs(primitive.presentation_data_value_list)
+
+    def receive_pdvs(self, pdvs: list[tuple[int, Any]]) -> None:
+        """Process the PDVs of one P-DATA (values: ``bytes`` or views of the receive buffer)."""
+        if _config.STORE_RECV_CHUNKED_DATASET or self.assoc.get_handlers(evt.EVT_DIMSE_RECV):
+            self._fast_abandon()
+            primitive = P_DATA()
+            primitive.presentation_data_value_list = [[cx, bytes(data)] for cx, data in pdvs]
+            super().receive_primitive(primitive)
+            return
+        for context_id, data in pdvs:
+            if self.message is not None:  # pynetdicom is assembling this message
+                self._to_pynetdicom(context_id, data)
+            else:
+                self._fast_pdv(context_id, data)
+
+    def _to_pynetdicom(self, context_id: int, data: Any) -> None:
+        single = P_DATA()
+        single.presentation_data_value_list.append((context_id, bytes(data)))
+        super().receive_primitive(single)
+
+    def _fast_abandon(self) -> None:
+        """Give a message assembled so far on the fast path to pynetdicom."""
+        if self._fast_request is not None:
+            context_id = cast(int, self._fast_request._context_id)
+            chunks, self._fast_request, self._fast_data = self._fast_data or [], None, None
+            self._to_pynetdicom(context_id, b"\x03" + self._fast_raw_command)
+            for chunk in chunks:
+                self._to_pynetdicom(context_id, b"\x00" + bytes(chunk))
+        elif self._fast_command:
+            # a command whose last fragment has not arrived: keep it, without its final bit
+            command, self._fast_command = b"".join(self._fast_command), None
+            if self.message is None:
+                self.message = DIMSEMessage()
+            self.message.encoded_command_set.write(command)
+        self._fast_command = None
+
+    def _fast_pdv(self, context_id: int, data: bytes) -> None:
+        header = data[0]
+        request = self._fast_request
+        if request is None:
+            if not header & 1:  # data before the command ended: pynetdicom's business
+                self._fast_abandon()
+                self._to_pynetdicom(context_id, data)
+                return
+            if self._fast_command is None:
+                self._fast_command = []
+            self._fast_command.append(data[1:])
+            if not header & 2:
+                return
+            command, self._fast_command = b"".join(self._fast_command), None
+            fields = parse_c_store_rq(command)
+            try:
+                request = _c_store_request(fields, context_id) if fields else None
+            except Exception:  # an invalid value: pynetdicom reports it as it always did
+                request = None
+            if request is None:
+                self._to_pynetdicom(context_id, b"\x03" + command)
+                return
+            self._fast_request, self._fast_data, self._fast_raw_command = request, [], command
+            return
+        if header & 1:  # a new command before the data set ended: as pynetdicom would see it
+            self._fast_abandon()
+            self._to_pynetdicom(context_id, data)
+            return
+        chunks = cast(list, self._fast_data)
+        chunks.append(memoryview(data)[1:])
+        if header & 2:
+            request.DataSet = BytesIO(b"".join(chunks))
+            self._fast_request = self._fast_data = None
+            self._fast_raw_command = b""
+            self.msg_queue.put((cast(int, request._context_id), request))
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         """Send a DIMSE message; C-STORE-RSP in one P-DATA without building a pydicom Dataset."""
@@ -132,6 +338,8 @@ class NodeDIMSE(DIMSEServiceProvider):
             command = encode_c_store_rsp(primitive)
             max_pdu = self.maximum_pdu_size
             if command is not None and (not max_pdu or len(command) + 7 <= max_pdu):
+                if self._send_now(command, context_id):
+                    return
                 pdata = P_DATA()
                 pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
                 self.dul.send_pdu(pdata)
@@ -195,6 +403,91 @@ class NodeDUL(DULServiceProvider):
                     pass
             except (BlockingIOError, OSError):
                 pass
+
+    def _read_pdu_data(self) -> None:
+        """Read one PDU; a P-DATA-TF in Sta6 goes straight to DIMSE.
+
+        pynetdicom copies each PDU three times (``bytearray`` +=, ``bytes()``, one slice per
+        PDV) and passes it through the event queue and the state machine, whose action for
+        Sta6 + Evt10 (DT-2) only hands the P-DATA to DIMSE and stays in Sta6. That is what this
+        does, with PDV values as views of the received buffer, when nothing else is queued and
+        no handler watches received data, PDUs or transitions. Everything else (other PDUs,
+        other states, malformed P-DATA) takes pynetdicom's path from the bytes read.
+        """
+        sock = cast(AssociationSocket, self.socket)
+        try:
+            header = sock.recv(6)
+        except (OSError, TimeoutError) as exc:
+            LOGGER.error("Connection closed before the entire PDU was received")
+            LOGGER.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(header) != 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = sock.recv(pdu_length)
+        except (OSError, TimeoutError) as exc:
+            LOGGER.error("Connection closed before the entire PDU was received")
+            LOGGER.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            LOGGER.error(
+                f"The received PDU is shorter than expected ({len(body) + 6} of "
+                f"{6 + pdu_length} bytes received)"
+            )
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type == 0x04 and self._fast_p_data(body):
+            return
+        try:
+            pdu, event = self._decode_pdu(header + body)
+            self.event_queue.put(event)
+        except Exception as exc:
+            LOGGER.error("Unable to decode the received PDU data")
+            LOGGER.exception(exc)
+            self.event_queue.put("Evt19")
+            return
+        self._recv_pdu.put(pdu)
+
+    def _fast_p_data(self, body: bytearray) -> bool:
+        """Hand a P-DATA-TF body to DIMSE as DT-2 would; False when it must go the long way."""
+        assoc = self.assoc
+        if (
+            self.state_machine.current_state != "Sta6"
+            or not self.event_queue.empty()
+            or assoc.get_handlers(evt.EVT_DATA_RECV)
+            or assoc.get_handlers(evt.EVT_PDU_RECV)
+            or assoc.get_handlers(evt.EVT_FSM_TRANSITION)
+        ):
+            return False
+        view = memoryview(body)
+        items: list[tuple[int, Any]] = []
+        offset, end = 0, len(body)
+        while offset < end:
+            if end - offset < 6:
+                return False
+            (item_length,) = struct.unpack_from(">L", body, offset)
+            if item_length < 2 or offset + 4 + item_length > end:
+                return False
+            items.append((body[offset + 4], view[offset + 5 : offset + 4 + item_length]))
+            offset += 4 + item_length
+        if not items:
+            return False
+        dimse = assoc.dimse
+        if isinstance(dimse, NodeDIMSE):
+            dimse.receive_pdvs(items)
+        else:
+            primitive = P_DATA()
+            primitive.presentation_data_value_list = [[cx, bytes(data)] for cx, data in items]
+            dimse.receive_primitive(primitive)
+        return True
 
     def run_reactor(self) -> None:
         """pynetdicom's DUL loop (``DULServiceProvider.run_reactor``) with an event-driven wait."""

@@ -4,19 +4,31 @@ Layout (relative to ``storage``, so that ``storage`` can be a shared volume)::
 
     spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
 
-A file is written to a temporary name in its final folder, fsynced, hard-linked to its final name
-(``link`` fails when the name exists, so two associations racing on one SOP Instance UID store it
-once) and the folder is fsynced. The paths handed out are relative strings
-(``spool/1.2/1.3/1.4.dcm``).
+A file is written to a temporary name, fsynced, hard-linked to its final name (``link`` fails when
+the name exists, so two associations racing on one SOP Instance UID store it once) and the final
+folder is fsynced. The paths handed out are relative strings (``spool/1.2/1.3/1.4.dcm``).
+
+Creating a file is the costliest step before the flushes on ext4 without a journal (this build
+machine's root file system): the inode allocator scans its group from the start and skips every
+inode freed in the last minutes, reading each one's table entry, so ``open(O_CREAT)`` took
+0.2-0.6 ms per instance while other files were being removed (``perf``: ``ext4_create`` ->
+``recently_deleted``; ``bench/RESULTS.md``). The spool therefore creates temporary files ahead of
+time on a background thread (:meth:`Spool.prepare`), in ``spool/.incoming``, and a store takes
+one, writes it, fsyncs it, links it to its final name and fsyncs the final folder; the staging
+name is removed later by the same background thread. A store that finds no prepared file creates
+one in its final folder, as before.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
+import itertools
 import logging
 import os
 import re
 import threading
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +54,16 @@ name, which roughly halves the cost of durability on a disk whose cache flush is
 ``bench/RESULTS.md``). A crash between link and fsync can then leave a short file under the final
 name; it was never acknowledged, and the PACS's resend replaces it (a spooled file whose size
 differs from a resent copy is rewritten)."""
+
+INCOMING_DIR = ".incoming"
+"""Folder under the spool holding temporary files prepared for coming instances (files named
+``.tmp-*``; never an acknowledged instance by that name, removed at start-up)."""
+
+PREPARED_TARGET = 4
+"""Temporary files the background thread keeps ready (each association uses one at a time)."""
+
+PREPARER_IDLE = 30.0
+"""Seconds without a store after which the background thread ends (restarted on demand)."""
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TMP_PREFIX = ".tmp-"
@@ -100,6 +122,9 @@ class Spool:
     fsync_directory:
         Strict POSIX durability with two flushes per instance (default
         :data:`FSYNC_DIRECTORY`); see there.
+    prepare_ahead:
+        Create temporary files ahead of time on a background thread; see the module docstring.
+        :class:`~dicom_node.scp.StorageSCP` turns it on for the spool it receives into.
 
     Notes
     -----
@@ -111,15 +136,24 @@ class Spool:
         storage_root: Path,
         fsync: bool | None = None,
         fsync_directory: bool | None = None,
+        prepare_ahead: bool = False,
     ) -> None:
         self.storage_root = Path(storage_root)
         self.root = self.storage_root / SPOOL_DIR
         self.fsync = FSYNC if fsync is None else fsync
         self.fsync_directory = FSYNC_DIRECTORY if fsync_directory is None else fsync_directory
+        self.prepare_ahead = prepare_ahead
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._known_dirs: set[str] = set()
         self._bytes = self._scan()
+        self._incoming = os.path.join(self.root, INCOMING_DIR)
+        self._prepared: collections.deque[tuple[int, str]] = collections.deque()
+        self._unlink_later: collections.deque[str] = collections.deque()
+        self._prepared_names = f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}-"
+        self._prepared_seq = itertools.count()
+        self._prepare_wanted = threading.Event()
+        self._preparer: threading.Thread | None = None
         metrics.SPOOL_BYTES.set(self._bytes)
 
     def _scan(self) -> int:
@@ -209,21 +243,12 @@ class Spool:
         # Not there, or (fsync_directory off) there with another size: possibly a copy cut short
         # by a crash between link and fsync, never acknowledged; the resend replaces it.
         self._ensure_dir(folder)
-        tmp = os.path.join(folder, f"{_TMP_PREFIX}{sop_instance_uid}.{threading.get_ident()}")
-        fd = self._open_tmp(tmp, folder)
         try:
-            for view in views:
-                while view:
-                    view = view[os.write(fd, view) :]
-            if existing is not None:
-                created = self._replace(fd, tmp, final, folder)
-            else:
-                created = self._publish(fd, tmp, final, folder)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        finally:
-            os.close(fd)
+            created = self._write(views, existing, final, folder, sop_instance_uid, staged=True)
+        except FileNotFoundError:
+            # the prepared file's name vanished (another Spool on this storage started and
+            # cleaned up): write the instance again through a temp file of its own
+            created = self._write(views, existing, final, folder, sop_instance_uid, staged=False)
         if not created:
             return StoredFile(rel, os.stat(final).st_size, created=False)
         with self._lock:
@@ -231,6 +256,80 @@ class Spool:
             total = self._bytes
         metrics.SPOOL_BYTES.set(total)
         return StoredFile(rel, size, created=existing is None)
+
+    def _write(
+        self,
+        views: list[memoryview],
+        existing: int | None,
+        final: str,
+        folder: str,
+        sop_instance_uid: str,
+        staged: bool,
+    ) -> bool:
+        """Write ``views`` to a temp file (a prepared one if ``staged`` and there is one) and
+        publish it under ``final``; see :meth:`store`."""
+        prepared = None
+        if staged:
+            try:
+                prepared = self._prepared.popleft()
+            except IndexError:  # none ready (or another association took the last one)
+                pass
+        if prepared is not None:
+            fd, tmp = prepared
+        else:
+            tmp = os.path.join(folder, f"{_TMP_PREFIX}{sop_instance_uid}.{threading.get_ident()}")
+            fd = self._open_tmp(tmp, folder)
+        if self.prepare_ahead:
+            self.prepare()
+        try:
+            for view in views:
+                while view:
+                    view = view[os.write(fd, view) :]
+            if existing is not None:
+                return self._replace(fd, tmp, final, folder)
+            return self._publish(fd, tmp, final, folder, prepared is not None)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        finally:
+            os.close(fd)
+
+    def prepare(self) -> None:
+        """Have the background thread top up the prepared temporary files (start it if needed).
+
+        Called by :meth:`store` when ``prepare_ahead`` is set. The thread creates up to
+        :data:`PREPARED_TARGET` empty files in ``spool/.incoming``, removes the staging names of
+        files already published, and ends after :data:`PREPARER_IDLE` idle seconds.
+        """
+        self._prepare_wanted.set()
+        with self._lock:
+            if self._preparer is None:
+                self._preparer = threading.Thread(
+                    target=self._prepare_loop, name="spool-prepare", daemon=True
+                )
+                self._preparer.start()
+
+    def _prepare_loop(self) -> None:
+        while True:
+            if not self._prepare_wanted.wait(PREPARER_IDLE):
+                with self._lock:
+                    if not self._prepare_wanted.is_set():
+                        self._preparer = None
+                        return
+                continue
+            self._prepare_wanted.clear()
+            while self._unlink_later:
+                _unlink_quietly(self._unlink_later.popleft())
+            while len(self._prepared) < PREPARED_TARGET:
+                tmp = os.path.join(
+                    self._incoming, f"{self._prepared_names}{next(self._prepared_seq)}"
+                )
+                try:
+                    fd = self._open_tmp(tmp, self._incoming)
+                except OSError as exc:
+                    LOGGER.warning("could not prepare a spool file: %s", exc.strerror or exc)
+                    break
+                self._prepared.append((fd, tmp))
 
     def _open_tmp(self, tmp: str, folder: str) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
@@ -242,8 +341,13 @@ class Spool:
             self._ensure_dir(folder)
             return os.open(tmp, flags, 0o644)
 
-    def _publish(self, fd: int, tmp: str, final: str, folder: str) -> bool:
-        """Give the written temp file its final name durably; False if the name was taken."""
+    def _publish(self, fd: int, tmp: str, final: str, folder: str, staged: bool = False) -> bool:
+        """Give the written temp file its final name durably; False if the name was taken.
+
+        Durability does not depend on where the temp file was (its folder or ``.incoming``): its
+        data and inode are fsynced before the link, and the folder holding the final name is
+        fsynced after it. A staging name left behind by a crash is removed at start-up.
+        """
         if self.fsync and self.fsync_directory:
             os.fsync(fd)  # data first ...
         try:
@@ -251,7 +355,10 @@ class Spool:
         except FileExistsError:
             os.unlink(tmp)
             return False
-        os.unlink(tmp)
+        if staged:  # off the critical path: the background thread removes the staging name
+            self._unlink_later.append(tmp)
+        else:
+            os.unlink(tmp)
         if self.fsync:
             if self.fsync_directory:
                 _fsync_dir(folder)

@@ -31,15 +31,15 @@ def _bar(description: str, total: int | None) -> Iterator[Callable[..., None]]:
         task = progress.add_task(description, total=total)
         current = {"stage": description}
 
-        def update(*args: object) -> None:
+        def update(*args: int | str) -> None:
             if len(args) == 1:
-                progress.update(task, completed=int(args[0]))  # type: ignore[arg-type]
+                progress.update(task, completed=int(args[0]))
                 return
             stage, done, total_ = args
             if stage != current["stage"]:
                 current["stage"] = str(stage)
                 progress.reset(task, description=str(stage))
-            progress.update(task, completed=int(done), total=int(total_) or None)  # type: ignore[arg-type]
+            progress.update(task, completed=int(done), total=int(total_) or None)
 
         yield update
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +103,9 @@ def find_cases(root: Path | str) -> list[Path]:
 
 
 def _read_dicoms(folder: Path) -> tuple[list[pydicom.Dataset], list[pydicom.Dataset], list[Path]]:
-    images, segs, files = [], [], []
+    images: list[pydicom.Dataset] = []
+    segs: list[pydicom.Dataset] = []
+    files: list[Path] = []
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name.endswith(NIFTI_SUFFIXES) or path.suffix == ".npz":
             continue
@@ -215,7 +217,7 @@ def _masks_from_nifti(
     folder: Path,
     keys: Sequence[str],
     shape: tuple[int, int, int],
-    nifti_labels: dict[str, Sequence[int]] | None,
+    nifti_labels: Mapping[str, Sequence[int]] | None,
 ) -> np.ndarray:
     per_key = {}
     for key in keys:
@@ -247,7 +249,7 @@ def _masks_from_nifti(
 def load_case(
     folder: Path | str,
     segments: Sequence[SegmentRef],
-    nifti_labels: dict[str, Sequence[int]] | None = None,
+    nifti_labels: Mapping[str, Sequence[int]] | None = None,
 ) -> Case:
     """Read one case folder.
 
@@ -322,7 +324,7 @@ def load_dataset(
     segments: Sequence[SegmentRef],
     *,
     skip_bad: bool = False,
-    nifti_labels: dict[str, Sequence[int]] | None = None,
+    nifti_labels: Mapping[str, Sequence[int]] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[Case], list[DataError]]:
     """Load every case folder under ``root``.

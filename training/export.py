@@ -185,7 +185,8 @@ def _export(
     torch.onnx.export(
         net,
         (dummy,),
-        buffer,
+        # the TorchScript exporter (dynamo=False) writes to file objects; the stub lists paths only
+        buffer,  # type: ignore[arg-type]
         input_names=[in_name],
         output_names=[out_name],
         dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}},

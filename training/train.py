@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -133,7 +133,13 @@ def _collate(samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]
 def _worker_init(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     if info is not None:
-        info.dataset.transform.set_random_state(int(info.seed % 2**32))
+        dataset = info.dataset
+        if not isinstance(dataset, FrameDataset) or not isinstance(dataset.transform, Compose):
+            raise TypeError(
+                f"worker dataset must be a FrameDataset with a Compose transform, "
+                f"got {type(dataset).__name__}"
+            )
+        dataset.transform.set_random_state(int(info.seed % 2**32))
 
 
 def _validate(
@@ -254,19 +260,24 @@ def train(
             raise ValueError(
                 f"input size and train.crop must be divisible by 2**depth = {2**depth}, got {side}"
             )
-    steps = [*build_augmentation(config.get("augment") or {}), to_input]
+    steps: list[Callable[[dict[str, Any]], dict[str, Any]]] = [
+        *build_augmentation(config.get("augment") or {}),
+        to_input,
+    ]
     if tcfg.get("crop"):
         steps.append(RandCrop(int(tcfg["crop"]), float(tcfg.get("crop_foreground", 0.8))))
     augment = Compose(steps).set_random_state(seed)
     train_set = FrameDataset(train_cases, augment)
-    val_samples = [s for s in FrameDataset(val_cases, Compose([to_input]))]  # noqa: C416
+    val_set = FrameDataset(val_cases, Compose([to_input]))
+    val_samples = [val_set[i] for i in range(len(val_set))]
     val_x, val_y = _collate(val_samples)
 
     net_cfg = config["network"]
     net = build_unet(
         input_spec.channels, len(refs), int(net_cfg["depth"]), int(net_cfg["base_channels"])
     )
-    net = net.to(device).to(memory_format=torch.channels_last)
+    # torch's stub omits Module.to(memory_format=...), which the runtime accepts
+    net = net.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimiser = torch.optim.AdamW(
         net.parameters(), lr=float(tcfg["lr"]), weight_decay=float(tcfg.get("weight_decay", 1e-4))
     )
@@ -285,8 +296,9 @@ def train(
         )
 
     generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(
-        train_set,
+    loader: torch.utils.data.DataLoader[dict[str, Any]] = torch.utils.data.DataLoader(
+        # DataLoader takes any map-style object (__getitem__ + __len__); its stub wants a Dataset
+        cast("torch.utils.data.Dataset[dict[str, Any]]", train_set),
         batch_size=int(tcfg["batch_size"]),
         shuffle=True,
         drop_last=len(train_set) > int(tcfg["batch_size"]),

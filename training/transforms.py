@@ -149,7 +149,7 @@ class RandAffine(Randomizable):
         image = np.asarray(sample["image"], dtype=np.float32)
         h, w = image.shape[-2:]
         angle = np.deg2rad(self.R.uniform(-self.rotate_deg, self.rotate_deg))
-        zoom = self.R.uniform(*self.scale)
+        zoom = self.R.uniform(self.scale[0], self.scale[1])
         shift = self.R.uniform(-self.translate, self.translate, size=2) * np.array([h, w])
         ca, sa = np.cos(angle), np.sin(angle)
         inverse = np.array([[ca, -sa], [sa, ca]]) / zoom

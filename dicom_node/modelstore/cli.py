@@ -73,7 +73,7 @@ def _console() -> Console:
 
 
 def _size(path: Path) -> str:
-    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    total: float = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     for unit in ("B", "kB", "MB", "GB"):
         if total < 1000 or unit == "GB":
             return f"{total:.0f} {unit}" if unit == "B" else f"{total:.1f} {unit}"

@@ -57,8 +57,8 @@ class Normalization(_Strict):
     """
 
     method: Literal["percentile", "minmax", "zscore", "fixed", "none"]
-    lower: float | None = Field(None, ge=0, le=100)
-    upper: float | None = Field(None, ge=0, le=100)
+    lower: float | None = Field(default=None, ge=0, le=100)
+    upper: float | None = Field(default=None, ge=0, le=100)
     scale: float | None = None
     offset: float | None = None
 

@@ -207,7 +207,7 @@ class ModelRunner:
         )
         start = time.perf_counter()
         try:
-            probe = model.preprocess(_probe(tuple(manifest.input.size)))[None]
+            probe = model.preprocess(_probe(manifest.input.size))[None]
             (out,) = session.run([model.output_name], {model.input_name: probe})
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"{label}: warm-up inference failed: {exc}") from exc

@@ -89,6 +89,6 @@ def read_series(paths: list[Path]) -> SeriesFrames:
         read.append((ds, f"{label} (InstanceNumber {number})" if number is not None else label))
     read.sort(key=lambda pair: _slice_key(pair[0]))
     frames: list[np.ndarray] = []
-    for ds, name in read:
-        frames.extend(_frames_of(ds, name))
+    for source, name in read:
+        frames.extend(_frames_of(source, name))
     return SeriesFrames(sources=[ds for ds, _ in read], frames=frames)

@@ -87,9 +87,10 @@ class Worker:
         """Take a claimed job as far as it goes now. Never raises."""
         try:
             if job["state"] == JobState.RUNNING.value:
-                job = self._infer_and_build(job)
-                if job is None:
+                built = self._infer_and_build(job)
+                if built is None:
                     return
+                job = built
             if job["state"] == JobState.EXPORTING.value:
                 self._export(job)
         except Exception as exc:  # the job's outcome, not the worker's crash

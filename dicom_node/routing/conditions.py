@@ -15,7 +15,7 @@ import enum
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -51,7 +51,7 @@ class ConditionError(ValueError):
     """A condition is written wrongly; the message says what and how to fix it."""
 
 
-def suggest(word: str, choices: Sequence[str] | set[str] | frozenset[str]) -> str:
+def suggest(word: str, choices: Iterable[str]) -> str:
     """Return `` (did you mean 'x'?)`` for the closest choice, or an empty string.
 
     A choice equal to ``word`` ignoring case wins; otherwise difflib's closest match.
@@ -204,7 +204,7 @@ class KeywordPath:
             value = _get(item, keyword)
             out.extend(_flatten(value, split=not _is_dataset(item), vr=self.vr))
         if index is not None and self.vr == "SQ":
-            out = [out[index]] if index != "*" and index < len(out) else out
+            out = [out[index]] if isinstance(index, int) and index < len(out) else out
         return out
 
 
@@ -305,9 +305,10 @@ def _to_datetime(value: Any) -> dt.datetime | None:
     parts = [
         int(g) if g else d for g, d in zip(match.groups()[:6], (0, 1, 1, 0, 0, 0), strict=True)
     ]
+    year, month, day, hour, minute, second = parts
     micro = int((match.group(7) or "0").ljust(6, "0")[:6])
     try:
-        return dt.datetime(*parts, micro)  # type: ignore[arg-type]
+        return dt.datetime(year, month, day, hour, minute, second, micro)
     except ValueError:
         return None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from dicom_node.routing.rules import Rule, RuleSet
 
@@ -18,6 +18,15 @@ LOGGER = logging.getLogger(__name__)
 
 HIDDEN = "(identifying value hidden)"
 """Shown instead of patient or staff identity in traces written to the audit log."""
+
+
+class _RuleIdentity(TypedDict):
+    """The fields of a `TraceEntry` that name its rule."""
+
+    rule: str
+    priority: int
+    file: str
+    line: int
 
 
 @dataclass(frozen=True)
@@ -140,7 +149,12 @@ def evaluate(ruleset: RuleSet, header: Any) -> RoutingDecision:
     trace: list[TraceEntry] = []
     stopped_by: Rule | None = None
     for rule in ruleset.rules:
-        base = {"rule": rule.name, "priority": rule.priority, "file": rule.file, "line": rule.line}
+        base: _RuleIdentity = {
+            "rule": rule.name,
+            "priority": rule.priority,
+            "file": rule.file,
+            "line": rule.line,
+        }
         if stopped_by is not None:
             trace.append(
                 TraceEntry(

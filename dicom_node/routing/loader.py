@@ -354,7 +354,8 @@ def _parse_rule(
     if not isinstance(node, Mapping):
         ctx.add(line, f"each rule must be a mapping with name, when, ...; got {_short(node)}")
         return None
-    name = node.get("name") if all(isinstance(k, str) for k in node) else None
+    # Untrusted YAML: Rule validates the name and its ValueError is reported below.
+    name: Any = node.get("name") if all(isinstance(k, str) for k in node) else None
     if isinstance(name, str) and name:
         ctx.rule = name
     before = len(ctx.problems)

@@ -228,9 +228,9 @@ class AlgorithmInfo:
     @property
     def parameters(self) -> dict[str, str]:
         """Algorithm Parameters: ``alias`` (when set), ``sha256`` and ``rule``."""
-        params = {"alias": self.alias} if self.alias is not None else {}
+        params: dict[str, str] = {"alias": self.alias} if self.alias is not None else {}
         params.update({"sha256": self.sha256.lower(), "rule": self.rule})
-        return params  # type: ignore[return-value]
+        return params
 
     def to_highdicom(self) -> hd.AlgorithmIdentificationSequence:
         """Return the Segmentation Algorithm Identification Sequence (family: AI, CID 7162)."""
