@@ -6,10 +6,12 @@ fixture's teardown, whether the test passed or not.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ from ruamel.yaml import YAML
 
 from dicom_node.config import Destination, NodeConfig, load_config
 from tests.helpers.onnx_models import make_store
-from tests.helpers.ports import free_port, wait_for_port
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DICOM_NODE = [sys.executable, "-m", "dicom_node.cli"]
@@ -128,7 +131,20 @@ class NodeProcess:
             cwd=REPO,
             env={**os.environ, **(env or {})},
         )
-        wait_for_port(self.config.port, timeout=60)
+        url = f"http://127.0.0.1:{self.config.http_port}/readyz"
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"dicom-node exited early:\n{self.output()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    return bool(json.loads(resp.read())["ready"])
+            except (OSError, ValueError):
+                return False
+
+        # /readyz, not a TCP probe of the DICOM port: the tests should see the node's own
+        # shutdown, not a half-open connection of ours
+        wait_until(ready, timeout=60, what="dicom-node to be ready")
         return self
 
     def kill9(self) -> None:

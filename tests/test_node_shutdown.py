@@ -7,26 +7,19 @@ SEG at the PACS.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import socket
-import subprocess
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pydicom
-import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from dicom_node.config import NodeConfig
 from dicom_node.jobstore import JobStore
-from tests.conftest import DICOM_NODE, REPO, THYROID_RULE, NodeProcess, make_config, write_rules
+from tests.conftest import THYROID_RULE, make_config, write_rules
 from tests.helpers.dicom_factory import make_nm, write_series
 from tests.helpers.peers import StoreSCP, echoscu, storescu
 from tests.helpers.waiting import wait_until
@@ -42,57 +35,9 @@ def _states(storage: Path) -> list[str]:
         store.close()
 
 
-class ReadyzNodeProcess(NodeProcess):
-    """``dicom-node serve`` started like ``serve_process``, but waited for through ``/readyz``.
-
-    ``serve_process`` waits by opening a TCP connection to the DICOM port; the SCP keeps the
-    acceptor of such a probe for pynetdicom's ACSE timeout (30 s), which holds up a graceful
-    stop that long (see the xfail test at the end of this file). Polling ``/readyz`` leaves
-    the DICOM port alone, so these tests see the shutdown itself.
-    """
-
-    def start(self, env: dict[str, str] | None = None) -> ReadyzNodeProcess:
-        log = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [*DICOM_NODE, "serve", "--config", str(self.path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env={**os.environ, **(env or {})},
-        )
-        url = f"http://127.0.0.1:{self.config.http_port}/readyz"
-
-        def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"dicom-node exited early:\n{self.output()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    return bool(json.loads(resp.read())["ready"])
-            except (OSError, ValueError):
-                return False
-
-        wait_until(ready, timeout=60, what="dicom-node to be ready")
-        return self
-
-
-@pytest.fixture
-def serve_process() -> Iterator[Callable[[NodeConfig, Path], ReadyzNodeProcess]]:
-    """Start ``dicom-node serve`` subprocesses (ready per ``/readyz``); kill -9 at teardown."""
-    procs: list[ReadyzNodeProcess] = []
-
-    def start(config: NodeConfig, workdir: Path) -> ReadyzNodeProcess:
-        proc = ReadyzNodeProcess(config, workdir)
-        procs.append(proc)
-        return proc.start()
-
-    yield start
-    for proc in procs:
-        proc.kill9()
-
-
 class TestSigterm:
     def test_sigterm_with_jobs_in_flight_then_restart_delivers_each_seg_once(
-        self, tmp_path: Path, models_dir: Path, serve_process: Any
+        self, tmp_path: Path, models_dir: Path, node_process: Any
     ) -> None:
         rules = tmp_path / "rules"
         write_rules(rules, THYROID_RULE % {"instances": 4})
@@ -114,7 +59,7 @@ class TestSigterm:
             config = make_config(
                 tmp_path, models_dir, rules, hanging.port, workers=1, export_timeout=5.0
             )
-            node = serve_process(config, tmp_path)
+            node = node_process(config, tmp_path)
             assert storescu(files, config.port, config.ae_title).returncode == 0
             wait_until(
                 lambda: sorted(_states(config.storage)) == ["exporting", "queued", "queued"],
@@ -146,7 +91,7 @@ class TestSigterm:
         pacs = StoreSCP()
         pacs.port = hanging.port  # the PACS is back where the configuration points
         with pacs:
-            node = serve_process(config, tmp_path)
+            node = node_process(config, tmp_path)
             wait_until(
                 lambda: _states(config.storage) == ["done"] * n_series,
                 timeout=30,
@@ -165,7 +110,7 @@ class TestSigterm:
             assert "resuming" in node.output()
 
     def test_an_association_in_progress_at_sigterm_completes_every_c_store(
-        self, tmp_path: Path, models_dir: Path, serve_process: Any
+        self, tmp_path: Path, models_dir: Path, node_process: Any
     ) -> None:
         rules = tmp_path / "rules"
         write_rules(rules, THYROID_RULE % {"instances": 3})
@@ -176,7 +121,7 @@ class TestSigterm:
         ]
         with StoreSCP() as pacs:
             config = make_config(tmp_path, models_dir, rules, pacs.port)
-            node = serve_process(config, tmp_path)
+            node = node_process(config, tmp_path)
             ae = AE(ae_title="MODALITY")
             ae.add_requested_context(datasets[0].SOPClassUID, ExplicitVRLittleEndian)
             assoc = ae.associate("127.0.0.1", config.port, ae_title=config.ae_title)
@@ -201,7 +146,7 @@ class TestSigterm:
             kept = _states(config.storage)
             assert len(kept) == 2 and set(kept) <= {"received", "routed"}, "kept for the restart"
 
-            node = serve_process(config, tmp_path)
+            node = node_process(config, tmp_path)
             wait_until(lambda: _states(config.storage) == ["done", "done"], what="both series done")
             wait_until(lambda: len(pacs.received()) == 2, what="two SEGs")
             segs = [pydicom.dcmread(p, stop_before_pixels=True) for p in pacs.received()]
@@ -211,10 +156,10 @@ class TestSigterm:
             assert node.terminate() == 0
 
     def test_sigterm_on_an_idle_node_exits_zero_and_frees_the_port(
-        self, tmp_path: Path, models_dir: Path, rules_dir: Path, serve_process: Any
+        self, tmp_path: Path, models_dir: Path, rules_dir: Path, node_process: Any
     ) -> None:
         config = make_config(tmp_path, models_dir, rules_dir, pacs_port=9)
-        node = serve_process(config, tmp_path)
+        node = node_process(config, tmp_path)
         assert echoscu(config.port, config.ae_title).returncode == 0
         assert node.terminate(timeout=15) == 0
         log = node.output()
@@ -243,11 +188,11 @@ def test_a_tcp_probe_does_not_hold_up_shutdown(
 
 
 def test_serve_log_keeps_uids_out_of_info_lines(
-    tmp_path: Path, models_dir: Path, rules_dir: Path, serve_process: Any
+    tmp_path: Path, models_dir: Path, rules_dir: Path, node_process: Any
 ) -> None:
     with StoreSCP() as pacs:
         config = make_config(tmp_path, models_dir, rules_dir, pacs.port)
-        node = serve_process(config, tmp_path)
+        node = node_process(config, tmp_path)
         files = write_series([make_nm(rows=64, cols=64, seed="log-uids")], tmp_path / "in")
         assert storescu(files, config.port, config.ae_title).returncode == 0
         wait_until(lambda: _states(config.storage) == ["done"], what="the job to finish")

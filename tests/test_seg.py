@@ -31,32 +31,12 @@ from tests.helpers.dicom_factory import (
     make_nm,
     make_sc,
 )
+from tests.helpers.onnx_models import DEFAULT_SEGMENTS
 from tests.helpers.peers import dciodvfy
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
-MANIFEST_SEGMENTS = [
-    {
-        "key": "thyroid",
-        "label": "Thyroid",
-        "channel": 0,
-        "category": {"value": "123037004", "scheme": "SCT", "meaning": "Anatomical Structure"},
-        "type": {"value": "69748006", "scheme": "SCT", "meaning": "Thyroid structure"},
-        "color": [255, 96, 0],
-    },
-    {
-        "key": "nodule",
-        "label": "Cold nodule",
-        "channel": 1,
-        "category": {
-            "value": "49755003",
-            "scheme": "SCT",
-            "meaning": "Morphologically Altered Structure",
-        },
-        "type": {"value": "27925004", "scheme": "SCT", "meaning": "Nodule"},
-        "color": [0, 160, 255],
-    },
-]
+MANIFEST_SEGMENTS = DEFAULT_SEGMENTS
 
 ALGORITHM = AlgorithmInfo(
     model="thyroid-seg", version="1", alias="production", sha256="ab" * 32, rule="thyroid"
