@@ -30,9 +30,9 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from dicom_node.demo.phantoms import make_case  # noqa: E402
 from dicom_node.modelstore.manifest import load_manifest  # noqa: E402
 from dicom_node.modelstore.processing import Postprocess, Preprocess  # noqa: E402
-from dicom_node.phantoms import make_case  # noqa: E402
 
 
 def _machine() -> str:

@@ -39,8 +39,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from dicom_node.config import NodeConfig  # noqa: E402
-from dicom_node.scp import InstanceRecord, StorageSCP  # noqa: E402
-from dicom_node.spool import Spool  # noqa: E402
+from dicom_node.receive.scp import InstanceRecord, StorageSCP  # noqa: E402
+from dicom_node.receive.spool import Spool  # noqa: E402
 from tests.helpers.dicom_factory import make_ct_series, make_nm, write_series  # noqa: E402
 from tests.helpers.peers import StoreSCP, storescu  # noqa: E402
 
@@ -189,7 +189,7 @@ class IngestBenchmark:
         callback: Callable[[InstanceRecord], None] = records.append
         store = None
         if self.jobstore:
-            from dicom_node.jobstore import JobStore
+            from dicom_node.jobs.store import JobStore
 
             store = JobStore.open(storage)
 

@@ -23,7 +23,7 @@ from common import REPO, NodeServer, machine, node_config, rss_bytes
 from pynetdicom import AE
 from pynetdicom.sop_class import NuclearMedicineImageStorage
 
-from dicom_node.phantoms import make_case
+from dicom_node.demo.phantoms import make_case
 from tests.helpers.onnx_models import make_store
 from tests.helpers.peers import Orthanc
 

@@ -67,7 +67,7 @@ def serve(config_path: Path | None) -> None:
     """Run the node in the foreground until SIGTERM/SIGINT (graceful stop)."""
     config = get_config(config_path)
     setup_logging(config.log_level)
-    from dicom_node.pipeline.node import Node
+    from dicom_node.node import Node
 
     try:
         node = Node(config)
@@ -99,7 +99,7 @@ def serve(config_path: Path | None) -> None:
 )
 def demo(config_path: Path | None, size: str, seed: int, out: Path | None) -> None:
     """The whole loop on one machine: node, synthetic thyroid study, SEG back, Dice printed."""
-    from dicom_node.demo import run_demo
+    from dicom_node.demo.run import run_demo
 
     config = get_config(config_path)
     setup_logging("WARNING")
@@ -115,7 +115,7 @@ def demo(config_path: Path | None, size: str, seed: int, out: Path | None) -> No
 
 
 def _open_store(config: NodeConfig) -> Any:
-    from dicom_node.jobstore import JobStore
+    from dicom_node.jobs.store import JobStore
 
     if not (config.storage / "jobs.db").exists():
         raise click.ClickException(
@@ -146,7 +146,7 @@ def jobs(
     shadow: bool,
 ) -> None:
     """List jobs, newest first: state, rule, model version, destinations, error."""
-    from dicom_node.jobstore import to_json
+    from dicom_node.jobs.store import to_json
 
     store = _open_store(get_config(config_path))
     wanted = ["failed"] if failed else list(states)

@@ -98,7 +98,7 @@ def config_file(config: NodeConfig, path: Path) -> Path:
 @pytest.fixture
 def node_factory() -> Iterator[Callable[[NodeConfig], Any]]:
     """Start in-process nodes; every one is stopped at teardown."""
-    from dicom_node.pipeline.node import Node
+    from dicom_node.node import Node
 
     started: list[Node] = []
 

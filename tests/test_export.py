@@ -20,14 +20,14 @@ from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage, SegmentationStorage, Verification
 
 from dicom_node.config import Destination, TLSConfig
-from dicom_node.export import (
+from dicom_node.seg import AlgorithmInfo, build_seg
+from dicom_node.send.dimse import (
     ExportResult,
     _NoDelayAE,
     client_tls_context,
     send_dataset,
     send_file,
 )
-from dicom_node.seg import AlgorithmInfo, build_seg
 from tests.helpers.dicom_factory import make_nm
 from tests.helpers.peers import StoreSCP
 from tests.helpers.ports import free_port

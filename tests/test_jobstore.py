@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.jobstore import JobState, JobStore
-from dicom_node.records import InstanceRecord
+from dicom_node.jobs.records import InstanceRecord
+from dicom_node.jobs.store import JobState, JobStore
 
 
 def _inst(sop: str, series: str = "1.2.3.4", study: str = "1.2.3") -> InstanceRecord:
@@ -133,7 +133,7 @@ class TestRetry:
 
 class TestReconcile:
     def test_spooled_instance_without_row_is_recovered(self, tmp_path: Path) -> None:
-        from dicom_node.pipeline.reconcile import reconcile_spool
+        from dicom_node.jobs.reconcile import reconcile_spool
         from tests.helpers.dicom_factory import make_nm
 
         ds = make_nm(rows=32, cols=32, seed="reconcile")

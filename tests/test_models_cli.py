@@ -222,7 +222,7 @@ def test_module_runs_as_subprocess(store_dir: Path) -> None:
 
 
 def test_show_summarises_shadow_runs_from_job_store(store_dir: Path, tmp_path: Path) -> None:
-    from dicom_node.jobstore import JobStore
+    from dicom_node.jobs.store import JobStore
 
     storage = tmp_path / "var"
     jobs = JobStore.open(storage)

@@ -20,9 +20,9 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
 from dicom_node.config import Destination
-from dicom_node.jobstore import JobState, JobStore
+from dicom_node.jobs.records import InstanceRecord
+from dicom_node.jobs.store import JobState, JobStore
 from dicom_node.modelstore import ModelStore
-from dicom_node.records import InstanceRecord
 from tests.conftest import make_config, write_rules
 from tests.helpers.dicom_factory import make_nm, write_series
 from tests.helpers.onnx_models import make_store

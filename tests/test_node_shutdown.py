@@ -18,7 +18,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from dicom_node.jobstore import JobStore
+from dicom_node.jobs.store import JobStore
 from tests.conftest import THYROID_RULE, make_config, write_rules
 from tests.helpers.dicom_factory import make_nm, write_series
 from tests.helpers.peers import StoreSCP, echoscu, storescu

@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.phantoms import NM_IMAGE_STORAGE, make_case, plan_cases, write_cases
+from dicom_node.demo.phantoms import NM_IMAGE_STORAGE, make_case, plan_cases, write_cases
 from tests.helpers.peers import dciodvfy
 
 

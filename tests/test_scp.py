@@ -25,7 +25,7 @@ from pynetdicom.sop_class import NuclearMedicineImageStorage  # type: ignore[att
 
 from dicom_node import metrics
 from dicom_node.config import NodeConfig
-from dicom_node.scp import (
+from dicom_node.receive.scp import (
     STATUS_BAD_GEOMETRY,
     STATUS_CANNOT_UNDERSTAND,
     STATUS_MISSING_UID,
@@ -38,8 +38,8 @@ from dicom_node.scp import (
     encode_file_meta,
     parse_header,
 )
-from dicom_node.scp_transport import encode_c_store_rsp
-from dicom_node.spool import Spool
+from dicom_node.receive.spool import Spool
+from dicom_node.receive.transport import encode_c_store_rsp
 from tests.helpers.dicom_factory import make_ct_series, make_nm, write_series
 from tests.helpers.peers import Orthanc, echoscu, storescu
 
@@ -542,7 +542,7 @@ class TestHeaderWalker:
     def test_fast_and_pydicom_paths_agree(
         self, tmp_path: Path, transfer_syntax: str, kind: str
     ) -> None:
-        from dicom_node.rawheader import _parse_header_fast, _parse_header_pydicom
+        from dicom_node.receive.header import _parse_header_fast, _parse_header_pydicom
 
         if kind == "ct":
             ds = make_ct_series(n_slices=1, rows=32, cols=32, seed="walker")[0]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from dicom_node.config import load_config
+from dicom_node.demo.phantoms import make_case
 from dicom_node.modelstore import ModelStore
-from dicom_node.phantoms import make_case
 from dicom_node.routing import load_rules
 from tests.conftest import REPO
 from tests.helpers.peers import Orthanc, dciodvfy

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node import metrics
-from dicom_node.spool import InvalidUID, Spool, validate_uid
+from dicom_node.receive.spool import InvalidUID, Spool, validate_uid
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.2"

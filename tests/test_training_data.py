@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dicom_node.demo.phantoms import make_case, write_case, write_cases
 from dicom_node.modelstore.manifest import InputSpec
 from dicom_node.modelstore.processing import Preprocess
-from dicom_node.phantoms import make_case, write_case, write_cases
 from tests.helpers.dicom_factory import make_ct_series
 from training.data import Case, DataError, SegmentRef, load_case, load_dataset, patient_split
 from training.transforms import (

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dicom_node.demo.phantoms import make_case
 from dicom_node.modelstore.runner import ModelRunner
 from dicom_node.modelstore.store import ModelStore
-from dicom_node.phantoms import make_case
 from training.metrics import dice
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

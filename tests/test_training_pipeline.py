@@ -222,7 +222,7 @@ class TestServedByANode:
         """The trained model goes through publish into a store a running node serves from."""
         import pydicom
 
-        from dicom_node.phantoms import make_case
+        from dicom_node.demo.phantoms import make_case
         from tests.conftest import THYROID_RULE, make_config, write_rules
         from tests.helpers.peers import StoreSCP, storescu
         from tests.helpers.waiting import wait_until

@@ -82,7 +82,7 @@ def main(verbose: bool) -> None:
 )
 def phantoms(out: Path, n: int, seed: int, sizes: tuple[int, ...]) -> None:
     """Write N synthetic thyroid scintigraphy studies to OUT/<case>/image.dcm + truth.npz."""
-    from dicom_node.phantoms import write_cases
+    from dicom_node.demo.phantoms import write_cases
 
     with _bar("phantoms", n) as update:
         folders = write_cases(out, n, seed, list(sizes), progress=update)

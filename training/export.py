@@ -114,7 +114,7 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 def probe_inputs(input_spec: InputSpec) -> list[np.ndarray]:
     """Probe batches (N, C, h, w) for the parity check: a phantom study, noise, a constant."""
-    from dicom_node.phantoms import make_case
+    from dicom_node.demo.phantoms import make_case
 
     pre = Preprocess(input_spec)
     rows = input_spec.size[0]

@@ -213,7 +213,7 @@ def _shadow_summary(config_path: Path | None, name: str) -> list[str]:
         return []
     if not (storage / "jobs.db").is_file():
         return []
-    from dicom_node.jobstore import JobStore
+    from dicom_node.jobs.store import JobStore
 
     store = JobStore.open(storage)
     try:

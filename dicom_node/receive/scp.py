@@ -2,7 +2,7 @@
 
 The C-STORE handler never decodes and re-encodes a data set: it reads the few header elements it
 needs to validate and file the instance, writes the bytes as they came (behind a File Meta built
-from the request) into the :class:`~dicom_node.spool.Spool`, fsyncs, hands an
+from the request) into the :class:`~dicom_node.receive.spool.Spool`, fsyncs, hands an
 :class:`InstanceRecord` to the injected ``on_instance`` callback (the job store) and only then
 answers Success. Every failure has its own status code (module constants ``STATUS_*``) and a
 ``reason`` label on ``dicom_node_instances_rejected_total``; the handler never raises.
@@ -37,10 +37,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import metrics
 from dicom_node.config import NodeConfig, TLSConfig
-from dicom_node.rawheader import Header, encode_file_meta, parse_header
-from dicom_node.records import InstanceRecord
-from dicom_node.scp_transport import NodeAssociationServer
-from dicom_node.spool import InvalidUID, Spool, validate_uid
+from dicom_node.jobs.records import InstanceRecord
+from dicom_node.receive.header import Header, encode_file_meta, parse_header
+from dicom_node.receive.spool import InvalidUID, Spool, validate_uid
+from dicom_node.receive.transport import NodeAssociationServer
 
 __all__ = [
     "CallerPolicy",

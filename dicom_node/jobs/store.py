@@ -45,7 +45,7 @@ from sqlalchemy import (
     update,
 )
 
-from dicom_node.records import InstanceRecord
+from dicom_node.jobs.records import InstanceRecord
 
 LOGGER = logging.getLogger(__name__)
 

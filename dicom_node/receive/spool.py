@@ -124,7 +124,7 @@ class Spool:
         :data:`FSYNC_DIRECTORY`); see there.
     prepare_ahead:
         Create temporary files ahead of time on a background thread; see the module docstring.
-        :class:`~dicom_node.scp.StorageSCP` turns it on for the spool it receives into.
+        :class:`~dicom_node.receive.scp.StorageSCP` turns it on for the spool it receives into.
 
     Notes
     -----

@@ -18,18 +18,18 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node import metrics
+from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
 from dicom_node.http import HealthServer
-from dicom_node.jobstore import TERMINAL as TERMINAL_STATES
-from dicom_node.jobstore import JobState, JobStore
+from dicom_node.infer.worker import Worker
+from dicom_node.jobs.reconcile import reconcile_spool
+from dicom_node.jobs.store import TERMINAL as TERMINAL_STATES
+from dicom_node.jobs.store import JobState, JobStore
 from dicom_node.modelstore import ModelRunner, ModelStore, ServingModels
-from dicom_node.pipeline.assembly import Assembler
-from dicom_node.pipeline.audit import AuditLog
-from dicom_node.pipeline.reconcile import reconcile_spool
-from dicom_node.pipeline.worker import Worker
+from dicom_node.receive.scp import StorageSCP
+from dicom_node.receive.spool import Spool
 from dicom_node.routing import ActiveRules, RulesWatcher, load_rules
-from dicom_node.scp import StorageSCP
-from dicom_node.spool import Spool
+from dicom_node.routing.assembly import Assembler
 
 LOGGER = logging.getLogger(__name__)
 

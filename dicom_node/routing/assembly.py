@@ -15,8 +15,8 @@ from typing import Any
 import pydicom
 
 from dicom_node import metrics
-from dicom_node.jobstore import JobState, JobStore
-from dicom_node.pipeline.audit import AuditLog
+from dicom_node.audit import AuditLog
+from dicom_node.jobs.store import JobState, JobStore
 
 LOGGER = logging.getLogger(__name__)
 

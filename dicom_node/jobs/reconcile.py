@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pydicom
 
-from dicom_node.jobstore import JobStore, instances
-from dicom_node.records import InstanceRecord
-from dicom_node.spool import SPOOL_DIR
+from dicom_node.jobs.records import InstanceRecord
+from dicom_node.jobs.store import JobStore, instances
+from dicom_node.receive.spool import SPOOL_DIR
 
 LOGGER = logging.getLogger(__name__)
 

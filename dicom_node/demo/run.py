@@ -1,7 +1,7 @@
 """``dicom-node demo``: the whole loop on one machine, with no PACS.
 
 Starts a node on free ports with a throw-away storage, a receiving AE in-process standing in for the
-PACS, pushes a synthetic thyroid study (from :mod:`dicom_node.phantoms`), waits for the SEG and
+PACS, pushes a synthetic thyroid study (from :mod:`dicom_node.demo.phantoms`), waits for the SEG and
 scores it against the phantom's truth.
 """
 
@@ -21,7 +21,7 @@ from pydicom.uid import NuclearMedicineImageStorage, SegmentationStorage
 from pynetdicom import AE, evt
 
 from dicom_node.config import Destination, NodeConfig
-from dicom_node.phantoms import make_case
+from dicom_node.demo.phantoms import make_case
 
 LOGGER = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def run_demo(
     RuntimeError
         The shipped model is missing, the node does not answer, or no SEG arrives in time.
     """
-    from dicom_node.pipeline.node import Node
+    from dicom_node.node import Node
 
     root = Path(out) if out else Path(tempfile.mkdtemp(prefix="dicom-node-demo-"))
     (root / "received").mkdir(parents=True, exist_ok=True)

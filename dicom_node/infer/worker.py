@@ -18,13 +18,13 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node import metrics
+from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
-from dicom_node.export import client_tls_context, send_file
-from dicom_node.jobstore import JobState, JobStore
+from dicom_node.infer.images import SeriesFrames, SeriesReadError, read_series
+from dicom_node.jobs.store import JobState, JobStore
 from dicom_node.modelstore import InferenceError, ModelLoadError
-from dicom_node.pipeline.audit import AuditLog
-from dicom_node.pipeline.images import SeriesFrames, SeriesReadError, read_series
 from dicom_node.seg import AlgorithmInfo, SegmentSpec, build_seg
+from dicom_node.send.dimse import client_tls_context, send_file
 
 LOGGER = logging.getLogger(__name__)
 
