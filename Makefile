@@ -22,8 +22,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/dicom-node serve
 
-## make test: install what the tests need (Debian peers too) and run the whole suite.
-test: $(STAMP) test-deps
+## make test: install what the tests need (Debian peers too), run the linters (ruff, mypy, the
+## import contracts of pyproject.toml) and then the whole suite.
+test: $(STAMP) test-deps lint
 	$(BIN)/dicom-node rules test --rules rules
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -38,9 +39,11 @@ test-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$(echo $$missing | tr ' ' '\n' | sort -u); \
 	fi
 
+## make lint: what `make test` runs before the tests; the import contracts are DESIGN.md's rooms.
 lint: $(STAMP)
 	$(BIN)/ruff check dicom_node training tests bench
 	$(BIN)/mypy dicom_node training
+	$(BIN)/lint-imports
 
 bench: $(STAMP) test-deps
 	$(BIN)/python bench/run.py

@@ -39,7 +39,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from dicom_node.config import NodeConfig  # noqa: E402
-from dicom_node.receive.scp import InstanceRecord, StorageSCP  # noqa: E402
+from dicom_node.jobs.records import InstanceRecord  # noqa: E402
+from dicom_node.receive.scp import StorageSCP  # noqa: E402
 from dicom_node.receive.spool import Spool  # noqa: E402
 from tests.helpers.dicom_factory import make_ct_series, make_nm, write_series  # noqa: E402
 from tests.helpers.peers import StoreSCP, storescu  # noqa: E402

@@ -14,7 +14,7 @@ import sys
 import threading
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -22,6 +22,9 @@ from rich.table import Table
 
 from dicom_node import __version__
 from dicom_node.config import ConfigError, NodeConfig, load_config
+
+if TYPE_CHECKING:  # imported where used: `dicom-node --help` stays quick
+    from dicom_node.jobs.store import JobStore
 
 LOGGER = logging.getLogger(__name__)
 
@@ -68,10 +71,13 @@ def serve(config_path: Path | None) -> None:
     config = get_config(config_path)
     setup_logging(config.log_level)
     from dicom_node.node import Node
+    from dicom_node.ownership import StorageInUse
 
     try:
         node = Node(config)
         node.start()
+    except StorageInUse as exc:
+        raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot start the node: {exc}") from exc
     stop = threading.Event()
@@ -114,7 +120,7 @@ def demo(config_path: Path | None, size: str, seed: int, out: Path | None) -> No
         click.echo(f"Dice {key}: {value:.3f} (against the phantom's truth)")
 
 
-def _open_store(config: NodeConfig) -> Any:
+def _open_store(config: NodeConfig) -> JobStore:
     from dicom_node.jobs.store import JobStore
 
     if not (config.storage / "jobs.db").exists():
@@ -136,7 +142,11 @@ def _when(ts: float | None) -> str:
 @click.option("--state", "states", multiple=True, help="Only jobs in this state (repeatable).")
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.option("--shadow", is_flag=True, help="Include shadow runs.")
+@click.option(
+    "--shadow",
+    is_flag=True,
+    help='Also list the latest shadow runs (JSON: objects with "kind": "shadow").',
+)
 def jobs(
     config_path: Path | None,
     failed: bool,
@@ -146,36 +156,52 @@ def jobs(
     shadow: bool,
 ) -> None:
     """List jobs, newest first: state, rule, model version, destinations, error."""
-    from dicom_node.jobs.store import to_json
+    from dicom_node.jobs import JobState
 
     store = _open_store(get_config(config_path))
     wanted = ["failed"] if failed else list(states)
-    rows = store.list_jobs(wanted or None, limit=limit, kind=None if shadow else "production")
+    try:
+        chosen = [JobState(s) for s in wanted]
+    except ValueError as exc:
+        names = ", ".join(s.value for s in JobState)
+        raise click.BadParameter(f"{exc}; states are: {names}", param_hint="--state") from exc
+    rows = store.list_jobs(chosen or None, limit=limit)
+    runs = store.shadow_results(limit=limit) if shadow else []
     if as_json:
         for row in rows:
-            click.echo(to_json(row))
+            click.echo(row.to_json())
+        for run in runs:
+            click.echo(json.dumps(dict(run.to_dict(), kind="shadow"), sort_keys=True))
         return
     table = Table(title=f"jobs ({len(rows)} shown)")
     for col in ("id", "state", "rule", "model", "to", "updated", "outcome / error"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        model = (
-            f"{r['model_name']}:{r['model_version']}"
-            if r["model_version"]
-            else (r["model_ref"] or "")
-        )
-        if r["kind"] == "shadow":
-            model += " (shadow)"
+        model = f"{r.model_name}:{r.model_version}" if r.model_version else (r.model_ref or "")
         table.add_row(
-            str(r["id"]),
-            r["state"],
-            r["rule"] or "",
+            str(r.id),
+            r.state.value,
+            r.rule or "",
             model,
-            ",".join(r["destinations"] or []),
-            _when(r["updated_at"]),
-            r["error"] or r["outcome"] or "",
+            ",".join(r.destinations or ()),
+            _when(r.updated_at),
+            r.error or r.outcome or "",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if shadow:
+        runs_table = Table(title=f"shadow runs ({len(runs)} shown; never exported)")
+        for col in ("job", "shadow", "production", "agreement (Dice)", "at"):
+            runs_table.add_column(col, overflow="fold")
+        for run in runs:
+            runs_table.add_row(
+                str(run.job_id),
+                f"{run.model}:{run.version}",
+                run.production_version or "",
+                ", ".join(f"{k} {v:.3f}" for k, v in sorted(run.agreement.items())),
+                _when(run.created_at),
+            )
+        console.print(runs_table)
 
 
 @main.command()
@@ -190,7 +216,7 @@ def retry(config_path: Path | None, job_id: int) -> None:
         raise click.ClickException(str(exc.args[0])) from exc
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"job {job_id} is {job['state']} again; a running node picks it up")
+    click.echo(f"job {job_id} is {job.state.value} again; a running node picks it up")
 
 
 @main.command()
@@ -228,8 +254,70 @@ def status(config_path: Path | None, as_json: bool) -> None:
     console.print(table)
 
 
+@main.command()
+@config_option
+@click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
+def cleanup(config_path: Path | None, dry_run: bool) -> None:
+    """Delete the spooled instances and results of finished series past their retention age.
+
+    The same pass a running node makes every ``retention.interval`` (done after
+    ``retention.done_after``, failed after ``failed_after``, skipped after ``skipped_after``);
+    a series with any unfinished job is never touched. Safe while the node runs. Prints what
+    it freed (or, with --dry-run, would free) and writes it to the audit log. Exit code 0, or
+    1 when there is no job store.
+    """
+    from dicom_node.audit import AuditLog
+
+    config = get_config(config_path)
+    store = _open_store(config)
+    try:
+        report = store.purge_expired(config.storage, config.retention, dry_run=dry_run)
+    finally:
+        store.close()
+    states: dict[str, int] = {}
+    for purged in report.series:
+        for _job, state in purged.jobs:
+            states[state] = states.get(state, 0) + 1
+    by_state = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no jobs"
+    verb = "would free" if dry_run else "freed"
+    click.echo(
+        f"{verb} {report.files} file(s), {_human_bytes(report.bytes)} "
+        f"({report.bytes} bytes) of {len(report.series)} series ({by_state})"
+    )
+    if report.leftover.files:
+        click.echo(f"  of which {report.leftover.files} file(s) of an interrupted earlier pass")
+    if dry_run:
+        return
+    audit = AuditLog(config.storage / "audit.log")
+    for purged in report.series:
+        audit.write(
+            "purged",
+            series=purged.series_uid,
+            jobs=[job_id for job_id, _ in purged.jobs],
+            states=sorted({state for _, state in purged.jobs}),
+            files=purged.files,
+            bytes=purged.bytes,
+        )
+    if report.series or report.freed.files:
+        audit.write(
+            "retention",
+            series=len(report.series),
+            jobs=report.jobs,
+            files=report.freed.files,
+            bytes=report.freed.bytes,
+            by="cli",
+        )
+
+
+def _human_bytes(n: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def _add_groups() -> None:
-    from dicom_node.modelstore.cli import models
+    from dicom_node.models_cli import models
     from dicom_node.routing.cli import rules
 
     main.add_command(rules)

@@ -11,7 +11,7 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ruamel.yaml import YAML
@@ -57,6 +57,58 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# -- retention and disk (issue 9 items 5 and 6) ----------------------------------------------------
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: int | float | str) -> float:
+    """Return seconds from ``30m``, ``24h``, ``14d``, ``2w``, ``45s`` or a plain number of seconds.
+
+    Raises
+    ------
+    ValueError
+        Not a non-negative number with an optional unit s, m, h, d or w.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"duration must look like '24h', '14d' or 30 (seconds), got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(str(value))
+        if match is None:
+            raise ValueError(
+                f"duration must look like '30m', '24h', '14d' or 30 (seconds), got {value!r}"
+            )
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"duration must be a finite number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+class RetentionConfig(_Strict):
+    """How long the files of a finished series are kept (``retention:`` in the configuration).
+
+    A series' spooled instances and results are deleted once *every* job of the series is
+    finished and the age of its state has passed since it finished (and since the series' last
+    instance arrived). Durations are ``30m``, ``24h``, ``14d`` or seconds as a number.
+    """
+
+    done_after: float = 86400.0
+    """Keep a delivered series this long (default ``24h``)."""
+    failed_after: float = 14 * 86400.0
+    """Keep a failed series this long, so that it can still be retried (default ``14d``)."""
+    skipped_after: float = 3600.0
+    """Keep a series no rule took this long (default ``1h``)."""
+    interval: float = Field(default=300.0, gt=0)
+    """Seconds between retention passes of a running node (default ``5m``; also one at start)."""
+
+    @field_validator("done_after", "failed_after", "skipped_after", "interval", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value)
+
+
 class Destination(_Strict):
     """A DICOM peer the node sends results to (C-STORE SCU)."""
 
@@ -85,6 +137,9 @@ class NodeConfig(_Strict):
     port: int = Field(11112, ge=0, le=65535)
     http_port: int = Field(9100, ge=0, le=65535)
     http_host: str = "0.0.0.0"
+    health_detail: Literal["loopback", "any"] = "loopback"
+    """Who sees the checks behind ``/healthz`` and ``/readyz`` (model versions, rule errors):
+    ``loopback`` callers only (others get the status code and ``ready``/``alive``), or ``any``."""
     storage: Path = Path("./var")
     rules: Path = Path("./rules")
     models: Path = Path("./models")
@@ -93,8 +148,24 @@ class NodeConfig(_Strict):
     max_associations: int = Field(16, ge=1)
     max_pdu: int = Field(0, ge=0)
     """Maximum PDU size we accept; 0 means unlimited."""
+    # -- what the receiver accepts (receive/handler.py, receive/scp.py) --
+    accept_unknown_sop_classes: bool = True
+    """Accept C-STOREs of private or unknown SOP classes (as Orthanc does); ``false`` rejects
+    their presentation contexts at association. Every standard storage SOP class, retired ones
+    included, is accepted either way."""
+    max_pixels: int = Field(2**31, ge=1)
+    """Budget per instance for the decoded pixel data its header declares, in bytes
+    (Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated/8; sizes like ``2GiB``
+    allowed); above it the C-STORE is refused with 0xA905. A deflated data set may inflate to
+    this plus 64 MiB."""
     min_free_disk: int = 5_000_000_000
-    """Refuse C-STOREs with 0xA700 when free space under ``storage`` falls below this."""
+    """Refuse C-STOREs with 0xA700 when free space under ``storage``, less the incoming data set,
+    falls below this; ``/readyz`` reports ``disk`` not ready below it."""
+    min_free_inodes: int = Field(10_000, ge=0)
+    """Likewise for free inodes (each instance is a file); file systems without an inode limit
+    (btrfs) are not checked."""
+    retention: RetentionConfig = RetentionConfig()
+    """When the files of finished series are deleted (see :class:`RetentionConfig`)."""
     tls: TLSConfig | None = None
     workers: int = Field(2, ge=1)
     """Jobs processed at once (inference + SEG + export)."""
@@ -115,6 +186,11 @@ class NodeConfig(_Strict):
     @field_validator("min_free_disk", mode="before")
     @classmethod
     def _size(cls, value: Any) -> int:
+        return parse_size(value)
+
+    @field_validator("max_pixels", mode="before")
+    @classmethod
+    def _pixel_budget(cls, value: Any) -> int:
         return parse_size(value)
 
     @field_validator("ae_title")

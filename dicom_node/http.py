@@ -1,12 +1,16 @@
 """The operator's HTTP port: ``/metrics`` (Prometheus), ``/healthz`` (alive), ``/readyz`` (ready).
 
-``/readyz`` answers 200 only when rules are loaded, every production model is loaded, and the SCP is
-listening; otherwise 503, and the JSON body says which check failed (including the last rule
-reload error), so an operator does not have to read logs to know why.
+``/healthz`` answers 200 while every internal loop made progress recently (see
+:mod:`dicom_node.liveness`), else 503 naming the silent loop. ``/readyz`` answers 200 only when
+rules are loaded, every production model is loaded, and the SCP is listening; otherwise 503, and
+the JSON body says which check failed (including the last rule reload error), so an operator does
+not have to read logs to know why. The checks' details (model versions, rule errors) are shown to
+loopback callers only unless ``health_detail: any``: a hospital network need not learn them.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import socket
@@ -23,6 +27,13 @@ LOGGER = logging.getLogger(__name__)
 ReadinessCheck = Callable[[], dict[str, tuple[bool, str]]]
 """Returns ``{check name: (ok, detail)}``."""
 
+LivenessCheck = ReadinessCheck
+"""Same shape: ``{loop name: (ok, detail)}``."""
+
+
+def _always_alive() -> dict[str, tuple[bool, str]]:
+    return {}
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
@@ -32,21 +43,30 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            self._send(200, b"ok\n", "text/plain")
+            self._checks("alive", self.server.liveness())
         elif path == "/readyz":
-            checks = self.server.readiness()
-            ready = all(ok for ok, _ in checks.values())
-            body = {
-                "ready": ready,
-                "checks": {k: {"ok": ok, "detail": d} for k, (ok, d) in checks.items()},
-            }
-            self._send(
-                200 if ready else 503,
-                json.dumps(body, indent=1).encode() + b"\n",
-                "application/json",
-            )
+            self._checks("ready", self.server.readiness())
         else:
             self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
+
+    def _checks(self, key: str, checks: dict[str, tuple[bool, str]]) -> None:
+        ok_all = all(ok for ok, _ in checks.values())
+        body: dict[str, object] = {key: ok_all}
+        if self._detail_allowed():
+            body["checks"] = {k: {"ok": ok, "detail": d} for k, (ok, d) in checks.items()}
+        self._send(
+            200 if ok_all else 503,
+            json.dumps(body, indent=1).encode() + b"\n",
+            "application/json",
+        )
+
+    def _detail_allowed(self) -> bool:
+        if self.server.detail_from == "any":
+            return True
+        try:
+            return ipaddress.ip_address(self.client_address[0]).is_loopback
+        except ValueError:
+            return False
 
     def _send(self, code: int, body: bytes, ctype: str) -> None:
         self.send_response(code)
@@ -63,8 +83,16 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], readiness: ReadinessCheck) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        readiness: ReadinessCheck,
+        liveness: LivenessCheck,
+        detail_from: str,
+    ) -> None:
         self.readiness = readiness
+        self.liveness = liveness
+        self.detail_from = detail_from
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -81,10 +109,21 @@ class HealthServer:
         Where to listen; port 0 takes a free port (see :attr:`port`).
     readiness:
         Called on each ``/readyz``.
+    liveness:
+        Called on each ``/healthz``; none: always alive.
+    detail_from:
+        ``loopback`` (check details to loopback callers only) or ``any``.
     """
 
-    def __init__(self, host: str, port: int, readiness: ReadinessCheck) -> None:
-        self._server = _Server((host, port), readiness)
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        readiness: ReadinessCheck,
+        liveness: LivenessCheck | None = None,
+        detail_from: str = "loopback",
+    ) -> None:
+        self._server = _Server((host, port), readiness, liveness or _always_alive, detail_from)
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 
     @property

@@ -44,6 +44,18 @@ QUEUE_DEPTH = Gauge(
     "queue_depth", "Jobs queued and waiting for a worker", namespace=_NS, registry=REGISTRY
 )
 SPOOL_BYTES = Gauge("spool_bytes", "Bytes held in the spool", namespace=_NS, registry=REGISTRY)
+RETENTION_FREED_FILES = Counter(
+    "retention_freed_files",
+    "Files (spooled instances and results) deleted by retention",
+    namespace=_NS,
+    registry=REGISTRY,
+)
+RETENTION_FREED_BYTES = Counter(
+    "retention_freed_bytes",
+    "Bytes of the files deleted by retention",
+    namespace=_NS,
+    registry=REGISTRY,
+)
 
 INFERENCE_SUCCESS = Counter(
     "inference_request_success",
@@ -118,4 +130,18 @@ SHADOW_AGREEMENT = Histogram(
     namespace=_NS,
     registry=REGISTRY,
     buckets=(0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 1.0),
+)
+THREAD_EXCEPTIONS = Counter(
+    "thread_exceptions",
+    "Exceptions that escaped a background thread, by thread name (numbers stripped)",
+    ["thread"],
+    namespace=_NS,
+    registry=REGISTRY,
+)
+LOOP_FAILURES = Counter(
+    "loop_failures",
+    "Passes of an internal loop that failed (the loop goes on; see /healthz)",
+    ["loop"],
+    namespace=_NS,
+    registry=REGISTRY,
 )

@@ -22,12 +22,15 @@ from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
 from dicom_node.http import HealthServer
 from dicom_node.infer.worker import Worker
+from dicom_node.jobs import TERMINAL, InstanceRecord, Job, JobState, JobStore
 from dicom_node.jobs.reconcile import reconcile_spool
-from dicom_node.jobs.store import TERMINAL as TERMINAL_STATES
-from dicom_node.jobs.store import JobState, JobStore
+from dicom_node.jobs.retention import Freed
+from dicom_node.liveness import Liveness, install_thread_excepthook
 from dicom_node.modelstore import ModelRunner, ModelStore, ServingModels
+from dicom_node.ownership import StorageLock
+from dicom_node.receive import disk
 from dicom_node.receive.scp import StorageSCP
-from dicom_node.receive.spool import Spool
+from dicom_node.receive.spool import SPOOL_DIR, Spool
 from dicom_node.routing import ActiveRules, RulesWatcher, load_rules
 from dicom_node.routing.assembly import Assembler
 
@@ -39,6 +42,10 @@ METRICS_INTERVAL = 2.0
 PASS_MIN_GAP = 0.02
 """Seconds the driver rests after a pass: wake-ups from a burst of C-STOREs coalesce into at most
 one pass per gap instead of one per instance (the receiver keeps the CPU and the job store)."""
+
+DRIVER_MAX_SILENCE = 30.0
+"""Seconds without a successful driver pass (the clock wakes it every ``poll_interval``) after
+which ``/healthz`` reports the node as not alive."""
 
 STOP_JOIN_SECONDS = 10.0
 """How long :meth:`Node.stop` waits for the driver thread to finish its current pass."""
@@ -56,6 +63,19 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         config.storage.mkdir(parents=True, exist_ok=True)
+        # one owner per storage, before anything in it is read (raises StorageInUse)
+        self._storage_lock = StorageLock(config.storage)
+        self._storage_lock.acquire()
+        try:
+            self._wire(config)
+        except BaseException:
+            self._storage_lock.release()
+            raise
+
+    def _wire(self, config: NodeConfig) -> None:
+        """Build every stage (after the storage lock is held)."""
+        install_thread_excepthook()
+        self.liveness = Liveness()
         self.store = JobStore.open(config.storage)
         self.audit = AuditLog(config.storage / "audit.log")
         self.spool = Spool(config.storage)
@@ -82,7 +102,13 @@ class Node:
         )
         self.worker = Worker(config, self.store, self.models, self.audit)
         self.scp = StorageSCP(config, self.spool, self._on_instance)
-        self.http = HealthServer(config.http_host, config.http_port, self.readiness)
+        self.http = HealthServer(
+            config.http_host,
+            config.http_port,
+            self.readiness,
+            liveness=self.liveness.check,
+            detail_from=config.health_detail,
+        )
         self._pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="worker")
         self._slots = threading.BoundedSemaphore(config.workers)
         self._scheduler = BackgroundScheduler(timezone="UTC")
@@ -94,7 +120,10 @@ class Node:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         """Load rules and models, resume unfinished jobs, then listen for DICOM and HTTP."""
-        reconcile_spool(self.store, self.config.storage)
+        # files of a retention pass a crash interrupted go first: their rows are already gone,
+        # and reconciliation would record them again (jobs/retention.py)
+        self._audit_purge(self.store.finish_purges(self.config.storage, self.spool.remove))
+        reconcile_spool(self.store, self.config.storage, SPOOL_DIR)
         resumed = self.store.release_running()
         if resumed:
             LOGGER.info("resuming %d interrupted job(s)", resumed)
@@ -102,6 +131,9 @@ class Node:
         self.models.start()
         self.http.start()
         interval = self.config.poll_interval
+        self.liveness.register(
+            "driver", max(DRIVER_MAX_SILENCE, 20 * interval), alive=self._driver.is_alive
+        )
         self._driver.start()
         self._scheduler.add_job(
             self._wake,
@@ -128,6 +160,15 @@ class Node:
             id="rules-retry",
             max_instances=1,
             coalesce=True,
+        )
+        self._scheduler.add_job(
+            self._retention,
+            "interval",
+            seconds=self.config.retention.interval,
+            id="retention",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=_now(),  # one pass at start, then every retention.interval
         )
         self._scheduler.start()
         self.scp.start()
@@ -156,13 +197,14 @@ class Node:
         if self._driver.is_alive():
             self._driver.join(STOP_JOIN_SECONDS)
         self._pool.shutdown(wait=True)  # claimed-but-unstarted jobs release themselves in _run
-        pending = sum(n for state, n in self.store.counts().items() if state not in TERMINAL_STATES)
+        pending = sum(n for state, n in self.store.counts().items() if state not in TERMINAL)
         if pending:
             LOGGER.info("%d unfinished job(s) kept in the job store for the next start", pending)
         self.rules_watcher.stop()
         self.models.stop()
         self.http.stop()
         self.store.close()
+        self._storage_lock.release()
         LOGGER.info("stopped")
 
     @property
@@ -210,7 +252,7 @@ class Node:
         LOGGER.info("model store changed: loading the rejected rule set again")
         self.rules_watcher.check_now(initial=True)
 
-    def _on_instance(self, record: Any) -> None:
+    def _on_instance(self, record: InstanceRecord) -> None:
         """SCP callback after fsync: the job row must exist before the SCP answers Success."""
         self.store.record_instance(record)
         self._wake()
@@ -220,13 +262,22 @@ class Node:
         self._wake_event.set()
 
     def _drive(self) -> None:
-        """The driver thread: one pass per wake-up until the node stops."""
+        """The driver thread: one pass per wake-up until the node stops.
+
+        A bug that escapes a pass is logged, counted and the loop goes on: a dead driver would
+        leave the node receiving but never routing or processing anything.
+        """
         while True:
             self._wake_event.wait()
             if self._stopping.is_set():
                 return
             self._wake_event.clear()
-            self._tick()
+            try:
+                self._tick()
+            except Exception as exc:  # noqa: BLE001 (the loop must survive its own bugs)
+                metrics.LOOP_FAILURES.labels(loop="driver").inc()
+                self.liveness.trouble("driver", type(exc).__name__)
+                LOGGER.exception("pipeline driver pass crashed; going on")
             self._stopping.wait(PASS_MIN_GAP)
 
     def _tick(self) -> None:
@@ -236,8 +287,12 @@ class Node:
         try:
             self.assembler.tick()
             self._dispatch()
-        except Exception:  # a bad pass must not kill the scheduler's job
+        except Exception as exc:  # a bad pass must not kill the driver; /healthz will tell
+            metrics.LOOP_FAILURES.labels(loop="driver").inc()
+            self.liveness.trouble("driver", f"{type(exc).__name__} in a pass")
             LOGGER.exception("pipeline pass failed")
+            return
+        self.liveness.beat("driver")
 
     def _dispatch(self) -> None:
         while not self._stopping.is_set() and self._slots.acquire(blocking=False):
@@ -247,15 +302,50 @@ class Node:
                 return
             self._pool.submit(self._run, job)
 
-    def _run(self, job: dict[str, Any]) -> None:
+    def _run(self, job: Job) -> None:
         try:
             if self._stopping.is_set():  # claimed, but the node stops: leave it for the next start
-                self.store.release(job["id"])
+                self.store.release(job.id)
                 return
             self.worker.process(job)
         finally:
             self._slots.release()
             self._wake()  # a slot is free: the next due job need not wait for the clock
+
+    def _retention(self) -> None:
+        """One retention pass (scheduler thread): purge finished series past their age."""
+        try:
+            report = self.store.purge_expired(
+                self.config.storage, self.config.retention, remove_spooled=self.spool.remove
+            )
+        except Exception:  # the next pass tries again; nothing is half-done (see retention)
+            metrics.LOOP_FAILURES.labels(loop="retention").inc()
+            LOGGER.exception("retention pass failed")
+            return
+        for purged in report.series:
+            self.audit.write(
+                "purged",
+                series=purged.series_uid,
+                jobs=[job_id for job_id, _ in purged.jobs],
+                states=sorted({state for _, state in purged.jobs}),
+                files=purged.files,
+                bytes=purged.bytes,
+            )
+        if report.series or report.freed.files:
+            self.audit.write(
+                "retention",
+                series=len(report.series),
+                jobs=report.jobs,
+                files=report.freed.files,
+                bytes=report.freed.bytes,
+            )
+
+    def _audit_purge(self, freed: Freed) -> None:
+        if freed.files or freed.kept:
+            LOGGER.info("finished an interrupted retention pass: %d file(s)", freed.files)
+            self.audit.write(
+                "retention", interrupted=True, files=freed.files, bytes=freed.bytes, series=0
+            )
 
     def _update_gauges(self) -> None:
         counts = self.store.counts()
@@ -282,7 +372,20 @@ class Node:
             "rules": (rules is not None, rules_detail),
             "models": (models_ok, models_detail),
             "scp": (listening, f"port {self.scp.port}" if listening else "not listening"),
+            "disk": self._disk_check(),
         }
+
+    def _disk_check(self) -> tuple[bool, str]:
+        """Free bytes and inodes under ``storage`` against ``min_free_disk``/``min_free_inodes``
+        (the limits below which every C-STORE is refused with 0xA700)."""
+        try:
+            room = disk.disk_room(self.config.storage)
+        except OSError as exc:
+            return False, f"cannot examine storage: {exc.strerror or exc}"
+        short = disk.shortage(room, 0, self.config.min_free_disk, self.config.min_free_inodes)
+        if short is not None:
+            return False, f"low disk, C-STOREs are refused: {short}"
+        return True, disk.describe(room)
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until no job is waiting or running (for the demo and tests)."""

@@ -71,6 +71,46 @@ class TestJobsRetryStatus:
         assert result.returncode == 1
         assert "no job store" in result.stderr
 
+    def test_shadow_runs_are_not_listed_as_jobs(self, tmp_path: Path) -> None:
+        from dicom_node.jobs import InstanceRecord, JobState, JobStore
+
+        store = JobStore.open(tmp_path / "var")
+        try:
+            store.record_instance(
+                InstanceRecord(
+                    sop_instance_uid="1.2.3.4.1",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.20",
+                    study_uid="1.2.3",
+                    series_uid="1.2.3.4",
+                    modality="NM",
+                    path="spool/1.2.3/1.2.3.4/1.2.3.4.1.dcm",
+                    size=10,
+                    calling_ae=None,
+                    transfer_syntax=None,
+                    received_at=1.0,
+                )
+            )
+            (job,) = store.jobs_in(JobState.RECEIVED)
+            store.add_shadow_result(job.id, "thyroid-seg", "2", {"thyroid": 0.95}, "1")
+        finally:
+            store.close()
+        path = tmp_path / "node.yaml"
+        path.write_text(f"storage: {tmp_path / 'var'}\n")
+        listed = [
+            json.loads(x) for x in run("jobs", "--json", "--config", str(path)).stdout.splitlines()
+        ]
+        assert [(j["id"], j["state"], j["kind"]) for j in listed] == [
+            (job.id, "received", "production")
+        ]
+        with_shadow = run("jobs", "--json", "--shadow", "--config", str(path)).stdout.splitlines()
+        shadow = json.loads(with_shadow[-1])
+        assert (len(with_shadow), shadow["kind"], shadow["job_id"]) == (2, "shadow", job.id)
+        assert shadow["agreement"] == {"thyroid": 0.95}
+        table = run("jobs", "--shadow", "--config", str(path))
+        assert "thyroid-seg:2" in table.stdout and "thyroid 0.950" in table.stdout
+        bad = run("jobs", "--state", "finished", "--config", str(path))
+        assert bad.returncode == 2 and "states are: received, routed" in bad.stderr
+
 
 class TestDemo:
     def test_demo_runs_the_whole_loop(self, tmp_path: Path, models_dir: Path) -> None:

@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 from prometheus_client import generate_latest
 
 from dicom_node import metrics
-from dicom_node.modelstore.cli import models
+from dicom_node.models_cli import models
 from dicom_node.modelstore.runner import ModelRunner
 from dicom_node.modelstore.store import ModelStore
 from tests.helpers.onnx_models import make_store, write_model_version
@@ -207,7 +207,7 @@ def test_module_runs_as_subprocess(store_dir: Path) -> None:
         [
             sys.executable,
             "-m",
-            "dicom_node.modelstore.cli",
+            "dicom_node.models_cli",
             "rollback",
             NAME,
             "--models",
@@ -222,20 +222,30 @@ def test_module_runs_as_subprocess(store_dir: Path) -> None:
 
 
 def test_show_summarises_shadow_runs_from_job_store(store_dir: Path, tmp_path: Path) -> None:
-    from dicom_node.jobs.store import JobStore
+    from dicom_node.jobs import InstanceRecord, JobState, JobStore
 
     storage = tmp_path / "var"
     jobs = JobStore.open(storage)
     try:
-        for i, value in enumerate((0.9, 1.0)):
-            parent = {
-                "series_uid": f"1.2.{i}",
-                "study_uid": "1.2",
-                "rule": "thyroid",
-                "model_ref": "thyroid-seg@production",
-                "model_version": "1",
-            }
-            jobs.add_shadow_result(parent, NAME, "2", {"thyroid": value, "nodule": 1.0})
+        for i in range(2):
+            uid = f"1.2.{i}"
+            jobs.record_instance(
+                InstanceRecord(
+                    sop_instance_uid=f"{uid}.1",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.20",
+                    study_uid="1.2",
+                    series_uid=uid,
+                    modality="NM",
+                    path=f"spool/1.2/{uid}/{uid}.1.dcm",
+                    size=10,
+                    calling_ae=None,
+                    transfer_syntax=None,
+                    received_at=1.0,
+                )
+            )
+        for job, value in zip(jobs.jobs_in(JobState.RECEIVED), (0.9, 1.0), strict=True):
+            jobs.add_shadow_result(job.id, NAME, "2", {"thyroid": value, "nodule": 1.0}, "1")
+        jobs.add_shadow_result(job.id, "other-model", "7", {"thyroid": 0.1})
     finally:
         jobs.close()
     config = tmp_path / "node.yaml"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.modelstore.aliases import canary_bucket, in_canary, read_history
-from dicom_node.modelstore.store import ModelStore, ModelStoreError, parse_ref
+from dicom_node.modelstore.store import ModelStore, ModelStoreError
 from tests.helpers.onnx_models import (
     DEFAULT_SEGMENTS,
     make_store,
@@ -35,17 +35,13 @@ def store(tmp_path: Path) -> ModelStore:
     return ModelStore(make_store(tmp_path / "models", versions=["1"], production="1"))
 
 
-class TestParseRef:
-    def test_forms(self) -> None:
-        assert parse_ref("thyroid-seg@production") == ("thyroid-seg", "production", None)
-        assert parse_ref("thyroid-seg:2") == ("thyroid-seg", None, "2")
-        assert parse_ref("thyroid-seg") == ("thyroid-seg", "production", None)
+class TestResolveRefs:
+    def test_malformed_reference_is_a_store_error(self, store: ModelStore) -> None:
+        with pytest.raises(ModelStoreError, match=r"model must be '<model>@<alias>'.*got 'a@b@c'"):
+            store.resolve("a@b@c")
 
-    def test_bad(self) -> None:
-        with pytest.raises(
-            ModelStoreError, match=r"must be 'name@alias' or 'name:version', got 'a@b@c'"
-        ):
-            parse_ref("a@b@c")
+    def test_bare_name_means_production(self, store: ModelStore) -> None:
+        assert store.resolve("thyroid-seg").alias == "production"
 
 
 class TestResolve:

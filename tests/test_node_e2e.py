@@ -85,9 +85,9 @@ class TestStorescuToOrthanc:
 
             node.wait_idle(10)
             job = node.store.list_jobs()[0]
-            assert job["state"] == "done", job
-            assert job["rule"] == "thyroid"
-            assert job["model_version"] == "1"
+            assert job.state == "done", job
+            assert job.rule == "thyroid"
+            assert job.model_version == "1"
 
             after = scrape(config.http_port)
 
@@ -112,7 +112,7 @@ class TestStorescuToOrthanc:
         files = write_series(make_ct_series(n_slices=2, seed=3), tmp_path / "ct")
         assert storescu(files, config.port, config.ae_title).returncode == 0
         job = wait_until(lambda: node.store.list_jobs(["skipped"]), what="skipped job")[0]
-        assert job["outcome"] == "no rule matched"
+        assert job.outcome == "no rule matched"
         events = [e["event"] for e in node.audit.read()]
         assert "skipped" in events
 
@@ -151,7 +151,7 @@ class TestFailuresAndRetry:
                 timeout=30,
                 what="the export to fail for good",
             )[0]
-            assert "export failed after 3 attempt(s)" in failed["error"]
+            assert "export failed after 3 attempt(s)" in failed.error
             now = sample(config.http_port, "dicom_node_export_failure_total", destination="pacs")
             assert now - failures == 3
         # the PACS comes back on another port: the operator fixes the config and retries
@@ -165,12 +165,12 @@ class TestFailuresAndRetry:
                     }
                 }
             )
-            node.store.retry(failed["id"])
-            wait_until(lambda: node.store.get(failed["id"])["state"] == "done", what="retry")
+            node.store.retry(failed.id)
+            wait_until(lambda: node.store.get(failed.id).state == "done", what="retry")
             assert len(_segs_in(orthanc)) == 1
             node.store.retry  # noqa: B018 (a second retry of a done job is refused below)
             with pytest.raises(ValueError, match="only failed jobs can be retried"):
-                node.store.retry(failed["id"])
+                node.store.retry(failed.id)
 
 
 class TestCrashRecovery:

@@ -20,8 +20,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
 from dicom_node.config import Destination
-from dicom_node.jobs.records import InstanceRecord
-from dicom_node.jobs.store import JobState, JobStore
+from dicom_node.jobs import InstanceRecord, JobState, JobStore, Route
 from dicom_node.modelstore import ModelStore
 from tests.conftest import make_config, write_rules
 from tests.helpers.dicom_factory import make_nm, write_series
@@ -134,10 +133,10 @@ class TestConcurrentSenders:
 
             wait_until(lambda: len(pacs.received()) >= senders, timeout=60, what="16 SEGs")
             assert node.wait_idle(30)
-            jobs = node.store.list_jobs(limit=100, kind="production")
+            jobs = node.store.list_jobs(limit=100)
             assert len(jobs) == senders, "one job per series, no double routing"
-            assert {j["state"] for j in jobs} == {"done"}
-            assert {j["n_instances"] for j in jobs} == {3}
+            assert {j.state for j in jobs} == {"done"}
+            assert {j.n_instances for j in jobs} == {3}
             time.sleep(0.3)  # nothing more may arrive
             segs = _segs(pacs)
             assert len(segs) == senders
@@ -175,8 +174,8 @@ class TestStudiesVersusAssociations:
             assert node.wait_idle(20)
             jobs = node.store.list_jobs(limit=50)
             assert len(jobs) == 5
-            assert [(j["state"], j["n_instances"]) for j in jobs] == [("done", 2)] * 5
-            assert len({j["study_uid"] for j in jobs}) == 4
+            assert [(j.state, j.n_instances) for j in jobs] == [("done", 2)] * 5
+            assert len({j.study_uid for j in jobs}) == 4
             refs = sorted(sorted(_referenced(s)) for s in _segs(pacs))
             expected = sorted(sorted(_uids(f)) for f in (a1, a2, *bcd.values()))
             assert refs == expected, "each SEG references exactly its series' instances"
@@ -198,13 +197,11 @@ class TestLateInstance:
             assert storescu(files[2:], config.port, config.ae_title).returncode == 0
             job = wait_until(
                 lambda: (
-                    (j := node.store.get(first["id"]))["state"] == "done"
-                    and j["n_instances"] == 3
-                    and j
+                    (j := node.store.get(first.id)).state == "done" and j.n_instances == 3 and j
                 ),
                 what="the job to re-run with the late instance",
             )
-            assert job["seg_sop_uid"] == first["seg_sop_uid"], "same UID: a replacement"
+            assert job.seg_sop_uid == first.seg_sop_uid, "same UID: a replacement"
             assert len(node.store.list_jobs()) == 1
 
             def pacs_segs() -> list[pydicom.Dataset]:
@@ -221,7 +218,7 @@ class TestLateInstance:
             )
             assert len(pacs_segs()) == 1, "replaced, not duplicated"
             assert _referenced(segs[0]) == _uids(files)
-            assert str(segs[0].SOPInstanceUID) == first["seg_sop_uid"]
+            assert str(segs[0].SOPInstanceUID) == first.seg_sop_uid
 
     def test_instance_arriving_while_the_job_runs_reopens_it(self, tmp_path: Path) -> None:
         store = JobStore.open(tmp_path)
@@ -244,21 +241,23 @@ class TestLateInstance:
 
         arrive(1)
         (job,) = store.jobs_in(JobState.RECEIVED)
-        store.route(job["id"], [{"rule": "r", "model_ref": "m@production"}], "v1")
-        assert store.queue(job["id"], 1)
+        store.route(job.id, [Route(rule="r", model_ref="m@production")], "v1")
+        assert store.queue(job.id, 1)
         arrive(2)  # a queued job waits for its completion rule again
-        assert store.get(job["id"])["state"] == "routed"
-        assert store.queue(job["id"], 2)
+        assert store.get(job.id).state == "routed"
+        assert store.queue(job.id, 2)
         claimed = store.claim()
-        assert claimed is not None and claimed["state"] == "running"
-        store.used_instances(job["id"], 2)
+        assert claimed is not None and claimed.state == "running"
+        store.used_instances(job.id, 2)
         arrive(3)  # recorded while the worker builds the SEG from two instances
-        assert store.done(job["id"], "SEG sent to pacs") is JobState.ROUTED
-        assert store.get(job["id"])["state"] == "routed"
-        assert store.queue(job["id"], 3)
+        store.exporting(job.id, "results/x.dcm", "1.9")
+        assert store.done(job.id, "SEG sent to pacs") is JobState.ROUTED
+        assert store.get(job.id).state == "routed"
+        assert store.queue(job.id, 3)
         store.claim()
-        store.used_instances(job["id"], 3)
-        assert store.done(job["id"], "SEG sent to pacs") is JobState.DONE
+        store.used_instances(job.id, 3)
+        store.exporting(job.id, "results/x.dcm", "1.9")
+        assert store.done(job.id, "SEG sent to pacs") is JobState.DONE
         store.close()
 
 
@@ -299,19 +298,19 @@ class TestFanOut:
             assert storescu(kept + dropped, config.port, config.ae_title).returncode == 0
             wait_until(lambda: len(pacs.received()) >= 2, what="two SEGs")
             assert node.wait_idle(20)
-            jobs = {j["rule"]: j for j in node.store.list_jobs()}
-            assert {r: j["state"] for r, j in jobs.items()} == {
+            jobs = {j.rule: j for j in node.store.list_jobs()}
+            assert {r: j.state for r, j in jobs.items()} == {
                 "thyroid-a": "done",
                 "thyroid-b": "done",
                 "no-test-patients": "skipped",
             }
-            assert jobs["no-test-patients"]["outcome"] == "discarded by rule no-test-patients"
+            assert jobs["no-test-patients"].outcome == "discarded by rule no-test-patients"
             time.sleep(0.3)
             segs = _segs(pacs)
             assert len(segs) == 2
             assert len({s.SOPInstanceUID for s in segs}) == 2
             assert len({s.SeriesInstanceUID for s in segs}) == 2
-            assert {jobs["thyroid-a"]["seg_sop_uid"], jobs["thyroid-b"]["seg_sop_uid"]} == {
+            assert {jobs["thyroid-a"].seg_sop_uid, jobs["thyroid-b"].seg_sop_uid} == {
                 str(s.SOPInstanceUID) for s in segs
             }
             skipped = [e for e in node.audit.read() if e["event"] == "skipped"]
@@ -346,8 +345,8 @@ class TestFanOut:
             node = node_factory(config)
             assert storescu(files, config.port, config.ae_title).returncode == 0
             failed = wait_until(lambda: node.store.list_jobs(["failed"]), what="a failed export")[0]
-            assert failed["error"].startswith("export failed after 3 attempt(s): backup: ")
-            assert failed["delivered"] == ["pacs"]
+            assert failed.error.startswith("export failed after 3 attempt(s): backup: ")
+            assert failed.delivered == ("pacs",)
             assert len(pacs.received()) == 1, "the reachable PACS got it once, not per attempt"
             _, body = _get(config.http_port, "/metrics")
             assert 'dicom_node_export_failure_total{destination="backup"} 3.0' in body
@@ -355,11 +354,9 @@ class TestFanOut:
             backup = StoreSCP(aet="BACKUP")
             backup.port = backup_port
             with backup:
-                node.store.retry(failed["id"])
-                wait_until(
-                    lambda: node.store.get(failed["id"])["state"] == "done", what="the retry"
-                )
-                assert node.store.get(failed["id"])["delivered"] == ["pacs", "backup"]
+                node.store.retry(failed.id)
+                wait_until(lambda: node.store.get(failed.id).state == "done", what="the retry")
+                assert node.store.get(failed.id).delivered == ("pacs", "backup")
                 assert len(backup.received()) == 1
                 assert len(pacs.received()) == 1, "retry resends only to the missing destination"
 
@@ -386,17 +383,17 @@ class TestBadPixelData:
             sent = storescu(bad, config.port, config.ae_title, extra_args=["-xr"])
             assert sent.returncode == 0, "the header is valid: the SCP keeps it " + sent.stderr
             failed = wait_until(lambda: node.store.list_jobs(["failed"]), what="a failed job")[0]
-            assert failed["error"].startswith(
+            assert failed.error.startswith(
                 "instance 1 of 1 (InstanceNumber 1): pixel data (RLE Lossless) cannot be decoded: "
-            ), failed["error"]
-            assert "invalid number of segments" in failed["error"]
-            assert "\n" not in failed["error"]
-            assert pydicom.dcmread(bad[0]).SOPInstanceUID not in failed["error"]
+            ), failed.error
+            assert "invalid number of segments" in failed.error
+            assert "\n" not in failed.error
+            assert pydicom.dcmread(bad[0]).SOPInstanceUID not in failed.error
 
             assert storescu(good, config.port, config.ae_title).returncode == 0
             wait_until(lambda: len(pacs.received()) == 1, what="the next series' SEG")
             assert node.wait_idle(10)
-            states = sorted(j["state"] for j in node.store.list_jobs())
+            states = sorted(j.state for j in node.store.list_jobs())
             assert states == ["done", "failed"]
 
 

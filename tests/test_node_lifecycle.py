@@ -16,6 +16,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from dicom_node.jobs import Job
 from dicom_node.modelstore import ModelStore
 from tests.conftest import THYROID_RULE, make_config, write_rules
 from tests.helpers.dicom_factory import make_ct_series, make_nm, write_series
@@ -59,18 +60,18 @@ class TestRulesHotReload:
             wait_until(lambda: node.rules.current is not None, what="rules loaded")
             first_version = node.rules.current.version
 
-            def send(seed: int) -> dict[str, Any]:
+            def send(seed: int) -> Job:
                 files = write_series([make_nm(seed=seed)], tmp_path / f"in{seed}")
                 assert storescu(files, config.port, config.ae_title).returncode == 0
                 series = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
                 return wait_until(
                     lambda: [
-                        j for j in node.store.list_jobs() if j["series_uid"] == series and j["rule"]
+                        j for j in node.store.list_jobs() if j.series_uid == series and j.rule
                     ],
                     what="the series to be routed",
                 )[0]
 
-            assert send(1)["rule"] == "thyroid"
+            assert send(1).rule == "thyroid"
 
             # a good edit: applied within 2 s
             path.write_text(path.read_text().replace("name: thyroid", "name: thyroid-v2"))
@@ -79,7 +80,7 @@ class TestRulesHotReload:
                 timeout=2.5,
                 what="the edited rules to be active",
             )
-            assert send(2)["rule"] == "thyroid-v2"
+            assert send(2).rule == "thyroid-v2"
             good_version = node.rules.current.version
 
             reload_failures_before = sample(
@@ -93,7 +94,7 @@ class TestRulesHotReload:
             failures = sample(config.http_port, "dicom_node_rules_reload_failures_total")
             assert failures == reload_failures_before + 1
             assert node.rules.current.version == good_version
-            assert send(3)["rule"] == "thyroid-v2"
+            assert send(3).rule == "thyroid-v2"
 
             # the file deleted: no rule, the next series is skipped (and says why)
             path.unlink()
@@ -105,7 +106,7 @@ class TestRulesHotReload:
             files = write_series([make_nm(seed=4)], tmp_path / "in4")
             assert storescu(files, config.port, config.ae_title).returncode == 0
             skipped = wait_until(lambda: node.store.list_jobs(["skipped"]), what="a skipped job")
-            assert skipped[0]["outcome"] == "no rule matched"
+            assert skipped[0].outcome == "no rule matched"
 
 
 class TestModelSwapUnderLoad:
@@ -139,20 +140,20 @@ class TestModelSwapUnderLoad:
                 assert result.returncode == 0, result.stderr
             swapper.join()
             assert node.wait_idle(120), node.store.counts()
-            jobs = node.store.list_jobs(limit=1000, kind="production")
+            jobs = node.store.list_jobs(limit=1000)
             assert len(jobs) == n_studies
-            assert {j["state"] for j in jobs} == {"done"}
-            versions = {j["model_version"] for j in jobs}
+            assert {j.state for j in jobs} == {"done"}
+            versions = {j.model_version for j in jobs}
             assert versions == {"1", "2"}, "the swap must have served both versions"
             times = [t for t, _ in timeline]
             for job in jobs:  # production held this version at job start or up to 2 s before
-                first = bisect.bisect_right(times, job["started_at"] - 2.0) - 1
-                last = bisect.bisect_right(times, job["started_at"]) - 1
+                first = bisect.bisect_right(times, job.started_at - 2.0) - 1
+                last = bisect.bisect_right(times, job.started_at) - 1
                 held = {version for _, version in timeline[first : last + 1]}
-                assert job["model_version"] in held, (job, timeline)
+                assert job.model_version in held, (job, timeline)
             wait_until(lambda: len(pacs.received()) == n_studies, what="every SEG at the PACS")
             seg_versions = _seg_versions(pacs.received())
-            assert sorted(seg_versions) == sorted(j["model_version"] for j in jobs)
+            assert sorted(seg_versions) == sorted(j.model_version for j in jobs)
 
 
 class TestShadowAndCanary:
@@ -178,14 +179,16 @@ class TestShadowAndCanary:
             assert storescu(files, config.port, config.ae_title).returncode == 0
             assert node.wait_idle(60)
             shadows = wait_until(
-                lambda: (
-                    len(node.store.list_jobs(kind="shadow")) == 3
-                    and node.store.list_jobs(kind="shadow")
-                ),
+                lambda: len(node.store.shadow_results()) == 3 and node.store.shadow_results(),
                 what="shadow runs",
             )
-            assert {s["model_version"] for s in shadows} == {"2"}
-            assert all(set(s["details"]["agreement"]) == {"thyroid", "nodule"} for s in shadows)
+            assert {(s.model, s.version, s.production_version) for s in shadows} == {
+                ("thyroid-seg", "2", "1")
+            }
+            assert all(set(s.agreement) == {"thyroid", "nodule"} for s in shadows)
+            jobs = node.store.list_jobs()
+            assert sorted(s.job_id for s in shadows) == sorted(j.id for j in jobs)
+            assert [j.state for j in jobs] == ["done"] * 3, "shadow runs are not jobs"
             wait_until(lambda: len(pacs.received()) == 3, what="production SEGs")
             assert _seg_versions(pacs.received()) == ["1", "1", "1"]
             labels = {"model": "thyroid-seg", "segment": "thyroid", "version": "2"}
@@ -212,12 +215,12 @@ class TestShadowAndCanary:
             files = write_series(studies, tmp_path / "in")
             assert storescu(files, config.port, config.ae_title).returncode == 0
             assert node.wait_idle(60)
-            jobs = node.store.list_jobs(limit=100, kind="production")
+            jobs = node.store.list_jobs(limit=100)
             assert len(jobs) == 20
             for job in jobs:  # the version is the store's deterministic choice for the study
-                expected = store.resolve("thyroid-seg@production", job["study_uid"]).version
-                assert job["model_version"] == expected
-            assert {j["model_version"] for j in jobs} == {"1", "2"}
+                expected = store.resolve("thyroid-seg@production", job.study_uid).version
+                assert job.model_version == expected
+            assert {j.model_version for j in jobs} == {"1", "2"}
 
 
 @pytest.mark.parametrize("variant", ["invalid_onnx", "wrong_output_shape"])
@@ -244,7 +247,7 @@ def test_broken_new_version_keeps_old_one_serving(
         assert storescu(files, config.port, config.ae_title).returncode == 0
         assert node.wait_idle(30)
         (job,) = node.store.list_jobs()
-        assert (job["state"], job["model_version"]) == ("done", "1")
+        assert (job.state, job.model_version) == ("done", "1")
 
 
 def test_ct_series_to_nm_only_model_fails_visibly(
@@ -257,5 +260,5 @@ def test_ct_series_to_nm_only_model_fails_visibly(
     files = write_series(make_ct_series(n_slices=2, seed=5), tmp_path / "ct")
     assert storescu(files, config.port, config.ae_title).returncode == 0
     failed = wait_until(lambda: node.store.list_jobs(["failed"]), what="a failed job")[0]
-    assert "accepts modalities ['NM']" in failed["error"]
-    assert "the series is CT" in failed["error"]
+    assert "accepts modalities ['NM']" in failed.error
+    assert "the series is CT" in failed.error

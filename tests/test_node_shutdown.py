@@ -30,7 +30,7 @@ def _states(storage: Path) -> list[str]:
     """Job states as a second process (the operator's CLI) reads them from the store."""
     store = JobStore.open(storage)
     try:
-        return [j["state"] for j in store.list_jobs(limit=100, kind="production")]
+        return [j.state for j in store.list_jobs(limit=100)]
     finally:
         store.close()
 

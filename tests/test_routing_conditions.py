@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from dicom_node.routing import RulesError, RuleSet, load_rules
+from dicom_node.routing import RulesError, RuleSet, evaluate, load_rules
 from dicom_node.routing.conditions import ConditionError, KeywordPath, compile_regex
 
 RULE = """\
@@ -30,7 +30,7 @@ def ruleset(tmp_path: Path, when: str) -> RuleSet:
 
 
 def fires(tmp_path: Path, when: str, header: Any) -> bool:
-    return bool(ruleset(tmp_path, when).evaluate(header).matched)
+    return bool(evaluate(ruleset(tmp_path, when), header).matched)
 
 
 def problems(tmp_path: Path, when: str) -> str:
@@ -167,7 +167,7 @@ any:
 
     def test_empty_when_matches_everything(self, tmp_path: Path) -> None:
         (tmp_path / "r.yaml").write_text(RULE.format(when="").replace("when:\n", "when: {}\n"))
-        assert load_rules(tmp_path).evaluate({}).matched
+        assert evaluate(load_rules(tmp_path), {}).matched
 
 
 class TestMultiValued:

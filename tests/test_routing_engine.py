@@ -8,7 +8,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.routing import RuleSet, explain_paths, load_rules, run_cases
+from dicom_node.routing import RuleSet, evaluate, explain_paths, load_rules, run_cases
 from tests.helpers.dicom_factory import make_ct_series, make_nm, write_series
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def ruleset(tmp_path: Path) -> RuleSet:
 
 class TestEvaluate:
     def test_stop_ends_evaluation(self, ruleset: RuleSet) -> None:
-        decision = ruleset.evaluate({"Modality": "NM", "StudyDescription": "Thyroid"})
+        decision = evaluate(ruleset, {"Modality": "NM", "StudyDescription": "Thyroid"})
         assert decision.rule_names == ["thyroid"]
         assert [t.outcome for t in decision.trace] == [
             "failed",
@@ -66,7 +66,7 @@ class TestEvaluate:
         assert decision.jobs == decision.matched and not decision.discarded
 
     def test_rules_without_stop_all_fire(self, ruleset: RuleSet) -> None:
-        decision = ruleset.evaluate({"Modality": "NM", "StudyDescription": "Bone"})
+        decision = evaluate(ruleset, {"Modality": "NM", "StudyDescription": "Bone"})
         assert decision.rule_names == ["nm-research"]
         failed = decision.trace[1]
         assert (failed.rule, failed.outcome, failed.condition_line, failed.seen) == (
@@ -78,7 +78,7 @@ class TestEvaluate:
         assert failed.condition == "StudyDescription regex 'thyr|schild'"
 
     def test_discard(self, ruleset: RuleSet) -> None:
-        decision = ruleset.evaluate({"Modality": "SEG"})
+        decision = evaluate(ruleset, {"Modality": "SEG"})
         assert decision.discarded and decision.rule_names == ["ignore-seg"]
         assert decision.jobs == []
 
@@ -88,18 +88,18 @@ class TestEvaluate:
             "    model: m@production\n    send_to: [pacs]\n"
             "  - name: no-test\n    when: {PatientID: {startswith: TEST}}\n    discard: true\n"
         )
-        decision = load_rules(tmp_path).evaluate({"Modality": "NM", "PatientID": "TEST1"})
+        decision = evaluate(load_rules(tmp_path), {"Modality": "NM", "PatientID": "TEST1"})
         assert decision.rule_names == ["all-nm", "no-test"]
         assert decision.discarded and decision.jobs == []
 
     def test_nothing_matches_and_missing_value_is_shown(self, ruleset: RuleSet) -> None:
-        decision = ruleset.evaluate({"Modality": "CT"})
+        decision = evaluate(ruleset, {"Modality": "CT"})
         assert decision.matched == [] and not decision.discarded
         assert decision.trace[-1].seen == "missing"
         assert decision.trace[-1].condition == "SliceThickness <= 1.5"
 
     def test_to_dict_is_json_and_can_drop_values(self, ruleset: RuleSet) -> None:
-        decision = ruleset.evaluate({"Modality": "CT", "SliceThickness": "1.0"})
+        decision = evaluate(ruleset, {"Modality": "CT", "SliceThickness": "1.0"})
         data = json.loads(json.dumps(decision.to_dict()))
         assert data["matched"][0] == {
             "name": "ct-thin",
@@ -120,7 +120,7 @@ class TestEvaluate:
             "rules:\n  - name: test-patients\n    when: {PatientID: {startswith: TEST}}\n"
             "    discard: true\n"
         )
-        decision = load_rules(tmp_path).evaluate({"PatientID": "12345"})
+        decision = evaluate(load_rules(tmp_path), {"PatientID": "12345"})
         assert decision.to_dict()["trace"][0]["seen"] == "(identifying value hidden)"
         assert decision.to_dict(reveal=True)["trace"][0]["seen"] == "'12345'"
 
@@ -128,11 +128,11 @@ class TestEvaluate:
         ds = make_nm(rows=16, cols=16, StudyDescription="Schilddrüse")
         path = write_series([ds], tmp_path / "nm")[0]
         header = pydicom.dcmread(path, stop_before_pixels=True)
-        assert ruleset.evaluate(header).rule_names == ["thyroid"]
+        assert evaluate(ruleset, header).rule_names == ["thyroid"]
 
     def test_wrong_header_type(self, ruleset: RuleSet) -> None:
         with pytest.raises(TypeError, match="header must be a pydicom Dataset or a mapping"):
-            ruleset.evaluate("NM")  # type: ignore[arg-type]
+            evaluate(ruleset, "NM")  # type: ignore[arg-type]
 
 
 class TestExplain:

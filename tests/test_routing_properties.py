@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from dicom_node.routing import RulesError, check_rules, load_rules
+from dicom_node.routing import RulesError, check_rules, evaluate, load_rules
 from dicom_node.routing.conditions import OPERATORS
 from dicom_node.routing.loader import RULE_KEYS
 
@@ -122,7 +122,7 @@ def agree(text: str) -> None:
                 {"Modality": "NM", "Rows": "x", "ImageType": "A\\B"},
                 {"StudyDate": "garbage", "SliceThickness": [1, "a"]},
             ):
-                ruleset.evaluate(header)
+                evaluate(ruleset, header)
 
 
 @SETTINGS
@@ -232,5 +232,5 @@ def test_evaluation_never_raises_on_any_header(header: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tour.yaml").write_text(TOUR)
         for folder in (Path(tmp), REPO / "rules"):
-            decision = load_rules(folder).evaluate(header)
+            decision = evaluate(load_rules(folder), header)
             decision.to_dict()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node import metrics
-from dicom_node.routing import ActiveRules, RuleSet, RulesWatcher, load_rules
+from dicom_node.routing import ActiveRules, RuleSet, RulesWatcher, evaluate, load_rules
 
 RULE = """\
 rules:
@@ -42,7 +42,7 @@ def info(version: str) -> float | None:
 def routed(active: ActiveRules, modality: str) -> list[str]:
     current = active.current
     assert current is not None
-    return current.evaluate({"Modality": modality}).rule_names
+    return evaluate(current, {"Modality": modality}).rule_names
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ from dicom_node.seg import (
     build_seg,
     seg_uids,
 )
+from dicom_node.seg.grouping import group_sources
+from dicom_node.seg.sources import is_image
 from tests.helpers.dicom_factory import (
     make_ct_series,
     make_mr_series,
@@ -391,3 +393,159 @@ class TestSingleSegment:
                 [ds.SOPInstanceUID for ds in sources], assert_missing_frames_are_empty=True
             )
         np.testing.assert_array_equal(decoded[..., 0].astype(bool), masks["thyroid"])
+
+
+class TestImperfectSources:
+    """Headers as real scanners and tools write them (issue 9): build anyway, and validly."""
+
+    def _check(self, sources: list[Dataset], tmp_path: Path) -> hd.seg.Segmentation:
+        seg, path = _round_trip(
+            build_seg(sources, _masks(sources), MANIFEST_SEGMENTS, ALGORITHM), tmp_path
+        )
+        report = dciodvfy(path)
+        assert report.errors == [], report.output
+        source_uids = {str(ds.SOPInstanceUID) for ds in sources}
+        assert _referenced_uids(seg) == source_uids
+        assert _per_frame_uids(seg) == source_uids
+        return seg
+
+    @pytest.mark.parametrize("kind", ["nm-1-frame", "sc", "ct-5-slices"])
+    def test_absent_type2_attributes_are_copied_empty(self, kind: str, tmp_path: Path) -> None:
+        sources = SOURCES[kind]()
+        absent = [
+            "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID",
+            "AccessionNumber", "ReferringPhysicianName", "StudyDate", "StudyTime", "Manufacturer",
+        ]  # fmt: skip
+        for ds in sources:
+            for keyword in absent:
+                if keyword in ds:
+                    delattr(ds, keyword)
+        seg = self._check(sources, tmp_path)
+        for keyword in absent[:-1]:
+            assert keyword in seg and seg[keyword].is_empty, keyword
+        assert "PatientID" not in sources[0]  # the caller's datasets are not changed
+
+    def test_acr_nema_dates_and_invalid_values(self, tmp_path: Path) -> None:
+        sources = make_ct_series(2)
+        for ds in sources:
+            ds.StudyDate, ds.StudyTime, ds.PatientAge, ds.StudyID = (
+                "1997.04.24",
+                "10:32:15",
+                "22Y",
+                "x" * 20,
+            )
+        seg = self._check(sources, tmp_path)
+        assert (seg.StudyDate, seg.StudyTime, seg.StudyID) == ("19970424", "103215", "")
+        assert "PatientAge" not in seg
+
+    def test_duplicate_positions_give_frame_referenced_seg(self, tmp_path: Path) -> None:
+        sources = make_ct_series(3)
+        sources[2].ImagePositionPatient = list(sources[1].ImagePositionPatient)
+        seg = self._check(sources, tmp_path)
+        assert "PlanePositionSequence" not in seg.PerFrameFunctionalGroupsSequence[0]
+        assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+
+    def test_ct_without_frame_of_reference(self, tmp_path: Path) -> None:
+        sources = make_ct_series(2)
+        for ds in sources:
+            del ds.FrameOfReferenceUID
+        seg = self._check(sources, tmp_path)
+        assert "FrameOfReferenceUID" not in seg
+
+    def test_frame_of_reference_equal_to_study_uid_is_dropped(self, tmp_path: Path) -> None:
+        sources = make_ct_series(2)
+        for ds in sources:
+            ds.FrameOfReferenceUID = ds.StudyInstanceUID
+        seg = self._check(sources, tmp_path)
+        assert "FrameOfReferenceUID" not in seg
+
+    def test_ct_without_slice_thickness_uses_the_spacing(self, tmp_path: Path) -> None:
+        sources = make_ct_series(3)
+        for ds in sources:
+            del ds.SliceThickness
+        seg = self._check(sources, tmp_path)
+        measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        positions = sorted(float(ds.ImagePositionPatient[2]) for ds in sources)
+        assert float(measures.SliceThickness) == pytest.approx(positions[1] - positions[0])
+
+    def test_single_frame_class_with_number_of_frames(self, tmp_path: Path) -> None:
+        sources = [make_sc(), make_sc(instance_number=2)]
+        for ds in sources:
+            ds.NumberOfFrames = 1
+        seg = self._check(sources, tmp_path)
+        for item in seg.PerFrameFunctionalGroupsSequence:
+            reference = item.DerivationImageSequence[0].SourceImageSequence[0]
+            assert "ReferencedFrameNumber" not in reference
+
+
+class TestGroups:
+    def test_consistent_series_is_one_group_with_todays_uids(self) -> None:
+        sources = make_ct_series(3)
+        [group] = group_sources(sources)
+        assert (group.index, group.uid_group, group.frame_indices) == (0, None, (0, 1, 2))
+        seg = build_seg(
+            list(group.sources), _masks(sources), MANIFEST_SEGMENTS, ALGORITHM,
+            group=group.uid_group,
+        )  # fmt: skip
+        assert (seg.SeriesInstanceUID, seg.SOPInstanceUID) == seg_uids(
+            sources[0].SeriesInstanceUID, "thyroid", "thyroid-seg", "1"
+        )
+
+    def test_sizes_and_orientations_split_largest_first(self, tmp_path: Path) -> None:
+        sources = make_ct_series(5)
+        sources[0].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a coronal localizer
+        small = make_sc(rows=128, cols=128, instance_number=9)
+        small.SeriesInstanceUID = sources[0].SeriesInstanceUID
+        small.StudyInstanceUID = sources[0].StudyInstanceUID
+        groups = group_sources([*sources, small])
+        assert [len(g.sources) for g in groups] == [4, 1, 1]
+        assert groups[0].frame_indices == (1, 2, 3, 4)
+        assert groups[0].key.startswith(f"{sources[0].Rows}x{sources[0].Columns} ori=1,0,0,0,1,0")
+        assert groups[2].key == "128x128 ori=none for=none"
+        assert groups == group_sources([*sources, small])  # stable
+
+        seen = set()
+        for group in groups:
+            group_sources_list = list(group.sources)
+            masks = {
+                key: mask[list(range(len(group.frame_indices)))]
+                for key, mask in _masks(group_sources_list).items()
+            }
+            seg, path = _round_trip(
+                build_seg(
+                    group_sources_list, masks, MANIFEST_SEGMENTS, ALGORITHM, group=group.uid_group
+                ),
+                tmp_path,
+            )
+            assert dciodvfy(path).errors == []
+            seen.add((seg.SeriesInstanceUID, seg.SOPInstanceUID))
+        assert len(seen) == 3
+        assert seg_uids(sources[0].SeriesInstanceUID, "thyroid", "thyroid-seg", "1") in seen
+
+    def test_orientation_within_tolerance_is_one_group(self) -> None:
+        sources = make_ct_series(2)
+        sources[1].ImageOrientationPatient = [1, 0.0002, 0, 0, 1, 0]
+        assert len(group_sources(sources)) == 1
+
+    def test_group_changes_uids(self) -> None:
+        base = seg_uids("1.2.3", "thyroid", "thyroid-seg", "1")
+        assert seg_uids("1.2.3", "thyroid", "thyroid-seg", "1", None) == base
+        other = seg_uids("1.2.3", "thyroid", "thyroid-seg", "1", "128x128 ori=none for=none")
+        assert other[0] != base[0] and other[1] != base[1]
+        with pytest.raises(ValueError, match="group must be None or a non-empty string"):
+            seg_uids("1.2.3", "thyroid", "thyroid-seg", "1", "")
+
+
+class TestIsImage:
+    def test_image(self) -> None:
+        assert is_image(make_nm()) == (True, "")
+
+    def test_without_pixel_data(self) -> None:
+        ds = make_ct_series(1)[0]
+        del ds.PixelData
+        assert is_image(ds) == (False, "CT Image Storage has no Pixel Data")
+
+    def test_seg_is_not_a_source(self) -> None:
+        sources = [make_sc()]
+        ok, reason = is_image(build_seg(sources, _masks(sources), MANIFEST_SEGMENTS, ALGORITHM))
+        assert not ok and "Segmentation" in reason

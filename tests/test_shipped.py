@@ -91,7 +91,7 @@ def test_orthanc_push_gets_a_good_seg_from_the_shipped_model(
         seg_ids = wait_until(lambda: len(segs()) == len(cases) and segs(), 60, "two SEGs")
         assert node.wait_idle(10)
         for job in node.store.list_jobs():
-            assert (job["state"], job["rule"], job["model_version"]) == (
+            assert (job.state, job.rule, job.model_version) == (
                 "done",
                 "thyroid-scintigraphy",
                 "1",

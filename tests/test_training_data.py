@@ -99,7 +99,7 @@ class TestMaskFormats:
         case = load_case(folder, REFS)
         assert case.mask_format == "seg"
         assert case.frames.shape == (2, 32, 32)
-        # stacked by InstanceNumber, rescale applied (HU)
+        # in slice order (the contract's frame order), Modality LUT applied (HU)
         np.testing.assert_array_equal(
             case.frames[0], series[0].pixel_array.astype(np.float32) - 1024
         )

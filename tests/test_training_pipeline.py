@@ -244,4 +244,4 @@ class TestServedByANode:
             algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
             assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("thyroid-seg", "2")
             assert node.wait_idle(10)
-            assert node.store.list_jobs()[0]["model_version"] == "2"
+            assert node.store.list_jobs()[0].model_version == "2"

@@ -7,7 +7,7 @@ Folder layout (one folder per case; any folder names)::
         image.dcm            # one or more DICOM images (any file name; SEG files are told apart)
         truth.npz            # mask option 1: bool arrays named by segment key, (H, W) or (F, H, W)
       case0002/
-        IM0001, IM0002 ...   # a multi-file series is stacked by InstanceNumber
+        IM0001, IM0002 ...   # a multi-file series, in the node's frame order (below)
         seg.dcm              # mask option 2: DICOM SEG referencing the images
       case0003/
         image.dcm
@@ -17,6 +17,12 @@ Folder layout (one folder per case; any folder names)::
 
 NIfTI masks must be on the image's pixel grid in array order (rows, columns), i.e. what
 ``SimpleITK.GetArrayFromImage`` returns for a file written from the image's pixel array.
+
+**Frames are read by the node's own reader**
+(:func:`dicom_node.modelstore.frames.read_case_folder`): the same frame order (along the slice
+normal when the images have geometry, else by InstanceNumber; mask stacks follow it), the same
+Modality LUT (CT in Hounsfield units) and the same float32 values the worker hands the model. A
+model is trained on what the node will serve it.
 
 **The leakage pitfall.** Several studies of one patient look alike (same gland, same nodules).
 If one study lands in training and another in validation, the validation score measures memory,
@@ -35,11 +41,11 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.misc import is_dicom
+
+from dicom_node.modelstore.frames import SeriesFrames, SeriesReadError, read_case_folder
 
 LOGGER = logging.getLogger(__name__)
 
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 LABEL_MAP_NAMES = ("labels", "mask", "label")
 
@@ -73,7 +79,7 @@ class Case:
     patient_id : str
         PatientID from the DICOM header (folder name if absent): the unit of splitting.
     frames : numpy.ndarray
-        float32 (F, H, W) stored values (modality LUT applied when the header has one).
+        float32 (F, H, W), exactly as the node reads them (Modality LUT applied: CT in HU).
     masks : numpy.ndarray
         bool (K, F, H, W) in the order of the requested segment keys.
     spacing : (float, float)
@@ -102,37 +108,6 @@ def find_cases(root: Path | str) -> list[Path]:
     return [root] if any(root.iterdir()) else []
 
 
-def _read_dicoms(folder: Path) -> tuple[list[pydicom.Dataset], list[pydicom.Dataset], list[Path]]:
-    images: list[pydicom.Dataset] = []
-    segs: list[pydicom.Dataset] = []
-    files: list[Path] = []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.endswith(NIFTI_SUFFIXES) or path.suffix == ".npz":
-            continue
-        if not is_dicom(path):
-            continue
-        ds = pydicom.dcmread(path)
-        files.append(path)
-        if ds.get("SOPClassUID") == SEG_SOP_CLASS or ds.get("Modality") == "SEG":
-            segs.append(ds)
-        else:
-            images.append(ds)
-    return images, segs, files
-
-
-def _frames_of(ds: pydicom.Dataset) -> np.ndarray:
-    arr = ds.pixel_array
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if ds.get("SamplesPerPixel", 1) != 1:
-        raise ValueError(f"only grey images are supported, SamplesPerPixel={ds.SamplesPerPixel}")
-    arr = arr.reshape(frames, int(ds.Rows), int(ds.Columns)).astype(np.float32)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    if slope != 1 or intercept != 0:
-        arr = arr * slope + intercept
-    return arr
-
-
 def _masks_from_npz(path: Path, keys: Sequence[str], shape: tuple[int, int, int]) -> np.ndarray:
     with np.load(path) as data:
         missing = [k for k in keys if k not in data.files]
@@ -144,7 +119,7 @@ def _masks_from_npz(path: Path, keys: Sequence[str], shape: tuple[int, int, int]
 
 def _masks_from_seg(
     seg: pydicom.Dataset,
-    images: list[pydicom.Dataset],
+    series: SeriesFrames,
     segments: Sequence[SegmentRef],
     shape: tuple[int, int, int],
 ) -> np.ndarray:
@@ -168,12 +143,10 @@ def _masks_from_seg(
         labels = [str(i.get("SegmentLabel", "")) for i in seg.SegmentSequence]
         raise ValueError(f"SEG has no segment for {missing} (segments: {labels})")
     # frame index of each source (SOP instance UID, frame number)
-    index: dict[tuple[str, int], int] = {}
-    f = 0
-    for ds in images:
-        for k in range(int(ds.get("NumberOfFrames", 1) or 1)):
-            index[(str(ds.SOPInstanceUID), k + 1)] = f
-            f += 1
+    index = {
+        (str(series.sources[source].SOPInstanceUID), number): f
+        for f, (source, number) in enumerate(series.origins)
+    }
     pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
     if str(seg.get("SegmentationType", "BINARY")) == "FRACTIONAL":
         pixels = pixels >= float(seg.get("MaximumFractionalValue", 255)) / 2
@@ -276,23 +249,26 @@ def load_case(
     name = folder.name
     keys = [s.key for s in segments]
     try:
-        images, segs, files = _read_dicoms(folder)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad case
-        raise DataError(name, f"unreadable DICOM file ({exc})") from exc
-    if not images:
-        raise DataError(name, "no DICOM image in the folder")
-    images.sort(key=lambda d: int(d.get("InstanceNumber", 0) or 0))
+        read = read_case_folder(folder)
+    except SeriesReadError as exc:
+        raise DataError(name, str(exc)) from exc
+    except OSError as exc:
+        raise DataError(name, f"unreadable folder ({exc})") from exc
+    series, segs, files = read.series, read.segs, read.files
+    if any(f.ndim != 2 for f in series.frames):
+        samples = series.sources[0].get("SamplesPerPixel")
+        raise DataError(name, f"only grey images are supported, SamplesPerPixel={samples}")
     try:
-        frames = np.concatenate([_frames_of(ds) for ds in images])
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(name, f"cannot decode pixel data ({exc})") from exc
+        frames = series.stack()
+    except ValueError as exc:
+        raise DataError(name, f"cannot stack the frames ({exc})") from exc
     shape = frames.shape
     has_nifti = any(p.name.endswith(NIFTI_SUFFIXES) for p in folder.iterdir())
     try:
         if (folder / "truth.npz").exists():
             fmt, masks = "npz", _masks_from_npz(folder / "truth.npz", keys, shape)
         elif segs:
-            fmt, masks = "seg", _masks_from_seg(segs[0], images, segments, shape)
+            fmt, masks = "seg", _masks_from_seg(segs[0], series, segments, shape)
         elif has_nifti:
             fmt, masks = "nifti", _masks_from_nifti(folder, keys, shape, nifti_labels)
         else:
@@ -305,15 +281,13 @@ def load_case(
         raise DataError(
             name, f"mask shape {tuple(masks.shape[1:])} does not match image shape {shape}"
         )
-    first = images[0]
-    spacing = first.get("PixelSpacing") or first.get("ImagerPixelSpacing") or [1.0, 1.0]
-    patient = str(first.get("PatientID", "") or "") or name
+    patient = str(series.sources[0].get("PatientID", "") or "") or name
     return Case(
         name=name,
         patient_id=patient,
         frames=frames,
         masks=masks,
-        spacing=(float(spacing[0]), float(spacing[1])),
+        spacing=series.spacing,
         mask_format=fmt,
         files=files,
     )

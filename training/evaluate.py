@@ -1,9 +1,11 @@
 """Evaluate an exported model version on case folders, exactly as the node would run it.
 
-The ONNX model runs in ONNX Runtime (CUDA when present, else CPU) behind the node's own
-:class:`~dicom_node.modelstore.processing.Preprocess` and
-:class:`~dicom_node.modelstore.processing.Postprocess`, so the figures describe what the node
-serves, not a training-time approximation.
+Images are read by the node's frame reader (:mod:`dicom_node.modelstore.frames`, through
+:mod:`training.data`: frame order, Modality LUT, float32) and the version runs in the node's own
+:class:`~dicom_node.modelstore.runner.ModelRunner` (ONNX Runtime, CUDA when present, else CPU,
+with the manifest's pre- and post-processing), and Dice/IoU are
+:mod:`dicom_node.modelstore.scoring`, so the figures describe what the node serves, not a training-
+time approximation.
 
 ``report.json``::
 
@@ -33,10 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from dicom_node.modelstore.manifest import Manifest, load_manifest
-from dicom_node.modelstore.processing import Postprocess, Preprocess
+from dicom_node.modelstore import (
+    Manifest,
+    ModelRunner,
+    ResolvedVersion,
+    load_manifest,
+    sha256_file,
+)
 from training.data import Case, SegmentRef, load_dataset
-from training.export import HISTORY_FILE, sha256_file
+from training.export import HISTORY_FILE
 from training.metrics import case_metrics, detection
 
 LOGGER = logging.getLogger(__name__)
@@ -46,15 +53,6 @@ CONVENTIONS = (
     "both masks are non-empty; nodule detection: a truth nodule is found when a predicted "
     "component overlaps it, a predicted component overlapping no truth nodule is a false positive."
 )
-
-
-def _session(model_path: Path) -> Any:
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(model_path), providers=providers)
 
 
 def _mean(values: list[float]) -> float:
@@ -91,14 +89,31 @@ def summarise(records: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
     return out
 
 
+def version_of(model_dir: Path | str) -> ResolvedVersion:
+    """The version folder ``model_dir`` (in a store or not) as the runner takes it.
+
+    Raises
+    ------
+    dicom_node.modelstore.ManifestError
+        The manifest is missing or invalid.
+    """
+    folder = Path(model_dir)
+    manifest = load_manifest(folder / "manifest.yaml")
+    return ResolvedVersion(
+        name=manifest.name,
+        version=manifest.version,
+        alias=None,
+        path=folder,
+        manifest=manifest,
+        sha256=manifest.sha256,
+    )
+
+
 def predict_case(
-    session: Any, manifest: Manifest, case: Case, pre: Preprocess, post: Postprocess
+    runner: ModelRunner, resolved: ResolvedVersion, case: Case
 ) -> list[dict[str, np.ndarray]]:
-    """Masks per frame of ``case`` through ONNX Runtime and the shared pre/post-processing."""
-    name = manifest.input.name
-    batch = np.stack([pre(frame) for frame in case.frames])
-    logits = session.run([manifest.output.name], {name: batch})[0]
-    return [post(logits[i], shape=case.frames.shape[1:]) for i in range(len(batch))]
+    """Masks per frame of ``case``, by the node's runner: what the worker would return."""
+    return runner.run(resolved, list(case.frames))
 
 
 def evaluate(
@@ -144,8 +159,9 @@ def evaluate(
         The model file's sha256 differs from the manifest's, or no usable case.
     """
     model_dir, out = Path(model_dir), Path(out_dir)
-    manifest = load_manifest(model_dir / "manifest.yaml")
-    model_path = model_dir / manifest.model_file
+    resolved = version_of(model_dir)
+    manifest = resolved.manifest
+    model_path = resolved.model_file
     actual = sha256_file(model_path)
     if actual != manifest.sha256:
         raise ValueError(f"sha256 of {model_path} is {actual}, manifest says {manifest.sha256}")
@@ -153,12 +169,11 @@ def evaluate(
     refs = [SegmentRef(s.key, s.label, s.type.value) for s in segments]
     keys = [s.key for s in segments]
     cases, skipped = load_dataset(data_dir, refs, skip_bad=skip_bad, nifti_labels=nifti_labels)
-    session = _session(model_path)
-    pre, post = Preprocess(manifest.input), Postprocess(manifest.output, manifest.segments)
+    runner = ModelRunner()
     records: list[dict[str, Any]] = []
     kept: list[tuple[Case, int, dict[str, np.ndarray]]] = []
     for i, case in enumerate(cases):
-        for f, masks in enumerate(predict_case(session, manifest, case, pre, post)):
+        for f, masks in enumerate(predict_case(runner, resolved, case)):
             record: dict[str, Any] = {
                 "case": case.name,
                 "frame": f,

@@ -14,7 +14,6 @@ batch sizes 1 and 3): a max absolute logit difference above ``PARITY_TOLERANCE``
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import json
 import logging
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from ruamel.yaml import YAML
 
+from dicom_node.modelstore.files import atomic_write, sha256_file
 from dicom_node.modelstore.manifest import MANIFEST_FILE, InputSpec, parse_manifest
 from dicom_node.modelstore.processing import Preprocess
 from training.train import load_checkpoint
@@ -85,15 +85,6 @@ class ExportResult:
     size_bytes: int
     max_abs_diff: float
     manifest: dict[str, Any]
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -268,7 +259,7 @@ def export_model(
         )
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / "model.onnx"
-    onnx_path.write_bytes(onnx_bytes)
+    atomic_write(onnx_path, onnx_bytes)
     digest = sha256_file(onnx_path)
     metrics: dict[str, Any] = {}
     if report is not None:
@@ -311,11 +302,12 @@ def export_model(
     yaml = YAML()
     yaml.default_flow_style = None
     yaml.width = 100
-    with (out / MANIFEST_FILE).open("w") as fh:
-        yaml.dump(json.loads(json.dumps(manifest)), fh)
+    text = io.StringIO()
+    yaml.dump(json.loads(json.dumps(manifest)), text)
     history = ckpt.get("history") or []
     if history:
-        (out / HISTORY_FILE).write_text(json.dumps(history, indent=1))
+        atomic_write(out / HISTORY_FILE, json.dumps(history, indent=1))
+    atomic_write(out / MANIFEST_FILE, text.getvalue())  # last: a folder with a manifest is whole
     LOGGER.info("exported %s (%d bytes), parity %.2e", onnx_path, onnx_path.stat().st_size, diff)
     return ExportResult(
         onnx_path=onnx_path,

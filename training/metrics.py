@@ -1,5 +1,8 @@
 """Segmentation metrics in numpy: Dice, IoU, HD95 (mm), connected components, nodule detection.
 
+Dice and IoU are the model contract's (:mod:`dicom_node.modelstore.scoring`), re-exported here:
+the node's gate, shadow agreement and the demo compute the same numbers.
+
 Conventions (documented in the report):
 
 - Dice and IoU of two empty masks are 1.0 (nothing to find, nothing found); of one empty and one
@@ -20,7 +23,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dicom_node.modelstore.scoring import dice, iou
+
 LOGGER = logging.getLogger(__name__)
+
+__all__ = [
+    "case_metrics",
+    "detection",
+    "dice",
+    "hd95",
+    "iou",
+    "label_components",
+    "surface",
+]
 
 
 def _as_bool(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -28,24 +43,6 @@ def _as_bool(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if a.shape != b.shape:
         raise ValueError(f"masks must have the same shape, got {a.shape} and {b.shape}")
     return a, b
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice coefficient ``2|A∩B| / (|A|+|B|)``; 1.0 when both are empty."""
-    p, t = _as_bool(pred, truth)
-    total = int(p.sum()) + int(t.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int((p & t).sum()) / total
-
-
-def iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Intersection over union ``|A∩B| / |A∪B|``; 1.0 when both are empty."""
-    p, t = _as_bool(pred, truth)
-    union = int((p | t).sum())
-    if union == 0:
-        return 1.0
-    return int((p & t).sum()) / union
 
 
 def surface(mask: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from ruamel.yaml import YAML
 
+from dicom_node.modelstore.files import atomic_write
 from dicom_node.modelstore.manifest import InputSpec
 from training.data import Case, FrameDataset, SegmentRef, dataset_hash, load_dataset, patient_split
 from training.transforms import Compose, RandCrop, ToNetworkInput, build_augmentation
@@ -438,9 +439,7 @@ def _save(
         "history": history,
         **meta,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def _write_history(out: Path, history: list[dict[str, float]]) -> None:

@@ -22,6 +22,7 @@ from pynetdicom import AE, evt
 
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.demo.phantoms import make_case
+from dicom_node.modelstore.scoring import dice
 
 LOGGER = logging.getLogger(__name__)
 
@@ -94,11 +95,6 @@ def _push(ds: pydicom.Dataset, port: int, called: str) -> None:
         raise RuntimeError(f"C-STORE to the demo node failed: {status or 'no response'}")
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
 def _score(seg_path: Path, source_uid: str, truth: dict[str, np.ndarray]) -> dict[str, float]:
     seg = hd.seg.segread(seg_path)
     out: dict[str, float] = {}
@@ -113,7 +109,7 @@ def _score(seg_path: Path, source_uid: str, truth: dict[str, np.ndarray]) -> dic
             segment_numbers=[int(desc.SegmentNumber)],
             combine_segments=False,
         )
-        out[key] = _dice(np.asarray(pixels[0, ..., 0]).astype(bool), truth[key])
+        out[key] = dice(np.asarray(pixels[0, ..., 0]).astype(bool), truth[key])
     return out
 
 
@@ -173,7 +169,7 @@ def run_demo(
         if not receiver.arrived.wait(timeout):
             jobs = node.store.list_jobs(limit=1)
             reason = (
-                (jobs[0]["error"] or jobs[0]["outcome"] or jobs[0]["state"])
+                (jobs[0].error or jobs[0].outcome or jobs[0].state.value)
                 if jobs
                 else "the study was not recorded"
             )
@@ -184,9 +180,9 @@ def run_demo(
         seg_path = receiver.received[0]
         return DemoReport(
             seg_path=seg_path,
-            model=job["model_name"],
-            version=job["model_version"],
-            rule=job["rule"],
+            model=job.model_name or "",  # a done job has all three
+            version=job.model_version or "",
+            rule=job.rule or "",
             seconds=seconds,
             dice=_score(seg_path, str(case.dataset.SOPInstanceUID), case.truth),
         )

@@ -8,7 +8,6 @@ by one version even if an alias moves meanwhile.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,16 @@ from pydicom.dataset import Dataset
 from dicom_node import metrics
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
-from dicom_node.infer.images import SeriesFrames, SeriesReadError, read_series
-from dicom_node.jobs.store import JobState, JobStore
-from dicom_node.modelstore import InferenceError, ModelLoadError
+from dicom_node.jobs import Job, JobState, JobStore, TransitionError, one_patient_one_study
+from dicom_node.modelstore import (
+    InferenceError,
+    ModelLoadError,
+    SeriesFrames,
+    SeriesReadError,
+    atomic_write,
+    dice,
+    read_series,
+)
 from dicom_node.seg import AlgorithmInfo, SegmentSpec, build_seg
 from dicom_node.send.dimse import client_tls_context, send_file
 
@@ -41,24 +47,9 @@ class InferenceResult:
     duration: float
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice coefficient of two boolean masks; two empty masks agree perfectly."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
 def _fsync_write(path: Path, ds: Dataset) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    with tmp.open("rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
 
 
 class Worker:
@@ -83,28 +74,32 @@ class Worker:
         self.audit = audit
         self._tls = client_tls_context(config.tls) if config.tls else None
 
-    def process(self, job: dict[str, Any]) -> None:
+    def process(self, job: Job) -> None:
         """Take a claimed job as far as it goes now. Never raises."""
         try:
-            if job["state"] == JobState.RUNNING.value:
+            if job.state is JobState.RUNNING:
                 built = self._infer_and_build(job)
                 if built is None:
                     return
                 job = built
-            if job["state"] == JobState.EXPORTING.value:
+            if job.state is JobState.EXPORTING:
                 self._export(job)
         except Exception as exc:  # the job's outcome, not the worker's crash
-            LOGGER.exception("job %s: unexpected error", job["id"])
-            self.store.fail(job["id"], f"internal error: {exc}")
-            self.audit.write("failed", job=job["id"], error=f"internal error: {exc}")
+            LOGGER.exception("job %s: unexpected error", job.id)
+            try:
+                self.store.fail(job.id, f"internal error: {exc}")
+            except (KeyError, TransitionError) as gone:  # no longer this worker's to fail
+                LOGGER.warning("job %s: not marked failed: %s", job.id, gone)
+                return
+            self.audit.write("failed", job=job.id, error=f"internal error: {exc}")
 
     # -- inference and SEG ----------------------------------------------------------------
-    def _resolve(self, job: dict[str, Any]) -> Any:
-        if job["model_version"]:
-            return self.models.resolve_version(job["model_name"], job["model_version"])
-        resolved = self.models.resolve_for_job(job["model_ref"], job["study_uid"])
+    def _resolve(self, job: Job) -> Any:
+        if job.model_version:
+            return self.models.resolve_version(job.model_name, job.model_version)
+        resolved = self.models.resolve_for_job(job.model_ref, job.study_uid)
         self.store.resolved(
-            job["id"], resolved.name, resolved.version, resolved.alias, resolved.sha256
+            job.id, resolved.name, resolved.version, resolved.alias, resolved.sha256
         )
         return resolved
 
@@ -124,14 +119,17 @@ class Worker:
         masks = {k: np.stack([f[k] for f in per_frame]).astype(bool) for k in keys}
         return InferenceResult(masks=masks, duration=duration)
 
-    def _infer_and_build(self, job: dict[str, Any]) -> dict[str, Any] | None:
+    def _infer_and_build(self, job: Job) -> Job | None:
         try:
             resolved = self._resolve(job)
-            rows = self.store.series_instances(job["series_uid"])
+            rows = self.store.series_instances(job.series_uid)
             # what this result is built from: an instance recorded after this read re-opens the job
-            self.store.used_instances(job["id"], len(rows))
-            self._check_input(resolved, rows[0]["modality"] if rows else None)
-            series = read_series([self.config.storage / r["path"] for r in rows])
+            self.store.used_instances(job.id, len(rows))
+            self._check_input(resolved, rows[0].modality if rows else None)
+            series = read_series([self.config.storage / r.path for r in rows])
+            mixed = one_patient_one_study(series.sources, job.study_uid)
+            if mixed is not None:  # never a SEG over two patients or studies (DESIGN.md)
+                raise JobError(f"{mixed}; resend the series with consistent UIDs")
             result = self._infer(resolved, series)
         except (
             JobError,
@@ -141,9 +139,9 @@ class Worker:
             ModelLoadError,
             InferenceError,
         ) as exc:
-            LOGGER.warning("job %s: failed: %s", job["id"], exc)
-            self.store.fail(job["id"], str(exc))
-            self.audit.write("failed", job=job["id"], error=str(exc))
+            LOGGER.warning("job %s: failed: %s", job.id, exc)
+            self.store.fail(job.id, str(exc))
+            self.audit.write("failed", job=job.id, error=str(exc))
             return None
         seg = build_seg(
             series.sources,
@@ -154,23 +152,22 @@ class Worker:
                 version=resolved.version,
                 alias=resolved.alias,
                 sha256=resolved.sha256,
-                rule=job["rule"],
+                rule=job.rule or "",  # a running job was routed: it has its rule
             ),
         )
-        relpath = Path("results") / job["series_uid"] / f"{seg.SOPInstanceUID}.dcm"
+        relpath = Path("results") / job.series_uid / f"{seg.SOPInstanceUID}.dcm"
         _fsync_write(self.config.storage / relpath, seg)
         self.store.exporting(
-            job["id"],
+            job.id,
             str(relpath),
             str(seg.SOPInstanceUID),
             details={"frames": len(series.frames), "inference_seconds": round(result.duration, 4)},
         )
         self._shadow(job, resolved, series, result)
-        fresh = self.store.get(job["id"])
-        return fresh
+        return self.store.get(job.id)
 
     def _shadow(
-        self, job: dict[str, Any], resolved: Any, series: SeriesFrames, production: InferenceResult
+        self, job: Job, resolved: Any, series: SeriesFrames, production: InferenceResult
     ) -> None:
         """Run the shadow version (if any) on the same frames; record agreement, never export."""
         shadow = self.models.shadow_for(resolved.name)
@@ -180,7 +177,7 @@ class Worker:
             result = self._infer(shadow, series)
         except Exception as exc:
             LOGGER.warning(
-                "job %s: shadow %s:%s failed: %s", job["id"], shadow.name, shadow.version, exc
+                "job %s: shadow %s:%s failed: %s", job.id, shadow.name, shadow.version, exc
             )
             return
         agreement = {
@@ -192,23 +189,27 @@ class Worker:
             metrics.SHADOW_AGREEMENT.labels(
                 model=shadow.name, version=shadow.version, segment=key
             ).observe(value)
-        job = dict(job, model_version=resolved.version)
-        self.store.add_shadow_result(job, shadow.name, shadow.version, agreement)
+        self.store.add_shadow_result(
+            job.id, shadow.name, shadow.version, agreement, production_version=resolved.version
+        )
 
     # -- export -----------------------------------------------------------------------------
-    def _export(self, job: dict[str, Any]) -> None:
-        delivered = list(job["delivered"] or [])
+    def _export(self, job: Job) -> None:
+        if job.seg_path is None:  # the store moves a job to exporting only with its SEG
+            raise RuntimeError(f"job {job.id} is exporting without a SEG")
+        seg_path = job.seg_path
+        delivered = list(job.delivered or ())
         errors = []
-        for name in job["destinations"] or []:
+        for name in job.destinations or ():
             if name in delivered:
                 continue
             dest = self.config.destinations.get(name)
             if dest is None:
-                self.store.fail(job["id"], f"destination {name!r} is not in the configuration")
-                self.audit.write("failed", job=job["id"], error=f"unknown destination {name}")
+                self.store.fail(job.id, f"destination {name!r} is not in the configuration")
+                self.audit.write("failed", job=job.id, error=f"unknown destination {name}")
                 return
             result = send_file(
-                self.config.storage / job["seg_path"],
+                self.config.storage / seg_path,
                 dest,
                 calling_ae=self.config.ae_title,
                 timeout=self.config.export_timeout,
@@ -216,38 +217,38 @@ class Worker:
             )
             if result.ok:
                 delivered.append(name)
-                self.store.delivered(job["id"], delivered)
+                self.store.delivered(job.id, delivered)
                 metrics.EXPORT_SUCCESS.labels(destination=name).inc()
             else:
                 metrics.EXPORT_FAILURE.labels(destination=name).inc()
                 errors.append(f"{name}: {result.reason}")
         if not errors:
             outcome = f"SEG sent to {', '.join(delivered) or 'no destination'}"
-            state = self.store.done(job["id"], outcome)
+            state = self.store.done(job.id, outcome)
             self.audit.write(
                 "done",
-                job=job["id"],
-                rule=job["rule"],
-                model=job["model_name"],
-                version=job["model_version"],
+                job=job.id,
+                rule=job.rule,
+                model=job.model_name,
+                version=job.model_version,
                 destinations=delivered,
             )
-            LOGGER.info("job %s: done, %s", job["id"], outcome)
+            LOGGER.info("job %s: done, %s", job.id, outcome)
             if state is JobState.ROUTED:
-                self.audit.write("reopened", job=job["id"], reason="instances arrived meanwhile")
+                self.audit.write("reopened", job=job.id, reason="instances arrived meanwhile")
             return
         error = "; ".join(errors)
-        attempts = job["export_attempts"] + 1
+        attempts = job.export_attempts + 1
         if attempts > self.config.export_retries:
-            self.store.fail(job["id"], f"export failed after {attempts} attempt(s): {error}")
-            self.audit.write("failed", job=job["id"], error=error, attempts=attempts)
-            LOGGER.warning("job %s: export failed for good: %s", job["id"], error)
+            self.store.fail(job.id, f"export failed after {attempts} attempt(s): {error}")
+            self.audit.write("failed", job=job.id, error=error, attempts=attempts)
+            LOGGER.warning("job %s: export failed for good: %s", job.id, error)
             return
         delay = self.config.export_backoff * 2 ** (attempts - 1)
-        self.store.export_retry(job["id"], delay, error)
+        self.store.export_retry(job.id, delay, error)
         LOGGER.info(
             "job %s: export attempt %d failed (%s), retry in %.1f s",
-            job["id"],
+            job.id,
             attempts,
             error,
             delay,

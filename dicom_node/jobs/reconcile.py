@@ -15,17 +15,16 @@ from pathlib import Path
 
 import pydicom
 
-from dicom_node.jobs.records import InstanceRecord
-from dicom_node.jobs.store import JobStore, instances
-from dicom_node.receive.spool import SPOOL_DIR
+from dicom_node.jobs.records import Instance
+from dicom_node.jobs.store import JobStore
 
 LOGGER = logging.getLogger(__name__)
 
 
-def _row_for(path: Path, storage: Path) -> InstanceRecord:
+def _row_for(path: Path, storage: Path) -> Instance:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     stat = path.stat()
-    return InstanceRecord(
+    return Instance(
         sop_instance_uid=str(ds.SOPInstanceUID),
         sop_class_uid=str(ds.SOPClassUID),
         study_uid=str(ds.StudyInstanceUID),
@@ -39,18 +38,23 @@ def _row_for(path: Path, storage: Path) -> InstanceRecord:
     )
 
 
-def reconcile_spool(store: JobStore, storage: Path) -> int:
-    """Record spooled instances the job store does not know; return how many were added."""
-    root = Path(storage) / SPOOL_DIR
+def reconcile_spool(store: JobStore, storage: Path, spool_dir: str) -> int:
+    """Record spooled instances the job store does not know; return how many were added.
+
+    Parameters
+    ----------
+    store:
+        The job store; read and written only through its API.
+    storage:
+        The root that recorded paths are relative to.
+    spool_dir:
+        The spool's folder under ``storage`` (the receiver's ``SPOOL_DIR``); files are
+        ``<spool_dir>/<study>/<series>/<sop>.dcm``, anything else is an interrupted write.
+    """
+    root = Path(storage) / spool_dir
     if not root.is_dir():
         return 0
-    with store.engine.begin() as conn:
-        known = {
-            row[0]
-            for row in conn.execute(
-                instances.select().with_only_columns(instances.c.sop_instance_uid)
-            )
-        }
+    known = store.known_instance_uids()
     added = 0
     for folder, _dirs, files in os.walk(root):
         for name in files:

@@ -1,16 +1,35 @@
-"""The model store: versioned ONNX models, aliases, pre/post-processing, runner and hot swap.
+"""The model store: versioned ONNX models, aliases, the model contract, runner and hot swap.
 
 Public API (see ``models/README.md`` for the store layout and the manifest fields)::
 
     store = ModelStore(cfg.models)
     version = store.resolve("thyroid-seg@production", study_uid)
+    series = read_series(paths)                  # ordered, Modality-LUT-applied float32 frames
     runner = ModelRunner(threads=cfg.inference_threads)
-    masks = runner.run(version, frames)          # [{segment key: bool (H, W)}] per frame
+    masks = runner.run(version, series.frames)   # [{segment key: bool (H, W)}] per frame
+
+The model contract, shared by the worker, the promotion gate, training and the demo:
+:mod:`~dicom_node.modelstore.frames` (pixels in), :mod:`~dicom_node.modelstore.processing`
+(pre/post-processing), :mod:`~dicom_node.modelstore.scoring` (Dice, IoU),
+:mod:`~dicom_node.modelstore.refs` (``name@alias`` / ``name:version``),
+:mod:`~dicom_node.modelstore.codes` (coded concepts) and :mod:`~dicom_node.modelstore.files`
+(sha256, atomic writes).
+
+May import: ``dicom_node.metrics`` only; no other room (training and the node both build on it).
 """
 
 from dicom_node.modelstore.aliases import AliasError, canary_bucket, in_canary
+from dicom_node.modelstore.codes import Code
+from dicom_node.modelstore.files import atomic_write, fsync_dir, sha256_bytes, sha256_file
+from dicom_node.modelstore.frames import (
+    CaseImages,
+    SeriesFrames,
+    SeriesReadError,
+    read_case_folder,
+    read_series,
+    series_frames,
+)
 from dicom_node.modelstore.manifest import (
-    Code,
     InputSpec,
     Manifest,
     ManifestError,
@@ -28,6 +47,7 @@ from dicom_node.modelstore.processing import (
     resize_bilinear,
     resize_nearest,
 )
+from dicom_node.modelstore.refs import ModelRef, ModelRefError, parse_model_ref
 from dicom_node.modelstore.runner import (
     InferenceError,
     LoadedModel,
@@ -35,27 +55,23 @@ from dicom_node.modelstore.runner import (
     ModelRunner,
     choose_providers,
 )
+from dicom_node.modelstore.scoring import dice, iou
 from dicom_node.modelstore.serving import ServingModels
-from dicom_node.modelstore.store import (
-    ModelStore,
-    ModelStoreError,
-    ResolvedVersion,
-    parse_ref,
-    sha256_file,
-)
+from dicom_node.modelstore.store import ModelStore, ModelStoreError, ResolvedVersion
 
 __all__ = [
     "AliasError",
+    "CaseImages",
     "Code",
     "InferenceError",
-    "LoadedModel",
-    "ModelLoadError",
-    "ModelRunner",
-    "ServingModels",
-    "choose_providers",
     "InputSpec",
+    "LoadedModel",
     "Manifest",
     "ManifestError",
+    "ModelLoadError",
+    "ModelRef",
+    "ModelRefError",
+    "ModelRunner",
     "ModelStore",
     "ModelStoreError",
     "Normalization",
@@ -64,14 +80,26 @@ __all__ = [
     "Preprocess",
     "ResolvedVersion",
     "Segment",
+    "SeriesFrames",
+    "SeriesReadError",
+    "ServingModels",
+    "atomic_write",
     "canary_bucket",
+    "choose_providers",
     "contract_differences",
+    "dice",
+    "fsync_dir",
     "in_canary",
+    "iou",
     "load_manifest",
     "normalize",
     "parse_manifest",
-    "parse_ref",
+    "parse_model_ref",
+    "read_case_folder",
+    "read_series",
     "resize_bilinear",
     "resize_nearest",
+    "series_frames",
+    "sha256_bytes",
     "sha256_file",
 ]

@@ -24,12 +24,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
+
+from dicom_node.modelstore.files import atomic_write, fsync_dir
+from dicom_node.modelstore.refs import ALIAS_PATTERN
 
 LOGGER = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ PRODUCTION = "production"
 CANARY = "canary"
 SHADOW = "shadow"
 
-_ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_ALIAS_RE = re.compile(rf"^{ALIAS_PATTERN}$")
 
 
 class AliasError(ValueError):
@@ -61,32 +63,6 @@ def validate_alias_name(alias: str) -> str:
             f"got {alias!r}"
         )
     return alias
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that renames and creations inside it are durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically: temp file, fsync, rename, fsync folder."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def _dump_yaml(data: Any) -> str:
@@ -169,7 +145,7 @@ def write_aliases(model_dir: Path, aliases: dict[str, Any]) -> None:
     path = Path(model_dir) / ALIASES_FILE
     clean = parse_aliases(aliases, str(path))
     ordered = {k: clean[k] for k in sorted(clean, key=lambda a: (a != PRODUCTION, a))}
-    atomic_write_text(path, _dump_yaml(ordered))
+    atomic_write(path, _dump_yaml(ordered))
 
 
 def utc_now() -> str:

@@ -4,11 +4,14 @@ The reference set is a folder of case folders in the training evaluation format:
 
     DATA/
       case0001/
-        image.dcm        # one or more DICOM images (SEG files are ignored); multi-file series are
-                         # stacked by InstanceNumber
+        image.dcm        # one or more DICOM images (SEG files are ignored)
         truth.npz        # bool arrays named by segment key, (H, W) or (F, H, W)
 
-Both versions run on every case; per segment, the mean Dice over cases is compared. The gate
+Cases are read by the node's own frame reader
+(:func:`dicom_node.modelstore.frames.read_case_folder`: frame order, Modality LUT, colour as the
+worker sees them; ``truth.npz`` stacks follow that frame order) and run through the same
+:class:`ModelRunner` as the worker, so the gate scores exactly what the node would serve. Both
+versions run on every case; per segment, the mean Dice over cases is compared. The gate
 refuses when any segment's mean Dice of the candidate is lower than production's by more than
 ``tolerance`` (default 0.01). The result is a plain mapping that ``promote`` writes to the alias
 history.
@@ -24,15 +27,15 @@ from typing import Any
 import numpy as np
 
 from dicom_node.modelstore.aliases import PRODUCTION
+from dicom_node.modelstore.frames import SeriesReadError, read_case_folder
 from dicom_node.modelstore.runner import ModelRunner
+from dicom_node.modelstore.scoring import dice
 from dicom_node.modelstore.store import ModelStore, ModelStoreError, ResolvedVersion
 
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 0.01
 """Largest allowed drop of a segment's mean Dice (absolute) before the gate refuses."""
-
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 class GateError(ValueError):
@@ -71,53 +74,24 @@ class GateResult:
         return data
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Return the Dice coefficient of two boolean masks (1.0 when both are empty)."""
-    a = np.asarray(a, dtype=bool)
-    b = np.asarray(b, dtype=bool)
-    total = int(a.sum()) + int(b.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
-def _frames_of(path: Path) -> tuple[int, list[np.ndarray]] | None:
-    import pydicom
-    from pydicom.misc import is_dicom
-
-    if not path.is_file() or not is_dicom(path):
-        return None
-    ds = pydicom.dcmread(path)
-    if str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS:
-        return None
-    pixels = np.asarray(ds.pixel_array)
-    samples = int(ds.get("SamplesPerPixel", 1))
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1 or (samples == 1 and pixels.ndim == 3):
-        stack = list(pixels)
-    else:
-        stack = [pixels]
-    return int(ds.get("InstanceNumber", 0) or 0), stack
-
-
 def load_reference_cases(root: str | Path) -> list[ReferenceCase]:
     """Read every case folder under ``root`` (sorted by name).
 
     Raises
     ------
     GateError
-        ``root`` is not a folder, has no case, or a case lacks images or ``truth.npz``, or its
-        masks do not match the image shape.
+        ``root`` is not a folder, has no case, or a case lacks images or ``truth.npz``, an image
+        cannot be decoded, or its masks do not match the image shape.
     """
     root = Path(root)
     if not root.is_dir():
         raise GateError(f"reference data {root} is not a folder")
     cases: list[ReferenceCase] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = [r for r in (_frames_of(f) for f in sorted(folder.iterdir())) if r is not None]
-        if not images:
-            raise GateError(f"reference case {folder}: no DICOM image")
-        frames = [f for _, stack in sorted(images, key=lambda r: r[0]) for f in stack]
+        try:
+            frames = read_case_folder(folder).series.frames
+        except SeriesReadError as exc:
+            raise GateError(f"reference case {folder}: {exc}") from exc
         truth_path = folder / "truth.npz"
         if not truth_path.is_file():
             raise GateError(f"reference case {folder}: no truth.npz (bool arrays per segment key)")

@@ -17,6 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 
+from dicom_node.modelstore.codes import Code
+
 LOGGER = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.yaml"
@@ -33,19 +35,6 @@ class ManifestError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Code(_Strict):
-    """A coded concept (value, coding scheme designator, meaning), e.g. SNOMED CT ``69748006``."""
-
-    value: str = Field(min_length=1, max_length=64)
-    scheme: str = Field(min_length=1, max_length=16)
-    meaning: str = Field(min_length=1, max_length=64)
-
-    @field_validator("value", mode="before")
-    @classmethod
-    def _value_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) else value
 
 
 class Normalization(_Strict):
@@ -121,6 +110,15 @@ class Segment(_Strict):
     type: Code
     color: tuple[int, int, int] = (255, 0, 0)
     description: str | None = None
+
+    @field_validator("category", "type", mode="before")
+    @classmethod
+    def _code_value_text(cls, value: Any) -> Any:
+        # YAML reads an unquoted code value (value: 69748006) as an integer: take its text
+        if isinstance(value, dict) and isinstance(value.get("value"), int):
+            if not isinstance(value["value"], bool):
+                return {**value, "value": str(value["value"])}
+        return value
 
     @field_validator("key")
     @classmethod
@@ -282,7 +280,7 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top)"
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             msg = "unknown field (not part of the manifest; check the spelling)"
         elif err["type"] == "missing":
             msg = "required field is missing"

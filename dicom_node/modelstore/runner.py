@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from dicom_node import metrics
+from dicom_node.modelstore.files import sha256_bytes
 from dicom_node.modelstore.processing import Postprocess, Preprocess
 from dicom_node.modelstore.store import ResolvedVersion
 
@@ -150,15 +151,13 @@ class ModelRunner:
         return model
 
     def _load(self, resolved: ResolvedVersion) -> LoadedModel:
-        import hashlib
-
         label = resolved.ref
         manifest = resolved.manifest
         try:
             data = resolved.model_file.read_bytes()
         except OSError as exc:
             raise ModelLoadError(f"{label}: cannot read {resolved.model_file}: {exc}") from exc
-        actual = hashlib.sha256(data).hexdigest()
+        actual = sha256_bytes(data)  # the bytes that are loaded, not a second read
         if actual != resolved.sha256:
             raise ModelLoadError(
                 f"{label}: sha256 of {resolved.model_file.name} is {actual}, manifest says "

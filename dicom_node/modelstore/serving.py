@@ -32,8 +32,9 @@ from typing import Any
 
 from dicom_node import metrics
 from dicom_node.modelstore.aliases import ALIASES_FILE, CANARY, PRODUCTION, SHADOW, in_canary
+from dicom_node.modelstore.refs import ModelRefError, parse_model_ref
 from dicom_node.modelstore.runner import ModelLoadError, ModelRunner
-from dicom_node.modelstore.store import ModelStore, ModelStoreError, ResolvedVersion, parse_ref
+from dicom_node.modelstore.store import ModelStore, ModelStoreError, ResolvedVersion
 
 LOGGER = logging.getLogger(__name__)
 
@@ -231,7 +232,10 @@ class ServingModels:
         ModelStoreError
             Malformed reference, unknown model or alias, or the version cannot be loaded.
         """
-        name, alias, version = parse_ref(ref)
+        try:
+            name, alias, version = parse_model_ref(ref).as_tuple()
+        except ModelRefError as exc:
+            raise ModelStoreError(str(exc)) from exc
         if version is not None:
             return self._pinned_version(name, version)
         assert alias is not None
@@ -353,8 +357,8 @@ class ServingModels:
             needed = set()
             for ref in refs:
                 try:
-                    name, alias, version = parse_ref(ref)
-                except ModelStoreError as exc:
+                    name, alias, version = parse_model_ref(ref).as_tuple()
+                except ModelRefError as exc:
                     return False, str(exc)
                 if version is None and alias is not None:
                     needed.add((name, alias))

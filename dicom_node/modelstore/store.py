@@ -16,7 +16,6 @@ output contract differs from production. Alias changes are atomic file replaceme
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -33,7 +32,6 @@ from dicom_node.modelstore.aliases import (
     SHADOW,
     AliasError,
     append_history,
-    fsync_dir,
     in_canary,
     model_lock,
     read_aliases,
@@ -41,6 +39,7 @@ from dicom_node.modelstore.aliases import (
     validate_alias_name,
     write_aliases,
 )
+from dicom_node.modelstore.files import fsync_dir, sha256_file
 from dicom_node.modelstore.manifest import (
     MANIFEST_FILE,
     Manifest,
@@ -48,10 +47,9 @@ from dicom_node.modelstore.manifest import (
     contract_differences,
     load_manifest,
 )
+from dicom_node.modelstore.refs import NAME_PATTERN, ModelRefError, parse_model_ref
 
 LOGGER = logging.getLogger(__name__)
-
-_REF_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:(?P<sep>[@:])(?P<tag>[^@:\s]+))?$")
 
 
 class ModelStoreError(LookupError):
@@ -101,36 +99,6 @@ class ResolvedVersion:
         return (self.name, self.version, self.sha256)
 
 
-def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """Split ``name@alias`` / ``name:version`` / ``name`` into ``(name, alias, version)``.
-
-    A bare ``name`` means ``name@production``.
-
-    Raises
-    ------
-    ModelStoreError
-        ``ref`` does not have one of these forms.
-    """
-    match = _REF_RE.match(ref.strip()) if isinstance(ref, str) else None
-    if match is None:
-        raise ModelStoreError(
-            f"model reference must be 'name@alias' or 'name:version', got {ref!r}"
-        )
-    name, sep, tag = match.group("name", "sep", "tag")
-    if sep == ":":
-        return name, None, tag
-    return name, tag or PRODUCTION, None
-
-
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _version_sort_key(version: str) -> tuple[Any, ...]:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._-]", version))
 
@@ -168,7 +136,7 @@ class ModelStore:
     # ------------------------------------------------------------------ reading
     def model_dir(self, name: str) -> Path:
         """Return ``root/name`` (validating ``name``)."""
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", name or ""):
+        if not isinstance(name, str) or not re.match(rf"^{NAME_PATTERN}$", name):
             raise ModelStoreError(
                 f"model name must be letters, digits, '.', '_' or '-', got {name!r}"
             )
@@ -278,7 +246,10 @@ class ModelStore:
         ModelStoreError
             Malformed reference, unknown model, alias not set, version missing or invalid.
         """
-        name, alias, version = parse_ref(ref)
+        try:
+            name, alias, version = parse_model_ref(ref).as_tuple()
+        except ModelRefError as exc:
+            raise ModelStoreError(str(exc)) from exc
         if not self.model_dir(name).is_dir():
             raise ModelStoreError(
                 f"{ref}: no model {name!r} in {self.root} (models: {self.list_models() or 'none'})"

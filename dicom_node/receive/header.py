@@ -3,9 +3,17 @@
 The C-STORE handler must validate and file every instance without decoding and re-encoding it.
 :func:`parse_header` walks the top-level elements of the bytes as received (any uncompressed or
 encapsulated transfer syntax, deflate, big endian), skips sequences without decoding them, and
-reads StudyInstanceUID, SeriesInstanceUID, SOP UIDs, Modality, Rows, Columns, SamplesPerPixel,
+reads StudyInstanceUID, SeriesInstanceUID, SOP UIDs, Modality, the patient identity (PatientID,
+PatientName, PatientBirthDate, kept as the raw bytes), Rows, Columns, SamplesPerPixel,
 BitsAllocated, NumberOfFrames and the Pixel Data length. Anything unusual goes to pydicom's reader.
 :func:`encode_file_meta` builds the File Meta the spooled file starts with.
+
+UIDs are kept whole, as sent (only the one trailing pad byte a UI value may carry is removed):
+a second value, a newline or extra padding stays in the string for the validator to refuse,
+never silently dropped. A deflated data set is inflated in pieces against a limit
+(:class:`TooLarge` beyond it), and only its first :data:`INFLATE_KEEP` bytes are kept.
+
+May import: pydicom, pynetdicom's public names. Nothing from ``dicom_node``.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.filereader import read_dataset
@@ -22,12 +30,31 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 
+__all__ = [
+    "INFLATE_CHUNK",
+    "INFLATE_KEEP",
+    "Header",
+    "TooLarge",
+    "encode_file_meta",
+    "parse_header",
+]
+
+INFLATE_CHUNK = 16 * 2**20
+"""Bytes inflated per step of a deflated data set (the most one step allocates)."""
+
+INFLATE_KEEP = 64 * 2**20
+"""Bytes of an inflated data set kept for reading its header; the rest is only counted (its
+length is what the truncation check needs). Elements before the Pixel Data must fit here."""
+
 # Tags of the header elements read on the hot path
 _TAG_SOP_CLASS = 0x00080016
 _TAG_SOP_INSTANCE = 0x00080018
 _TAG_MODALITY = 0x00080060
 _TAG_STUDY = 0x0020000D
 _TAG_SERIES = 0x0020000E
+_TAG_PATIENT_NAME = 0x00100010
+_TAG_PATIENT_ID = 0x00100020
+_TAG_BIRTH_DATE = 0x00100030
 _TAG_SAMPLES = 0x00280002
 _TAG_FRAMES = 0x00280008
 _TAG_ROWS = 0x00280010
@@ -42,6 +69,9 @@ _HEADER_TAGS: list[BaseTag | int] = [
         _TAG_MODALITY,
         _TAG_STUDY,
         _TAG_SERIES,
+        _TAG_PATIENT_NAME,
+        _TAG_PATIENT_ID,
+        _TAG_BIRTH_DATE,
         _TAG_SAMPLES,
         _TAG_FRAMES,
         _TAG_ROWS,
@@ -63,6 +93,12 @@ class Header:
     study_uid: str | None = None
     series_uid: str | None = None
     modality: str | None = None
+    patient_id: bytes | None = field(default=None, repr=False)
+    """PatientID as encoded (padding included); None when absent. Never logged."""
+    patient_name: bytes | None = field(default=None, repr=False)
+    """PatientName as encoded; None when absent. Never logged."""
+    patient_birth_date: bytes | None = field(default=None, repr=False)
+    """PatientBirthDate as encoded; None when absent. Never logged."""
     rows: int | None = None
     columns: int | None = None
     samples_per_pixel: int | None = None
@@ -105,13 +141,57 @@ class _NotSimple(Exception):
     """The fast walker met something it leaves to pydicom."""
 
 
-_STRING_TAGS = {
+class TooLarge(ValueError):
+    """The data set inflates to more than the limit it was given (a decompression bomb)."""
+
+
+_UID_TAGS = {
     _TAG_SOP_CLASS: "sop_class_uid",
     _TAG_SOP_INSTANCE: "sop_instance_uid",
     _TAG_STUDY: "study_uid",
     _TAG_SERIES: "series_uid",
-    _TAG_MODALITY: "modality",
 }
+_STRING_TAGS = {_TAG_MODALITY: "modality"}
+_RAW_TAGS = {
+    _TAG_PATIENT_ID: "patient_id",
+    _TAG_PATIENT_NAME: "patient_name",
+    _TAG_BIRTH_DATE: "patient_birth_date",
+}
+
+
+def _uid_text(raw: bytes) -> str | None:
+    """A UI value as sent, minus the one pad byte (NUL or space) an even length may need.
+
+    Decoded as Latin-1 so that any byte survives to be refused by the validator.
+    """
+    if raw[-1:] in (b"\x00", b" "):
+        raw = raw[:-1]
+    return raw.decode("latin-1") if raw else None
+
+
+def _raw_value(ds: Any, tag: int) -> bytes | None:
+    """The encoded bytes of an element read by pydicom (raw unless something converted it)."""
+    if tag not in ds:
+        return None
+    elem = ds.get_item(tag)
+    value = elem.value
+    if isinstance(value, bytes):
+        return value or None
+    if value is None or value == "":
+        return None
+    if isinstance(value, list | MultiValue):
+        return "\\".join(str(v) for v in value).encode("latin-1", "replace")
+    original = getattr(value, "original_string", None)  # PersonName
+    if isinstance(original, bytes):
+        return original
+    return str(value).encode("latin-1", "replace")
+
+
+def _uid_value(ds: Any, tag: int) -> str | None:
+    raw = _raw_value(ds, tag)
+    return _uid_text(raw) if raw else None
+
+
 _US_TAGS = {
     _TAG_ROWS: "rows",
     _TAG_COLUMNS: "columns",
@@ -121,7 +201,7 @@ _US_TAGS = {
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
-def parse_header(data: bytes, transfer_syntax: str) -> Header:
+def parse_header(data: bytes, transfer_syntax: str, max_inflated: int | None = None) -> Header:
     """Read the handful of elements the receive path needs from an encoded data set.
 
     A small walker over the top-level elements does the work; anything it does not handle with
@@ -133,6 +213,9 @@ def parse_header(data: bytes, transfer_syntax: str) -> Header:
         The data set as received (no preamble or File Meta).
     transfer_syntax:
         The presentation context's transfer syntax UID.
+    max_inflated:
+        For a deflated transfer syntax: the most bytes the data set may inflate to (None: no
+        limit). Inflating stops as soon as it is passed.
 
     Returns
     -------
@@ -141,6 +224,8 @@ def parse_header(data: bytes, transfer_syntax: str) -> Header:
 
     Raises
     ------
+    TooLarge
+        A deflated data set inflates to more than ``max_inflated`` bytes.
     ValueError
         The bytes cannot be decoded as a data set in that transfer syntax (the message says why).
     """
@@ -149,17 +234,50 @@ def parse_header(data: bytes, transfer_syntax: str) -> Header:
         implicit, little, deflated = ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated
     else:  # a transfer syntax pydicom does not know: encapsulated explicit VR little endian
         implicit, little, deflated = False, True, False
+    beyond = 0  # inflated bytes counted but not kept
     if deflated:
-        try:
-            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
-        except zlib.error as exc:
-            raise ValueError(f"deflated data set does not inflate: {exc}") from exc
+        data, total = _inflate(data, max_inflated)
+        beyond = total - len(data)
     if not data:
         raise ValueError("the data set is empty")
     try:
-        return _parse_header_fast(data, implicit, little)
+        header = _parse_header_fast(data, implicit, little)
     except (_NotSimple, struct.error, UnicodeDecodeError, ValueError):
-        return _parse_header_pydicom(data, implicit, little)
+        header = _parse_header_pydicom(data, implicit, little)
+    if beyond and header.pixel_data_available is None:
+        raise ValueError(
+            f"the deflated data set has more than {INFLATE_KEEP} bytes before its Pixel Data"
+        )
+    if beyond and header.pixel_data_available is not None:
+        header.pixel_data_available += beyond
+    return header
+
+
+def _inflate(data: bytes, limit: int | None) -> tuple[bytes, int]:
+    """Inflate a deflated data set in :data:`INFLATE_CHUNK` steps; return (kept, total).
+
+    Keeps the first :data:`INFLATE_KEEP` bytes, counts the rest, and stops with
+    :class:`TooLarge` as soon as the total passes ``limit``.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    kept = bytearray()
+    total = 0
+    pending = data
+    try:
+        while True:
+            out = inflater.decompress(pending, INFLATE_CHUNK)
+            pending = inflater.unconsumed_tail
+            if not pending:
+                out += inflater.flush()
+            total += len(out)
+            if len(kept) < INFLATE_KEEP:
+                kept += out[: INFLATE_KEEP - len(kept)]
+            if limit is not None and total > limit:
+                raise TooLarge(f"the deflated data set inflates to more than {limit} bytes")
+            if not pending:
+                return bytes(kept), total
+    except zlib.error as exc:
+        raise ValueError(f"deflated data set does not inflate: {exc}") from exc
 
 
 def _element_header(
@@ -236,7 +354,12 @@ def _parse_header_fast(data: bytes, implicit: bool, little: bool) -> Header:
             continue
         if value + length > end:
             raise ValueError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end")
-        if tag in _STRING_TAGS:
+        if tag in _UID_TAGS:
+            if length:
+                setattr(header, _UID_TAGS[tag], _uid_text(data[value : value + length]))
+        elif tag in _RAW_TAGS:
+            setattr(header, _RAW_TAGS[tag], data[value : value + length] or None)
+        elif tag in _STRING_TAGS:
             text = data[value : value + length].decode("ascii").strip("\x00 ")
             setattr(header, _STRING_TAGS[tag], text.split("\\")[0] or None)
         elif tag in _US_TAGS:
@@ -281,11 +404,14 @@ def _parse_header_pydicom(data: bytes, implicit: bool, little: bool) -> Header:
         if not walk.stopped and fp.tell() != end:
             raise ValueError("the data set does not end where its elements end")
         header = Header(
-            sop_class_uid=_str_value(ds, _TAG_SOP_CLASS),
-            sop_instance_uid=_str_value(ds, _TAG_SOP_INSTANCE),
-            study_uid=_str_value(ds, _TAG_STUDY),
-            series_uid=_str_value(ds, _TAG_SERIES),
+            sop_class_uid=_uid_value(ds, _TAG_SOP_CLASS),
+            sop_instance_uid=_uid_value(ds, _TAG_SOP_INSTANCE),
+            study_uid=_uid_value(ds, _TAG_STUDY),
+            series_uid=_uid_value(ds, _TAG_SERIES),
             modality=_str_value(ds, _TAG_MODALITY),
+            patient_id=_raw_value(ds, _TAG_PATIENT_ID),
+            patient_name=_raw_value(ds, _TAG_PATIENT_NAME),
+            patient_birth_date=_raw_value(ds, _TAG_BIRTH_DATE),
             rows=_int_value(ds, _TAG_ROWS),
             columns=_int_value(ds, _TAG_COLUMNS),
             samples_per_pixel=_int_value(ds, _TAG_SAMPLES),

@@ -1,11 +1,14 @@
-"""The node's DICOM listener: C-ECHO and C-STORE SCP writing raw bytes into the spool.
+"""The node's listener: :class:`StorageSCP`, the association policy, and the wiring of the layers.
 
-The C-STORE handler never decodes and re-encodes a data set: it reads the few header elements it
-needs to validate and file the instance, writes the bytes as they came (behind a File Meta built
-from the request) into the :class:`~dicom_node.receive.spool.Spool`, fsyncs, hands an
-:class:`InstanceRecord` to the injected ``on_instance`` callback (the job store) and only then
-answers Success. Every failure has its own status code (module constants ``STATUS_*``) and a
-``reason`` label on ``dicom_node_instances_rejected_total``; the handler never raises.
+Owns what ``node.py`` uses, ``StorageSCP(config, spool, on_instance)`` with ``.start()``,
+``.stop()``, ``.port`` and ``.listening``, and the association-level policy: the calling-AE
+allow-list (:class:`CallerPolicy`), the presentation contexts offered, and the counting of
+accepted and rejected associations. It binds the handlers of :mod:`dicom_node.receive.handler`
+as data to a :class:`~dicom_node.receive.transport.NodeAssociationServer`.
+
+May import: ``dicom_node.config``, ``dicom_node.metrics``, ``dicom_node.jobs.records`` and the
+other ``dicom_node.receive`` modules; pynetdicom's public API (private names only through
+:mod:`dicom_node.receive._pynetdicom_tuned`).
 
 Example
 -------
@@ -15,18 +18,17 @@ Example
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
+import re
 import socket
-import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -36,260 +38,54 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import metrics
-from dicom_node.config import NodeConfig, TLSConfig
+from dicom_node.config import NodeConfig
 from dicom_node.jobs.records import InstanceRecord
-from dicom_node.receive.header import Header, encode_file_meta, parse_header
-from dicom_node.receive.spool import InvalidUID, Spool, validate_uid
-from dicom_node.receive.transport import NodeAssociationServer
+from dicom_node.receive._pynetdicom_tuned import (
+    end_negotiation,
+    register_server,
+    set_unrestricted_storage,
+)
+from dicom_node.receive.handler import StoreContext, handle_echo, handle_store
+from dicom_node.receive.spool import Spool
+from dicom_node.receive.transport import NodeAssociationServer, build_ssl_context
 
 __all__ = [
+    "NEGOTIATION_GRACE",
+    "STORAGE_SOP_CLASSES",
+    "TRANSFER_SYNTAXES",
     "CallerPolicy",
-    "Header",
     "InstanceRecord",
-    "Refused",
     "StorageSCP",
-    "build_ssl_context",
-    "check_header",
-    "encode_file_meta",
-    "handle_store",
-    "parse_header",
 ]
 
 LOGGER = logging.getLogger(__name__)
 
-# -- statuses (PS3.4 B.2.3: A7xx out of resources, A9xx data set does not match SOP class,
-#    Cxxx cannot understand; the low byte is ours and names the reason) --------------------------
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-"""Refused: free disk under ``min_free_disk``, the spool could not be written, or the job store
-failed for lack of resources. The PACS should retry later."""
-STATUS_DATASET_MISMATCH = 0xA900
-"""SOP Class or SOP Instance UID in the data set differs from the C-STORE request."""
-STATUS_MISSING_UID = 0xA901
-"""Study, Series or SOP Instance UID missing or not a valid UID."""
-STATUS_BAD_GEOMETRY = 0xA902
-"""Rows or Columns 0 or above :data:`MAX_DIMENSION`, or NumberOfFrames below 1."""
-STATUS_TRUNCATED_PIXEL_DATA = 0xA903
-"""Uncompressed Pixel Data shorter than Rows x Columns x Samples x Bits/8 x Frames."""
-STATUS_PROCESSING_FAILURE = 0xC001
-"""The instance is on disk but the job store (``on_instance``) failed; the PACS should retry."""
-STATUS_CANNOT_UNDERSTAND = 0xC210
-"""The data set could not be decoded."""
 
-MAX_DIMENSION = 16384
-"""Largest Rows/Columns accepted; larger values are refused as absurd."""
-
-ECHO_SUCCESS = 0x0000
-
-_OUT_OF_RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE})
+def _storage_sop_classes() -> tuple[str, ...]:
+    """Every storage SOP class pydicom's UID dictionary names (``... Storage``, ``... Storage -
+    For Presentation``, trial and retired ones included), plus any pynetdicom lists."""
+    found = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
+    for uid, (name, kind, *_rest) in UID_dictionary.items():
+        if kind != "SOP Class" or name.startswith(("Storage Commitment", "Media Storage")):
+            continue
+        if re.search(r"Storage( - .+)?$", name):
+            found.add(uid)
+    return tuple(sorted(found))
 
 
-class Refused(Exception):
-    """A C-STORE the handler refuses; carries the status and the metric reason."""
+STORAGE_SOP_CLASSES: tuple[str, ...] = _storage_sop_classes()
+"""The storage SOP classes registered, retired ones included (pynetdicom's
+``AllStoragePresentationContexts`` lacks NM 1.2.840.10008.5.1.4.1.1.5, US ...1.1.6 and others)."""
 
-    def __init__(self, status: int, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason} (0x{status:04X}){': ' + detail if detail else ''}")
-        self.status = status
-        self.reason = reason
-        self.detail = detail
-
-
-def check_header(header: Header, sop_class_uid: str, sop_instance_uid: str) -> None:
-    """Refuse a data set whose header the node cannot keep or process.
-
-    Parameters
-    ----------
-    header:
-        From :func:`parse_header`.
-    sop_class_uid, sop_instance_uid:
-        Affected SOP Class/Instance UID of the C-STORE request.
-
-    Raises
-    ------
-    Refused
-        With :data:`STATUS_MISSING_UID`, :data:`STATUS_DATASET_MISMATCH`,
-        :data:`STATUS_BAD_GEOMETRY` or :data:`STATUS_TRUNCATED_PIXEL_DATA`.
-    """
-    for name, uid in (
-        ("StudyInstanceUID", header.study_uid),
-        ("SeriesInstanceUID", header.series_uid),
-        ("SOPInstanceUID", header.sop_instance_uid),
-    ):
-        if uid is None:
-            raise Refused(STATUS_MISSING_UID, "missing_uid", f"{name} is missing")
-        ok, why = validate_uid(uid)
-        if not ok:
-            raise Refused(STATUS_MISSING_UID, "missing_uid", f"{name} is not valid: {why}")
-    if header.sop_instance_uid != sop_instance_uid:
-        raise Refused(
-            STATUS_DATASET_MISMATCH,
-            "sop_mismatch",
-            "SOPInstanceUID differs from the request's Affected SOP Instance UID",
-        )
-    if header.sop_class_uid is not None and header.sop_class_uid != sop_class_uid:
-        raise Refused(
-            STATUS_DATASET_MISMATCH,
-            "sop_mismatch",
-            "SOPClassUID differs from the request's Affected SOP Class UID",
-        )
-    for name, value in (("Rows", header.rows), ("Columns", header.columns)):
-        if value is not None and not 0 < value <= MAX_DIMENSION:
-            raise Refused(
-                STATUS_BAD_GEOMETRY,
-                "bad_geometry",
-                f"{name} must be 1-{MAX_DIMENSION}, got {value}",
-            )
-    frames = 1 if header.number_of_frames is None else header.number_of_frames
-    if frames < 1:
-        raise Refused(STATUS_BAD_GEOMETRY, "bad_geometry", f"NumberOfFrames is {frames}")
-    length = header.pixel_data_length
-    if length is None or length < 0:
-        return
-    available = header.pixel_data_available or 0
-    if length > available:
-        raise Refused(
-            STATUS_TRUNCATED_PIXEL_DATA,
-            "truncated_pixel_data",
-            f"Pixel Data declares {length} bytes, only {available} arrived",
-        )
-    if header.rows is None or header.columns is None or header.bits_allocated is None:
-        return
-    samples = header.samples_per_pixel or 1
-    bits = header.rows * header.columns * samples * frames * header.bits_allocated
-    expected = (bits + 7) // 8
-    if length < expected:
-        raise Refused(
-            STATUS_TRUNCATED_PIXEL_DATA,
-            "truncated_pixel_data",
-            f"Pixel Data has {length} bytes, the header needs {expected}",
-        )
-
-
-@dataclass
-class StoreContext:
-    """What the C-STORE handler needs, bound to it as data (``evt_handlers`` args)."""
-
-    spool: Spool
-    on_instance: Callable[[InstanceRecord], None]
-    min_free_disk: int
-
-
-def _refuse(status: int, reason: str, calling_ae: str | None, detail: str = "") -> int:
-    metrics.INSTANCES_REJECTED.labels(reason=reason).inc()
-    LOGGER.warning("C-STORE from %s refused: %s (0x%04X)", calling_ae, reason, status)
-    if detail:
-        LOGGER.debug("refusal detail: %s", detail)
-    return status
-
-
-def _is_out_of_resources(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or (
-        isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCE_ERRNOS
+TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        [
+            *ALL_TRANSFER_SYNTAXES,
+            *(u for u, v in UID_dictionary.items() if v[1] == "Transfer Syntax"),
+        ]
     )
-
-
-def _dataset_bytes(event: evt.Event) -> bytes:
-    """The encoded data set of a C-STORE request, also when pynetdicom spooled it to a file
-    (``_config.STORE_RECV_CHUNKED_DATASET`` set elsewhere in the process)."""
-    path = getattr(event.request, "_dataset_path", None)
-    if path is None:
-        return bytes(event.request.DataSet.getvalue())
-    raw = event.dataset_path.read_bytes()
-    group, element, vr, _, length = struct.unpack_from("<HH2sHL", raw, 132)
-    if raw[128:132] != b"DICM" or (group, element, vr) != (2, 0, b"UL"):
-        raise ValueError("pynetdicom's spooled data set has no readable File Meta")
-    return raw[144 + length :]
-
-
-def handle_store(event: evt.Event, ctx: StoreContext) -> int:
-    """Handle one C-STORE request: validate, spool durably, record, answer.
-
-    Parameters
-    ----------
-    event:
-        pynetdicom's ``EVT_C_STORE`` event.
-    ctx:
-        The spool, the ``on_instance`` callback and the disk guard threshold.
-
-    Returns
-    -------
-    int
-        :data:`STATUS_SUCCESS` once the bytes are fsynced and ``on_instance`` returned (also for an
-        instance already in the spool); otherwise :data:`STATUS_OUT_OF_RESOURCES` (disk guard,
-        spool write failed, callback out of resources), :data:`STATUS_CANNOT_UNDERSTAND`
-        (undecodable), :data:`STATUS_MISSING_UID`, :data:`STATUS_DATASET_MISMATCH`,
-        :data:`STATUS_BAD_GEOMETRY`, :data:`STATUS_TRUNCATED_PIXEL_DATA` or
-        :data:`STATUS_PROCESSING_FAILURE` (callback failed). Never raises.
-    """
-    calling_ae: str | None = None
-    try:
-        received_at = time.time()
-        calling_ae = event.assoc.requestor.ae_title
-        if ctx.spool.free_bytes() < ctx.min_free_disk:
-            return _refuse(STATUS_OUT_OF_RESOURCES, "disk_full", calling_ae)
-        request = event.request
-        data = _dataset_bytes(event)
-        transfer_syntax = str(event.context.transfer_syntax)
-        sop_class = str(request.AffectedSOPClassUID or "")
-        sop_instance = str(request.AffectedSOPInstanceUID or "")
-        try:
-            header = parse_header(data, transfer_syntax)
-        except ValueError as exc:
-            return _refuse(STATUS_CANNOT_UNDERSTAND, "undecodable", calling_ae, str(exc))
-        try:
-            check_header(header, sop_class, sop_instance)
-        except Refused as refusal:
-            return _refuse(refusal.status, refusal.reason, calling_ae, refusal.detail)
-        study, series = header.study_uid or "", header.series_uid or ""
-        meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae)
-        try:
-            stored = ctx.spool.store(study, series, sop_instance, (meta, data))
-        except InvalidUID as exc:
-            return _refuse(STATUS_MISSING_UID, "missing_uid", calling_ae, str(exc))
-        except OSError as exc:
-            LOGGER.error("spool write failed: %s", exc.strerror or exc)
-            return _refuse(STATUS_OUT_OF_RESOURCES, "spool_error", calling_ae)
-        record = InstanceRecord(
-            sop_instance_uid=sop_instance,
-            sop_class_uid=sop_class,
-            study_uid=study,
-            series_uid=series,
-            modality=header.modality,
-            path=stored.path,
-            size=stored.size,
-            calling_ae=calling_ae,
-            transfer_syntax=transfer_syntax,
-            received_at=received_at,
-        )
-        try:
-            ctx.on_instance(record)
-        except Exception as exc:
-            LOGGER.exception("recording a received instance failed")
-            if _is_out_of_resources(exc):
-                return _refuse(STATUS_OUT_OF_RESOURCES, "callback_out_of_resources", calling_ae)
-            return _refuse(STATUS_PROCESSING_FAILURE, "callback_failed", calling_ae)
-        if stored.created:
-            metrics.INSTANCES_RECEIVED.inc()
-        else:
-            metrics.INSTANCES_DUPLICATE.inc()
-        if LOGGER.isEnabledFor(logging.DEBUG):
-            LOGGER.debug(
-                "stored %s (%s) in %s, %d bytes, created=%s",
-                sop_instance,
-                header.modality,
-                stored.path,
-                stored.size,
-                stored.created,
-            )
-        return STATUS_SUCCESS
-    except Exception:  # the handler never raises: pynetdicom would answer a mute 0xC211
-        LOGGER.exception("C-STORE handler failed unexpectedly")
-        return _refuse(STATUS_PROCESSING_FAILURE, "internal", calling_ae)
-
-
-def handle_echo(event: evt.Event) -> int:
-    """Answer C-ECHO with Success."""
-    return ECHO_SUCCESS
+)
+"""Every transfer syntax pynetdicom or pydicom knows; the spool keeps the bytes as sent."""
 
 
 @dataclass(frozen=True)
@@ -348,7 +144,8 @@ def handle_requested(event: evt.Event, policy: CallerPolicy | None) -> None:
     if policy is None:
         return
     assoc = event.assoc
-    calling_ae = str(assoc.requestor.primitive.calling_ae_title)
+    primitive = assoc.requestor.primitive  # the A-ASSOCIATE-RQ being answered
+    calling_ae = str(primitive.calling_ae_title) if primitive is not None else ""
     address = str(assoc.requestor.address)
     if policy.allows(calling_ae, address):
         return
@@ -371,41 +168,6 @@ def handle_rejected(event: evt.Event) -> None:
     """Count an association pynetdicom rejected itself (e.g. too many associations)."""
     metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
     LOGGER.warning("association rejected (limit or negotiation)")
-
-
-def build_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    """Return the server-side TLS context for ``tls``.
-
-    Client certificates are verified against ``tls.ca`` when one is given: required when
-    ``require_client_cert``, else optional.
-
-    Raises
-    ------
-    ValueError
-        ``require_client_cert`` without ``ca``.
-    OSError, ssl.SSLError
-        Unreadable or invalid certificate, key or CA file.
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(tls.cert), str(tls.key))
-    if tls.ca is not None:
-        context.load_verify_locations(cafile=str(tls.ca))
-        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
-    elif tls.require_client_cert:
-        raise ValueError("tls.require_client_cert needs tls.ca to verify client certificates")
-    else:
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _end_negotiation(assoc: Any) -> None:
-    """End an acceptor still waiting for A-ASSOCIATE-RQ, as its ACSE timeout would.
-
-    pynetdicom's acceptor blocks on the DUL's queue for up to ``acse_timeout``; ``abort()`` does
-    not wake it. A ``None`` on that queue is exactly what the timeout delivers.
-    """
-    assoc.dul.to_user_queue.put(None)
 
 
 NEGOTIATION_GRACE = 1.0
@@ -442,14 +204,21 @@ class StorageSCP:
         self._ae: AE | None = None
 
     def _make_ae(self) -> AE:
+        """The AE with every storage SOP class (retired included) and transfer syntax.
+
+        No ``scu_role``/``scp_role`` on storage contexts: in pynetdicom those answer the
+        caller's proposed roles, so setting them rejects the contexts of callers that send
+        SCP/SCU Role Selection (DESIGN.md pitfalls). ``accept_unknown_sop_classes`` switches
+        pynetdicom's unrestricted storage mode on or off (process-wide, see
+        :func:`~dicom_node.receive._pynetdicom_tuned.set_unrestricted_storage`).
+        """
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = self.config.max_pdu
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(
-                cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=False, scp_role=True
-            )
+        for uid in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES[:4])
+        set_unrestricted_storage(self.config.accept_unknown_sop_classes)
         return ae
 
     def start(self) -> None:
@@ -465,7 +234,13 @@ class StorageSCP:
         if self._server is not None:
             raise RuntimeError("StorageSCP is already started")
         ae = self._make_ae()
-        ctx = StoreContext(self.spool, self.on_instance, self.config.min_free_disk)
+        ctx = StoreContext(
+            self.spool,
+            self.on_instance,
+            self.config.min_free_disk,
+            min_free_inodes=self.config.min_free_inodes,
+            max_pixels=self.config.max_pixels,
+        )
         policy = CallerPolicy.from_entries(list(self.config.allowed_callers))
         ssl_context = build_ssl_context(self.config.tls) if self.config.tls else None
         handlers: list[Any] = [
@@ -475,13 +250,16 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, handle_accepted),
             (evt.EVT_REJECTED, handle_rejected),
         ]
-        server = ae.make_server(
-            (self.config.host, self.config.port),
-            ssl_context=ssl_context,
-            evt_handlers=handlers,
-            server_class=NodeAssociationServer,
+        server = cast(
+            NodeAssociationServer,
+            ae.make_server(
+                (self.config.host, self.config.port),
+                ssl_context=ssl_context,
+                evt_handlers=handlers,
+                server_class=NodeAssociationServer,
+            ),
         )
-        ae._servers.append(server)  # so that server.shutdown() finds itself there
+        register_server(ae, server)  # so that server.shutdown() finds itself there
         thread = threading.Thread(
             target=server.serve_forever,
             kwargs={"poll_interval": 0.2},
@@ -514,7 +292,7 @@ class StorageSCP:
                 # hold the stop for the whole timeout: only established associations may finish
                 for assoc in ae.active_associations:
                     if not assoc.is_established:
-                        _end_negotiation(assoc)
+                        end_negotiation(assoc)
             time.sleep(0.05)
         for assoc in ae.active_associations:
             LOGGER.warning("aborting an association still running at shutdown")

@@ -17,6 +17,9 @@ time on a background thread (:meth:`Spool.prepare`), in ``spool/.incoming``, and
 one, writes it, fsyncs it, links it to its final name and fsyncs the final folder; the staging
 name is removed later by the same background thread. A store that finds no prepared file creates
 one in its final folder, as before.
+
+May import: ``dicom_node.metrics``, ``dicom_node.jobs.records`` (:func:`validate_uid`, the
+one UID check of the node, re-exported here). No DICOM library: the spool stores bytes under UIDs.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import errno
 import itertools
 import logging
 import os
-import re
 import threading
 import uuid
 from collections.abc import Iterable
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node import metrics
+from dicom_node.jobs.records import validate_uid
 
 LOGGER = logging.getLogger(__name__)
 
@@ -65,33 +68,7 @@ PREPARED_TARGET = 4
 PREPARER_IDLE = 30.0
 """Seconds without a store after which the background thread ends (restarted on demand)."""
 
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TMP_PREFIX = ".tmp-"
-
-
-def validate_uid(value: object) -> tuple[bool, str]:
-    """Check that a peer-supplied UID is safe and well-formed enough to become a path part.
-
-    Parameters
-    ----------
-    value:
-        The UID as received (``str``; anything else fails).
-
-    Returns
-    -------
-    tuple of (bool, str)
-        ``(True, "")`` when ``value`` is 1-64 characters of digits and single dots, not starting
-        or ending with a dot; else ``(False, reason)``.
-    """
-    if not isinstance(value, str):
-        return False, f"UID must be a str, got {type(value).__name__}"
-    if not value:
-        return False, "UID is empty"
-    if len(value) > 64:
-        return False, f"UID must be at most 64 characters, got {len(value)}"
-    if not _UID_RE.match(value):
-        return False, "UID must be digits separated by single dots"
-    return True, ""
 
 
 class InvalidUID(ValueError):
@@ -177,7 +154,7 @@ class Spool:
         Raises
         ------
         InvalidUID
-            One of the UIDs is not 1-64 characters of digits and dots; the message names it.
+            One of the UIDs fails :func:`validate_uid`; the message names it.
         """
         for name, uid in (
             ("StudyInstanceUID", study_uid),

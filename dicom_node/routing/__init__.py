@@ -1,10 +1,23 @@
-"""Routing rules: physicists' YAML files that send series to models, and the tools around them.
+"""Routing: the physicists' rules that send a series to models, and the tools around them.
+
+Owns the rules DSL (``rules/*.yaml``), its loader and checks, the engine that evaluates it on a
+series header, the ``rules check|explain|test`` tools, the hot-reload watcher, and assembly
+(series completion and the routing decision written to the job store).
+
+May import ``dicom_node.jobs``, the public ``dicom_node.modelstore`` API (the model-reference
+grammar), ``dicom_node.config``, ``dicom_node.metrics`` and ``dicom_node.audit``; nothing else
+of the node (enforced by import-linter, ``[tool.importlinter]`` in ``pyproject.toml``).
+
+Inside, modules import only downwards::
+
+    conditions -> rules -> check -> loader -> engine -> explain, ruletests, watcher -> cli
+                                                     -> assembly (uses the job store)
 
 Public API::
 
     ruleset = load_rules(cfg.rules, destinations=set(cfg.destinations),
                          model_exists=store.model_exists)      # raises RulesError(.problems)
-    decision = ruleset.evaluate(header)                        # Dataset or mapping
+    decision = evaluate(ruleset, header)                       # Dataset or mapping
     decision.matched, decision.discarded, decision.trace, decision.to_dict()
 
     active = ActiveRules()
@@ -14,7 +27,7 @@ Public API::
 The rule language is described in ``rules/README.md``.
 """
 
-from dicom_node.routing.check import check_rules, shadow_problems
+from dicom_node.routing.check import shadow_problems
 from dicom_node.routing.conditions import (
     AllOf,
     AnyOf,
@@ -31,6 +44,7 @@ from dicom_node.routing.explain import SeriesExplanation, explain_paths
 from dicom_node.routing.loader import (
     MAX_DEPTH,
     MAX_FILE_BYTES,
+    check_rules,
     load_rules,
     parse_text,
     rule_files,

@@ -1,16 +1,15 @@
-"""Checks across rules (duplicate names, shadowed rules) and ``check_rules`` for ``rules check``.
+"""Checks across the rules of a set: duplicate names and rules shadowed by a stopping rule.
 
-The loader runs the same checks, so ``check_rules(d)`` is empty exactly when ``load_rules(d)``
-succeeds: what ``rules check`` accepts is what the node accepts.
+They work on built :class:`~dicom_node.routing.rules.Rule` objects and read no files; the loader
+runs them on every load, and ``check_rules`` (in :mod:`dicom_node.routing.loader`) reports
+them for ``rules check``, so what ``rules check`` accepts is what the node accepts.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 
-from dicom_node.routing.loader import ModelExists, collect
 from dicom_node.routing.rules import Problem, Rule
 
 LOGGER = logging.getLogger(__name__)
@@ -75,28 +74,3 @@ def shadow_problems(rules: list[Rule], displays: Mapping[str, str]) -> list[Prob
                 )
                 break
     return problems
-
-
-def check_rules(
-    rules_dir: Path,
-    destinations: set[str] | None = None,
-    model_exists: ModelExists | None = None,
-) -> list[Problem]:
-    """Return every problem of a rules folder (empty when the node would load it).
-
-    Parameters
-    ----------
-    rules_dir:
-        The rules folder (``*.yaml`` directly in it).
-    destinations:
-        Configured destination names, or ``None`` to skip that check.
-    model_exists:
-        ``model_exists(ref) -> (ok, reason)``, or ``None`` to skip the model-store check.
-
-    Returns
-    -------
-    list[Problem]
-        Sorted by file and line.
-    """
-    _, problems = collect(Path(rules_dir), destinations=destinations, model_exists=model_exists)
-    return sorted(problems, key=lambda p: (p.file, p.line or 0))

@@ -17,10 +17,11 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.text import Text
+from ruamel.yaml import YAML
 
-from dicom_node.routing.check import check_rules
+from dicom_node.config import ConfigError, load_config
 from dicom_node.routing.explain import explain_paths, render, render_decision
-from dicom_node.routing.loader import display_path, load_rules, rule_files
+from dicom_node.routing.loader import check_rules, display_path, load_rules, rule_files
 from dicom_node.routing.rules import Problem, RulesError, RuleSet
 from dicom_node.routing.ruletests import run_cases
 
@@ -36,8 +37,6 @@ def _console() -> Console:
 
 
 def _config(config_file: Path | None) -> Any:
-    from dicom_node.config import ConfigError, load_config
-
     try:
         return load_config(config_file)
     except ConfigError as exc:
@@ -68,8 +67,6 @@ def store_model_exists(models_dir: Path) -> Callable[[str], tuple[bool, str]]:
 
 
 def _files_model_exists(models_dir: Path) -> Callable[[str], tuple[bool, str]]:
-    from ruamel.yaml import YAML
-
     from dicom_node.routing.rules import parse_model_ref
 
     def exists(ref: str) -> tuple[bool, str]:

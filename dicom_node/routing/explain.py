@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from dicom_node.routing.engine import RoutingDecision
+from dicom_node.routing.engine import RoutingDecision, evaluate
 from dicom_node.routing.rules import RuleSet
 
 LOGGER = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def explain_paths(
                 modality=str(header.get("Modality", "") or ""),
                 series_description=str(header.get("SeriesDescription", "") or ""),
                 files=tuple(p for p, _ in items),
-                decision=ruleset.evaluate(header),
+                decision=evaluate(ruleset, header),
             )
         )
     return out, skipped

@@ -18,6 +18,7 @@ from typing import Any
 from pydicom.datadict import keyword_dict
 from ruamel.yaml import YAML
 
+from dicom_node.routing.check import duplicate_problems, shadow_problems
 from dicom_node.routing.conditions import (
     MODIFIERS,
     OPERATORS,
@@ -569,8 +570,6 @@ def _read_file(path: Path, display: str) -> tuple[str | None, list[Problem]]:
 
 def cross_checks(rules: list[Rule], displays: Mapping[str, str]) -> list[Problem]:
     """Checks across rules: duplicate names and rules shadowed by a stopping rule above."""
-    from dicom_node.routing.check import duplicate_problems, shadow_problems
-
     return duplicate_problems(rules, displays) + shadow_problems(rules, displays)
 
 
@@ -649,3 +648,28 @@ def load_rules(
     if ruleset is None:
         raise RulesError(problems)
     return ruleset
+
+
+def check_rules(
+    rules_dir: Path,
+    destinations: set[str] | None = None,
+    model_exists: ModelExists | None = None,
+) -> list[Problem]:
+    """Return every problem of a rules folder (empty exactly when :func:`load_rules` succeeds).
+
+    Parameters
+    ----------
+    rules_dir:
+        The rules folder (``*.yaml`` directly in it).
+    destinations:
+        Configured destination names, or ``None`` to skip that check.
+    model_exists:
+        ``model_exists(ref) -> (ok, reason)``, or ``None`` to skip the model-store check.
+
+    Returns
+    -------
+    list[Problem]
+        Sorted by file and line.
+    """
+    _, problems = collect(Path(rules_dir), destinations=destinations, model_exists=model_exists)
+    return sorted(problems, key=lambda p: (p.file, p.line or 0))

@@ -2,30 +2,25 @@
 
 A :class:`Rule` is built by :mod:`dicom_node.routing.loader` from one entry of a ``rules/*.yaml``
 file; it validates its own fields in ``__post_init__`` so that no half-valid rule can exist.
+Within routing it imports only :mod:`dicom_node.routing.conditions`. Loading a folder is
+:func:`dicom_node.routing.loader.load_rules`; evaluating a set is
+:func:`dicom_node.routing.engine.evaluate`.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from dicom_node.modelstore import parse_model_ref as _parse_model_ref
 from dicom_node.routing.conditions import AllOf
-
-if TYPE_CHECKING:
-    from dicom_node.routing.engine import RoutingDecision
 
 LOGGER = logging.getLogger(__name__)
 
 RULE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 """Rule names: letters, digits, ``_ . -``; 1-64 characters (they appear in metrics and audit)."""
-
-MODEL_REF_RE = re.compile(
-    r"^([A-Za-z0-9][A-Za-z0-9_.-]*)(?:@([A-Za-z0-9_.-]+)|:([A-Za-z0-9_.-]+))$"
-)
-"""``<model>@<alias>`` or ``<model>:<version>``."""
 
 RESERVED_NAMES = frozenset({"none"})
 """Names a rule may not take (``none`` means "no rule" in test cases and metrics)."""
@@ -65,18 +60,15 @@ class RulesError(ValueError):
 def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
     """Split ``name@alias`` / ``name:version`` into ``(name, alias, version)``.
 
+    The model store's grammar (:mod:`dicom_node.modelstore.refs`); a rule must name its alias
+    or version, so a bare model name is refused here.
+
     Raises
     ------
-    ValueError
-        ``ref`` does not have one of the two forms.
+    dicom_node.modelstore.ModelRefError
+        A ValueError: ``ref`` does not have one of the two forms.
     """
-    match = MODEL_REF_RE.match(ref) if isinstance(ref, str) else None
-    if match is None:
-        raise ValueError(
-            f"model must be '<model>@<alias>' or '<model>:<version>' "
-            f"(e.g. thyroid-seg@production), got {ref!r}"
-        )
-    return match.group(1), match.group(2), match.group(3)
+    return _parse_model_ref(ref, default_alias=None).as_tuple()
 
 
 @dataclass(frozen=True)
@@ -221,40 +213,9 @@ class RuleSet:
     def __len__(self) -> int:
         return len(self.rules)
 
-    @classmethod
-    def from_folder(cls, rules_dir: Any, **checks: Any) -> RuleSet:
-        """Load ``rules_dir`` (see :func:`dicom_node.routing.loader.load_rules`).
-
-        Raises
-        ------
-        RulesError
-            The folder's rules are invalid; ``.problems`` lists every problem.
-        """
-        from dicom_node.routing.loader import load_rules
-
-        return load_rules(rules_dir, **checks)
-
     def get(self, name: str) -> Rule | None:
         """Return the rule called ``name`` or ``None``."""
         for rule in self.rules:
             if rule.name == name:
                 return rule
         return None
-
-    def evaluate(self, header: Any) -> RoutingDecision:
-        """Evaluate the rules on a header (pydicom Dataset or mapping keyword -> value).
-
-        Returns
-        -------
-        RoutingDecision
-            The rules that fire (honouring ``stop``), whether a discard rule fired, and a
-            trace with the first failing condition of every rule that did not fire.
-        """
-        from dicom_node.routing.engine import evaluate
-
-        return evaluate(self, header)
-
-
-def is_mapping(value: Any) -> bool:
-    """True for a YAML mapping (ruamel's CommentedMap, dict)."""
-    return isinstance(value, Mapping)

@@ -25,7 +25,7 @@ from pydicom.datadict import keyword_dict
 from ruamel.yaml import YAML
 
 from dicom_node.routing.conditions import suggest
-from dicom_node.routing.engine import RoutingDecision
+from dicom_node.routing.engine import RoutingDecision, evaluate
 from dicom_node.routing.loader import MAX_FILE_BYTES, display_path
 from dicom_node.routing.rules import Problem, RuleSet
 
@@ -158,7 +158,7 @@ def _run_case(
             return fail(
                 f"cannot read DICOM file {display_path(path)}: {exc}", _line(node, "file") or line
             )
-    decision = ruleset.evaluate(header)
+    decision = evaluate(ruleset, header)
     return CaseResult(
         name, display, line, tuple(expected), tuple(decision.rule_names), None, decision
     )

@@ -3,10 +3,17 @@
 ``build_seg(sources, masks, segments, algorithm)`` returns a BINARY ``highdicom.seg.Segmentation``
 for NM (including the multi-frame NM IOD highdicom 0.28 trips over), Secondary Capture and
 single- or multi-slice CT/MR series; see :mod:`dicom_node.seg.sop` for how NM is handled.
+``is_image(ds)`` says which received objects are images at all, and ``group_sources(sources)``
+splits a series into the groups (size, orientation, Frame of Reference) one SEG each describes.
+
+May import: ``dicom_node.modelstore`` (the contract types, e.g. coded concepts) and nothing else
+of the node.
 """
 
 from dicom_node.seg.content import ARTIFICIAL_INTELLIGENCE, AlgorithmInfo, Code, SegmentSpec
+from dicom_node.seg.grouping import SourceGroup, group_sources
 from dicom_node.seg.sop import CONTENT_LABEL, build_seg
+from dicom_node.seg.sources import is_image
 from dicom_node.seg.uids import ai_series_description, seg_uids
 
 __all__ = [
@@ -15,7 +22,10 @@ __all__ = [
     "AlgorithmInfo",
     "Code",
     "SegmentSpec",
+    "SourceGroup",
     "ai_series_description",
     "build_seg",
+    "group_sources",
+    "is_image",
     "seg_uids",
 ]

@@ -1,4 +1,7 @@
-"""Value objects describing what goes into a SEG: codes, segments and the algorithm that made them.
+"""Value objects describing what goes into a SEG: segments and the algorithm that made them.
+
+Coded concepts are the model contract's :class:`~dicom_node.modelstore.codes.Code` (the type a
+manifest's segment codes are), re-exported here; :func:`coded_concept` turns one into highdicom's.
 
 They validate in ``__init__`` (dataclass ``__post_init__``), are immutable, and convert to the
 highdicom objects the builder needs. :meth:`SegmentSpec.from_manifest` accepts a segment entry of a
@@ -16,12 +19,19 @@ from typing import Any
 import highdicom as hd
 from pydicom.sr.codedict import codes
 
+from dicom_node.modelstore.codes import Code
+
 LOGGER = logging.getLogger(__name__)
 
 _KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 ARTIFICIAL_INTELLIGENCE = codes.cid7162.ArtificialIntelligence
 """Algorithm family (CID 7162) of every model the node serves."""
+
+
+def _code_entry(obj: Any) -> Code | Mapping[str, Any]:
+    """A segment's code as given: a :class:`Code`, or a mapping (pydantic models are dumped)."""
+    return obj if isinstance(obj, Code) else _as_mapping(obj, "code")
 
 
 def _as_mapping(obj: Any, what: str) -> Mapping[str, Any]:
@@ -34,50 +44,9 @@ def _as_mapping(obj: Any, what: str) -> Mapping[str, Any]:
     raise TypeError(f"{what} must be a mapping or a pydantic model, got {type(obj).__name__}")
 
 
-@dataclass(frozen=True)
-class Code:
-    """A coded concept: ``Code("69748006", "SCT", "Thyroid structure")``.
-
-    Parameters
-    ----------
-    value
-        Code value (at most 64 characters; highdicom writes values over 16 as Long Code Value).
-    scheme
-        Coding scheme designator, e.g. ``SCT`` or ``DCM``.
-    meaning
-        Code meaning (LO, at most 64 characters).
-
-    Raises
-    ------
-    ValueError
-        If a part is empty or too long.
-    """
-
-    value: str
-    scheme: str
-    meaning: str
-
-    def __post_init__(self) -> None:
-        for name, limit in (("value", 64), ("scheme", 16), ("meaning", 64)):
-            part = getattr(self, name)
-            if not isinstance(part, str) or not part.strip() or len(part) > limit:
-                raise ValueError(
-                    f"code {name} must be a non-empty string of at most {limit} characters, "
-                    f"got {part!r}"
-                )
-
-    @classmethod
-    def from_manifest(cls, entry: Mapping[str, Any] | Any) -> Code:
-        """Build from ``{value: "69748006", scheme: SCT, meaning: Thyroid structure}``."""
-        data = _as_mapping(entry, "code")
-        missing = {"value", "scheme", "meaning"} - set(data)
-        if missing:
-            raise ValueError(f"code needs value, scheme and meaning; missing {sorted(missing)}")
-        return cls(str(data["value"]), str(data["scheme"]), str(data["meaning"]))
-
-    def to_highdicom(self) -> hd.sr.CodedConcept:
-        """Return the highdicom coded concept."""
-        return hd.sr.CodedConcept(self.value, self.scheme, self.meaning)
+def coded_concept(code: Code) -> hd.sr.CodedConcept:
+    """Return the highdicom coded concept of a model-contract :class:`Code`."""
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
 @dataclass(frozen=True)
@@ -155,8 +124,8 @@ class SegmentSpec:
         return cls(
             key=str(data["key"]),
             label=str(data["label"]),
-            category=Code.from_manifest(data["category"]),
-            type=Code.from_manifest(data["type"]),
+            category=Code.from_mapping(_code_entry(data["category"])),
+            type=Code.from_mapping(_code_entry(data["type"])),
             color=tuple(int(c) for c in color) if color is not None else None,  # type: ignore[arg-type]
         )
 
@@ -172,8 +141,8 @@ class SegmentSpec:
         return hd.seg.SegmentDescription(
             segment_number=segment_number,
             segment_label=self.label,
-            segmented_property_category=self.category.to_highdicom(),
-            segmented_property_type=self.type.to_highdicom(),
+            segmented_property_category=coded_concept(self.category),
+            segmented_property_type=coded_concept(self.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
             display_color=hd.color.CIELabColor.from_rgb(*self.color) if self.color else None,

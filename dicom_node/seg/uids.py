@@ -4,6 +4,10 @@ One SEG exists per (source series, rule, resolved model version). Its Series and
 are hashes of exactly that tuple, so re-exporting after a crash or a ``dicom-node retry`` sends the
 same instance again and the PACS replaces it instead of storing a duplicate. A new model version or
 another rule gives new UIDs: a different result is a different object.
+
+A series that has to be split into several SEGs (:mod:`dicom_node.seg.grouping`) adds the group's
+key to the tuple for every group but the first; the first group's SEG keeps the UIDs of the
+unsplit series, so results built before splitting existed are replaced, not duplicated.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ SERIES_DESCRIPTION_MAX = 64
 """SeriesDescription is LO: at most 64 characters."""
 
 
-def seg_uids(source_series_uid: str, rule: str, model: str, version: str) -> tuple[UID, UID]:
+def seg_uids(
+    source_series_uid: str, rule: str, model: str, version: str, group: str | None = None
+) -> tuple[UID, UID]:
     """Return ``(series_instance_uid, sop_instance_uid)`` of the SEG for one result.
 
     Parameters
@@ -35,6 +41,9 @@ def seg_uids(source_series_uid: str, rule: str, model: str, version: str) -> tup
         Name of the routing rule that asked for the segmentation.
     model, version
         Model name and *resolved* version (never an alias: an alias moves, a version does not).
+    group
+        ``None`` for an unsplit series or its first group (today's UIDs); else the group key
+        (:attr:`dicom_node.seg.grouping.SourceGroup.uid_group`), which gives the group's own UIDs.
 
     Returns
     -------
@@ -44,7 +53,7 @@ def seg_uids(source_series_uid: str, rule: str, model: str, version: str) -> tup
     Raises
     ------
     ValueError
-        If an argument is empty.
+        If an argument is empty (``group`` may be None, not "").
     """
     parts = {
         "source_series_uid": source_series_uid,
@@ -55,7 +64,11 @@ def seg_uids(source_series_uid: str, rule: str, model: str, version: str) -> tup
     for name, value in parts.items():
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if group is not None and (not isinstance(group, str) or not group):
+        raise ValueError(f"group must be None or a non-empty string, got {group!r}")
     sources = [UID_NAMESPACE, source_series_uid, rule, model, version]
+    if group is not None:
+        sources += ["group", group]
     series = generate_uid(prefix=UID_PREFIX, entropy_srcs=[*sources, "series"])
     instance = generate_uid(prefix=UID_PREFIX, entropy_srcs=[*sources, "instance"])
     return series, instance

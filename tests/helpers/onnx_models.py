@@ -33,7 +33,6 @@ Typical use::
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 from ruamel.yaml import YAML
+
+from dicom_node.modelstore.files import sha256_file
 
 OPSET = 17
 """ONNX opset of the generated models."""
@@ -187,15 +188,6 @@ def thyroid_like_image(
     activity = np.where(nodule, 0.15, activity)
     image = rng.poisson(activity * counts).astype(np.uint16)
     return image, {"thyroid": thyroid, "nodule": nodule & thyroid}
-
-
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def manifest_dict(

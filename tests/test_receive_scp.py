@@ -5,8 +5,8 @@ from __future__ import annotations
 import errno
 import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +14,19 @@ import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEGBaseline8Bit,
 )
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import NuclearMedicineImageStorage  # type: ignore[attr-defined]
 
 from dicom_node import metrics
 from dicom_node.config import NodeConfig
-from dicom_node.receive.scp import (
+from dicom_node.jobs.records import InstanceRecord
+from dicom_node.receive.handler import (
     STATUS_BAD_GEOMETRY,
     STATUS_CANNOT_UNDERSTAND,
     STATUS_MISSING_UID,
@@ -33,15 +34,12 @@ from dicom_node.receive.scp import (
     STATUS_PROCESSING_FAILURE,
     STATUS_SUCCESS,
     STATUS_TRUNCATED_PIXEL_DATA,
-    InstanceRecord,
-    StorageSCP,
-    encode_file_meta,
-    parse_header,
 )
+from dicom_node.receive.scp import StorageSCP
 from dicom_node.receive.spool import Spool
-from dicom_node.receive.transport import encode_c_store_rsp
 from tests.helpers.dicom_factory import make_ct_series, make_nm, write_series
 from tests.helpers.peers import Orthanc, echoscu, storescu
+from tests.helpers.waiting import wait_until
 
 NODE_AE = "DICOMNODE"
 
@@ -288,7 +286,7 @@ class TestStore:
     ) -> None:
         node = start_node()
         ds = make_nm(rows=64, cols=64, seed=str(transfer_syntax))
-        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
         assert pynetdicom_store(node.port, [ds], transfer_syntax) == [STATUS_SUCCESS]
         (spooled,) = node.spooled()
         copy = pydicom.dcmread(spooled)
@@ -472,94 +470,178 @@ class TestBadInput:
         assert echoscu(node.port, NODE_AE).returncode == 0
 
 
-class TestParseHeader:
-    def test_encapsulated_pixel_data_is_not_measured(self, tmp_path: Path) -> None:
-        ds = make_nm(rows=16, cols=16, seed="jpeg")
-        frame = b"\xff\xd8" + b"\x00" * 30 + b"\xff\xd9"
-        ds.PixelData = pydicom.encaps.encapsulate([frame])
-        ds["PixelData"].VR = "OB"
-        ds["PixelData"].is_undefined_length = True
-        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-        path = tmp_path / "jpeg.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        header = parse_header(dataset_bytes(path), JPEGBaseline8Bit)
-        assert header.pixel_data_length == -1
-        assert (header.rows, header.columns, header.modality) == (16, 16, "NM")
-
-    def test_deflated_bytes_that_do_not_inflate(self) -> None:
-        with pytest.raises(ValueError, match="does not inflate"):
-            parse_header(b"not deflate at all", DeflatedExplicitVRLittleEndian)
-        good = zlib.compressobj(wbits=-15)
-        assert good  # the happy path is covered end to end above
-
-    def test_file_meta_is_readable_by_pydicom(self, tmp_path: Path) -> None:
-        meta = encode_file_meta(
-            "1.2.840.10008.5.1.4.1.1.20", "1.2.3", ExplicitVRLittleEndian, "AE1"
-        )
-        path = tmp_path / "meta.dcm"
-        path.write_bytes(meta)
-        read = pydicom.filereader.read_file_meta_info(path)
-        assert read.MediaStorageSOPInstanceUID == "1.2.3"
-        assert read.TransferSyntaxUID == ExplicitVRLittleEndian
-        assert read.SourceApplicationEntityTitle == "AE1"
+def _pdv(context_id: int, control: int, data: bytes) -> bytes:
+    """One Presentation Data Value item (PS3.8 9.3.5.1)."""
+    return struct.pack(">LBB", len(data) + 2, context_id, control) + data
 
 
-class TestFastResponse:
-    @pytest.mark.parametrize("status", [0x0000, 0xA700, 0xC210])
-    def test_c_store_rsp_bytes_equal_pynetdicom_encoding(self, status: int) -> None:
-        from pynetdicom.dimse_messages import C_STORE_RSP
-        from pynetdicom.dimse_primitives import C_STORE
-        from pynetdicom.dsutils import encode
-
-        rsp = C_STORE()
-        rsp.MessageIDBeingRespondedTo = 7
-        rsp.AffectedSOPClassUID = NuclearMedicineImageStorage
-        rsp.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.123"
-        rsp.Status = status
-        message = C_STORE_RSP()
-        message.primitive_to_message(rsp)
-        assert encode_c_store_rsp(rsp) == encode(message.command_set, True, True)
-
-    def test_error_comment_goes_through_pynetdicom(self) -> None:
-        from pynetdicom.dimse_primitives import C_STORE
-
-        rsp = C_STORE()
-        rsp.MessageIDBeingRespondedTo = 1
-        rsp.AffectedSOPClassUID = NuclearMedicineImageStorage
-        rsp.AffectedSOPInstanceUID = "1.2.3"
-        rsp.Status = 0xC000
-        rsp.ErrorComment = "bad"
-        assert encode_c_store_rsp(rsp) is None
+def _p_data(*pdvs: bytes) -> bytes:
+    """A P-DATA-TF PDU holding ``pdvs``."""
+    body = b"".join(pdvs)
+    return struct.pack(">BBL", 0x04, 0x00, len(body)) + body
 
 
-class TestHeaderWalker:
-    """The fast top-level walker reads what pydicom's reader reads."""
+def _c_store_command(ds: Dataset, message_id: int) -> bytes:
+    """The C-STORE-RQ command set pynetdicom would send for ``ds``."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
 
-    @pytest.mark.parametrize(
-        "transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
-    )
-    @pytest.mark.parametrize("kind", ["nm", "nm3", "ct"])
-    def test_fast_and_pydicom_paths_agree(
-        self, tmp_path: Path, transfer_syntax: str, kind: str
+    req = C_STORE()
+    req.MessageID = message_id
+    req.AffectedSOPClassUID = ds.SOPClassUID
+    req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    req.Priority = 2
+    req.DataSet = BytesIO(b"")  # only marks "a data set follows"
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    command = encode(message.command_set, True, True)
+    assert command is not None
+    return command
+
+
+def _chunks(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def _command_pdvs(cx: int, command: bytes, pieces: int) -> list[bytes]:
+    parts = _chunks(command, -(-len(command) // pieces))
+    return [_pdv(cx, 0x03 if i == len(parts) - 1 else 0x01, p) for i, p in enumerate(parts)]
+
+
+def _data_pdvs(cx: int, data: bytes, size: int) -> list[bytes]:
+    parts = _chunks(data, size)
+    return [_pdv(cx, 0x02 if i == len(parts) - 1 else 0x00, p) for i, p in enumerate(parts)]
+
+
+class TestFastPathOnTheWire:
+    """Crafted P-DATA layouts a PACS may send: what it hears back and what lands on disk.
+
+    The node's DUL hands DIMSE views of its receive buffer and DIMSE assembles the C-STORE
+    itself; each layout must give Success and a spooled data set identical to the bytes sent,
+    on the fast path and, with a handler watching PDUs, on pynetdicom's own path.
+    """
+
+    @pytest.fixture(params=["fast", "pynetdicom"])
+    def path(self, request: pytest.FixtureRequest) -> str:
+        return str(request.param)
+
+    def send_raw(self, node: Node, pdus: list[bytes], path: str, expected: int) -> list[int]:
+        """Associate, write ``pdus`` as they are, return the statuses of ``expected`` answers."""
+        if path == "pynetdicom":
+            server = node.scp._server
+            assert server is not None
+            for event in (evt.EVT_PDU_RECV, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
+                server.bind(event, lambda event: None)
+        ae = AE(ae_title="RAWSCU")
+        ae.dimse_timeout = 10
+        ae.add_requested_context(NuclearMedicineImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+        assert assoc.is_established
+        # pause the requestor's reactor as send_c_store() does, so that we read the responses
+        assoc._reactor_checkpoint.clear()
+        wait_until(lambda: assoc._is_paused, timeout=10, what="the SCU reactor to pause")
+        try:
+            (context,) = assoc.accepted_contexts
+            assert context.context_id == 1
+            sock = assoc.dul.socket
+            assert sock is not None and sock.socket is not None
+            for pdu in pdus:
+                sock.socket.sendall(pdu)
+            statuses = []
+            for _ in range(expected):
+                _, rsp = assoc.dimse.get_msg(block=True)
+                assert rsp is not None, "no C-STORE-RSP within the DIMSE timeout"
+                assert rsp.Status is not None
+                statuses.append(int(rsp.Status))
+        finally:
+            assoc._reactor_checkpoint.set()
+            assoc.release()
+        return statuses
+
+    def instance(self, tmp_path: Path, seed: str) -> tuple[Dataset, bytes]:
+        ds = make_nm(rows=64, cols=64, seed=seed)
+        (path,) = write_series([ds], tmp_path / seed)
+        return ds, dataset_bytes(path)
+
+    def assert_spooled(self, node: Node, sent: dict[str, bytes]) -> None:
+        by_uid = {p.stem: p for p in node.spooled()}
+        assert set(by_uid) == set(sent)
+        for uid, data in sent.items():
+            assert dataset_bytes(by_uid[uid]) == data
+        assert sorted(r.sop_instance_uid for r in node.recorder.records) == sorted(sent)
+
+    def test_command_and_data_set_in_one_pdu(
+        self, start_node: Callable[..., Node], tmp_path: Path, path: str
     ) -> None:
-        from dicom_node.receive.header import _parse_header_fast, _parse_header_pydicom
+        node = start_node()
+        ds, data = self.instance(tmp_path, "one-pdu")
+        pdu = _p_data(_pdv(1, 0x03, _c_store_command(ds, 1)), _pdv(1, 0x02, data))
+        assert self.send_raw(node, [pdu], path, 1) == [STATUS_SUCCESS]
+        self.assert_spooled(node, {ds.SOPInstanceUID: data})
 
-        if kind == "ct":
-            ds = make_ct_series(n_slices=1, rows=32, cols=32, seed="walker")[0]
-        else:
-            ds = make_nm(rows=32, cols=32, frames=3 if kind == "nm3" else 1, seed="walker")
-        ds.file_meta.TransferSyntaxUID = transfer_syntax
-        path = tmp_path / "ds.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        data = dataset_bytes(path)
-        implicit = transfer_syntax == ImplicitVRLittleEndian
-        little = transfer_syntax != ExplicitVRBigEndian
-        fast = _parse_header_fast(data, implicit, little)
-        assert fast == _parse_header_pydicom(data, implicit, little)
-        assert fast.study_uid == ds.StudyInstanceUID
-        assert (fast.rows, fast.columns, fast.bits_allocated) == (32, 32, 16)
-        assert fast.pixel_data_length == len(ds.PixelData)
-        assert parse_header(data, transfer_syntax) == fast
+    def test_fragmented_command_and_data_set_over_many_pdus(
+        self, start_node: Callable[..., Node], tmp_path: Path, path: str
+    ) -> None:
+        node = start_node()
+        ds, data = self.instance(tmp_path, "fragmented")
+        command = _c_store_command(ds, 1)
+        pdus = [_p_data(p) for p in _command_pdvs(1, command, 3)]
+        pdus += [_p_data(p) for p in _data_pdvs(1, data, 1000)]  # odd size: splits elements
+        assert len(pdus) > 8
+        assert self.send_raw(node, pdus, path, 1) == [STATUS_SUCCESS]
+        self.assert_spooled(node, {ds.SOPInstanceUID: data})
+
+    def test_data_set_split_across_many_pdvs_of_one_pdu(
+        self, start_node: Callable[..., Node], tmp_path: Path, path: str
+    ) -> None:
+        node = start_node()
+        ds, data = self.instance(tmp_path, "many-pdvs")
+        pdvs = [_pdv(1, 0x03, _c_store_command(ds, 1)), *_data_pdvs(1, data, 333)]
+        assert len(pdvs) > 20
+        assert self.send_raw(node, [_p_data(*pdvs)], path, 1) == [STATUS_SUCCESS]
+        self.assert_spooled(node, {ds.SOPInstanceUID: data})
+
+    def test_two_requests_in_one_pdu_and_one_across_the_boundary(
+        self, start_node: Callable[..., Node], tmp_path: Path, path: str
+    ) -> None:
+        if path == "pynetdicom":
+            pytest.skip(
+                "pynetdicom 3.0's DIMSEMessage.decode_msg stops at the first complete message "
+                "and drops the rest of the P-DATA-TF; only the fast path serves this layout"
+            )
+        node = start_node()
+        sent = [self.instance(tmp_path, f"pair{i}") for i in range(3)]
+        (ds0, d0), (ds1, d1), (ds2, d2) = sent
+        third = _data_pdvs(1, d2, len(d2) // 2 + 1)
+        first_pdu = _p_data(
+            _pdv(1, 0x03, _c_store_command(ds0, 1)),
+            *_data_pdvs(1, d0, 4096),
+            _pdv(1, 0x03, _c_store_command(ds1, 2)),
+            _pdv(1, 0x02, d1),
+            _pdv(1, 0x03, _c_store_command(ds2, 3)),
+            third[0],
+        )
+        statuses = self.send_raw(node, [first_pdu, _p_data(third[1])], path, 3)
+        assert statuses == [STATUS_SUCCESS] * 3
+        self.assert_spooled(node, {ds.SOPInstanceUID: d for ds, d in sent})
+
+    def test_bad_instance_in_a_fragmented_stream_gets_its_status(
+        self, start_node: Callable[..., Node], tmp_path: Path, path: str
+    ) -> None:
+        node = start_node()
+        bad = make_nm(rows=64, cols=64, seed="bad-in-stream")
+        bad.Rows = 0
+        (bad_path,) = write_series([bad], tmp_path / "bad")
+        good, good_data = self.instance(tmp_path, "good-in-stream")
+        pdus = [_p_data(p) for p in _command_pdvs(1, _c_store_command(bad, 1), 2)]
+        pdus += [_p_data(p) for p in _data_pdvs(1, dataset_bytes(bad_path), 777)]
+        pdus.append(
+            _p_data(_pdv(1, 0x03, _c_store_command(good, 2)), *_data_pdvs(1, good_data, 5000))
+        )
+        statuses = self.send_raw(node, pdus, path, 2)
+        assert statuses == [STATUS_BAD_GEOMETRY, STATUS_SUCCESS]
+        self.assert_spooled(node, {good.SOPInstanceUID: good_data})
 
 
 class TestOrthancInterop:

@@ -21,7 +21,8 @@ from rich.table import Table
 from ruamel.yaml import YAML
 
 from dicom_node.modelstore.aliases import CANARY, PRODUCTION, SHADOW, append_history
-from dicom_node.modelstore.store import ModelStore, ModelStoreError, parse_ref
+from dicom_node.modelstore.refs import ModelRefError, parse_model_ref
+from dicom_node.modelstore.store import ModelStore, ModelStoreError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def _store_command(func: Callable[..., Any]) -> Callable[..., Any]:
         root = models_dir if models_dir is not None else _config(config_path).models
         try:
             return func(store=ModelStore(root), config_path=config_path, **kwargs)
-        except ModelStoreError as exc:
+        except (ModelStoreError, ModelRefError) as exc:
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
@@ -217,7 +218,7 @@ def _shadow_summary(config_path: Path | None, name: str) -> list[str]:
 
     store = JobStore.open(storage)
     try:
-        runs = store.list_jobs(limit=SHADOW_RUNS, kind="shadow")
+        runs = store.shadow_results(model=name, limit=SHADOW_RUNS)
     except Exception as exc:  # an old or foreign database: the summary is optional
         LOGGER.debug("no shadow summary from %s: %s", storage, exc)
         return []
@@ -225,11 +226,8 @@ def _shadow_summary(config_path: Path | None, name: str) -> list[str]:
         store.close()
     scores: dict[tuple[str, str], list[float]] = {}
     for run in runs:
-        if run.get("model_name") != name:
-            continue
-        agreement = (run.get("details") or {}).get("agreement") or {}
-        for segment, value in agreement.items():
-            scores.setdefault((str(run["model_version"]), segment), []).append(float(value))
+        for segment, value in run.agreement.items():
+            scores.setdefault((run.version, segment), []).append(float(value))
     return [
         f"shadow {version} agreement {segment}: mean Dice {sum(v) / len(v):.3f} over "
         f"{len(v)} run(s), min {min(v):.3f}"
@@ -250,7 +248,7 @@ def _shadow_summary(config_path: Path | None, name: str) -> list[str]:
 def show_cmd(store: ModelStore, config_path: Path | None, ref: str, history_lines: int) -> None:
     """Show NAME[@ALIAS|:VERSION]: manifest, aliases, shadow/canary, history, live counts."""
     console = _console()
-    name, alias, version = parse_ref(ref)
+    name, alias, version = parse_model_ref(ref).as_tuple()
     if not store.model_dir(name).is_dir():
         raise ModelStoreError(f"no model {name!r} in {store.root}")
     aliases = store.aliases(name)

@@ -14,8 +14,11 @@ from pynetdicom import AE
 from pynetdicom.sop_class import NuclearMedicineImageStorage  # type: ignore[attr-defined]
 
 from dicom_node.config import NodeConfig, TLSConfig
-from dicom_node.receive.scp import STATUS_SUCCESS, InstanceRecord, StorageSCP, build_ssl_context
+from dicom_node.jobs.records import InstanceRecord
+from dicom_node.receive.handler import STATUS_SUCCESS
+from dicom_node.receive.scp import StorageSCP
 from dicom_node.receive.spool import Spool
+from dicom_node.receive.transport import build_ssl_context
 from tests.helpers.dicom_factory import make_nm, write_series
 from tests.helpers.peers import echoscu, storescu
 

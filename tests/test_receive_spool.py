@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from dicom_node import metrics
-from dicom_node.receive.spool import InvalidUID, Spool, validate_uid
+from dicom_node.receive.spool import (
+    INCOMING_DIR,
+    PREPARED_TARGET,
+    InvalidUID,
+    Spool,
+    validate_uid,
+)
+from tests.helpers.waiting import wait_until
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.2"
@@ -136,3 +143,68 @@ class TestSpool:
     def test_free_bytes_reports_the_file_system(self, tmp_path: Path) -> None:
         free = Spool(tmp_path).free_bytes()
         assert abs(free - shutil.disk_usage(tmp_path).free) < 2**30
+
+
+class TestPreparedFiles:
+    """``prepare_ahead``: temporary files created off the C-STORE path, in ``spool/.incoming``."""
+
+    @staticmethod
+    def incoming(root: Path) -> list[Path]:
+        folder = root / "spool" / INCOMING_DIR
+        return sorted(folder.iterdir()) if folder.is_dir() else []
+
+    def ready(self, root: Path) -> list[Path]:
+        wait_until(
+            lambda: len(self.incoming(root)) >= PREPARED_TARGET,
+            timeout=10,
+            what=f"{PREPARED_TARGET} prepared files",
+        )
+        return self.incoming(root)
+
+    def test_a_store_takes_a_prepared_file_and_its_bytes_are_identical(
+        self, tmp_path: Path
+    ) -> None:
+        spool = Spool(tmp_path, prepare_ahead=True)
+        first = spool.store(STUDY, SERIES, SOP, [b"first ", b"instance"])  # none prepared yet
+        prepared = {p.stat().st_ino for p in self.ready(tmp_path)}
+        assert all(p.name.startswith(".tmp-") for p in self.incoming(tmp_path))
+        payload = [b"\x00" * 128, b"DICM", bytes(range(256)) * 40]
+        second = spool.store(STUDY, SERIES, "1.2.3.4", payload)
+        final = tmp_path / second.path
+        assert second.created and second.size == sum(len(p) for p in payload)
+        assert final.read_bytes() == b"".join(payload)
+        assert final.stat().st_ino in prepared  # written into a file created ahead of time
+        assert (tmp_path / first.path).read_bytes() == b"first instance"
+        assert spool.bytes_used() == first.size + second.size
+        # the staging name goes away on the background thread, the instance stays
+        spool.store(STUDY, SERIES, "1.2.3.5", [b"third"])
+        wait_until(lambda: final.stat().st_nlink == 1, timeout=10, what="staging name removed")
+        assert final.read_bytes() == b"".join(payload)
+        assert sorted(p.name for p in (tmp_path / "spool").rglob("*.dcm")) == [
+            "1.2.3.4.dcm",
+            "1.2.3.5.dcm",
+            f"{SOP}.dcm",
+        ]
+
+    def test_unused_prepared_files_are_removed_at_start_up_and_never_counted(
+        self, tmp_path: Path
+    ) -> None:
+        spool = Spool(tmp_path, prepare_ahead=True)
+        spool.store(STUDY, SERIES, SOP, [b"12345"])
+        self.ready(tmp_path)
+        restarted = Spool(tmp_path)
+        assert self.incoming(tmp_path) == []
+        assert restarted.bytes_used() == 5
+
+    def test_prepared_file_removed_under_it_falls_back_to_its_own_temp_file(
+        self, tmp_path: Path
+    ) -> None:
+        """Another Spool on the same storage starting up removes this one's prepared files."""
+        spool = Spool(tmp_path, prepare_ahead=True)
+        spool.store(STUDY, SERIES, SOP, [b"a"])
+        self.ready(tmp_path)
+        Spool(tmp_path)  # its start-up scan removes every .tmp-* file
+        stored = spool.store(STUDY, SERIES, "1.2.3.4", [b"after ", b"the clean-up"])
+        assert stored.created
+        assert (tmp_path / stored.path).read_bytes() == b"after the clean-up"
+        assert not list((tmp_path / "spool" / STUDY).rglob(".tmp-*"))
