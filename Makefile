@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEBIAN_TOOLS := storescu:dcmtk echoscu:dcmtk storescp:dcmtk dciodvfy:dicom3tools Orthanc:orthanc
+DEBIAN_TOOLS := storescu:dcmtk echoscu:dcmtk storescp:dcmtk dciodvfy:dicom3tools Orthanc:orthanc gdcmscu:libgdcm-tools
 PYTEST_ARGS ?=
 
 .PHONY: run test install test-deps lint bench clean

@@ -5,7 +5,8 @@ DICOM file under ``spool/<study>/<series>/<sop>.dcm`` with its row in the job st
 that ran for weeks leaves them; plus ``--missing`` (default 100) files without a row, the
 instances a power cut took from the job store, which reconciliation must read back and record.
 Timed: :func:`dicom_node.jobs.reconcile.reconcile_spool` on a freshly opened job store, twice
-(``cold``: the first pass records the missing rows; ``warm``: nothing to record, the usual start).
+(``cold``: the first pass records the missing rows; ``warm``: nothing to record, the usual start),
+and the spool's own start-up scan (``Spool(storage)`` sums the bytes of every spooled file).
 
 This machine's root file system is ext4 without a journal, where deleting many files makes the
 next creations slow for minutes (bench/RESULTS.md). The 100k-file spool is therefore built once
@@ -39,8 +40,9 @@ from bench.common import machine  # noqa: E402
 from dicom_node.jobs.reconcile import reconcile_spool  # noqa: E402
 from dicom_node.jobs.schema import instances, jobs, series  # noqa: E402
 from dicom_node.jobs.store import JobStore  # noqa: E402
+from dicom_node.receive.spool import Spool  # noqa: E402
 
-SPOOL_DIR = "spool"  # dicom_node.receive.spool.SPOOL_DIR (a bench may not need the receiver)
+SPOOL_DIR = "spool"  # dicom_node.receive.spool.SPOOL_DIR
 PER_SERIES = 100
 SERIES_PER_STUDY = 10
 NM_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
@@ -173,6 +175,14 @@ class ReconcileBenchmark:
                 ],
             )
 
+    def time_spool_scan(self) -> float:
+        """``Spool(storage)``: the node's other start-up walk (sums the spool's bytes)."""
+        start = time.perf_counter()
+        spool = Spool(self.storage)
+        elapsed = time.perf_counter() - start
+        assert spool.bytes_used() > 0
+        return elapsed
+
     def time_reconcile(self) -> tuple[float, int]:
         """One ``reconcile_spool`` on a freshly opened store: (seconds, instances recorded)."""
         store = JobStore.open(self.storage)
@@ -221,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         warm, again = bench.time_reconcile()
         print(f"reconcile cold (records the missing rows): {cold:.3f} s, {added} recorded")
         print(f"reconcile warm (nothing to record):        {warm:.3f} s, {again} recorded")
+        print(f"spool byte scan (Spool(storage)):          {bench.time_spool_scan():.3f} s")
         if added != missing or again != 0:
             print(f"FAIL: expected {missing} then 0 recorded, got {added} then {again}")
             return 1

@@ -13,8 +13,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from ruamel.yaml import YAML
+from ruamel.yaml.composer import Composer, MaxDepthExceededError
+from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.events import AliasEvent, ScalarEvent
 
 ENV_PREFIX = "DICOM_NODE_"
 """Prefix of environment variables that override configuration keys."""
@@ -129,6 +139,109 @@ class TLSConfig(_Strict):
     require_client_cert: bool = False
 
 
+# -- who may call (receive/scp.py CallerPolicy) ----------------------------------------------------
+CERT_SUBJECT_ATTRIBUTES: dict[str, str] = {
+    "CN": "commonName",
+    "O": "organizationName",
+    "OU": "organizationalUnitName",
+    "C": "countryName",
+    "ST": "stateOrProvinceName",
+    "L": "localityName",
+    "DC": "domainComponent",
+    "emailAddress": "emailAddress",
+    "serialNumber": "serialNumber",
+}
+"""Attributes a ``cert_subject`` may name, as written (``CN=...``) and as Python's ``ssl``
+reports them in a peer certificate's subject."""
+
+
+def parse_cert_subject(text: str) -> tuple[tuple[str, str], ...]:
+    """Return ``(("commonName", "ct1"), ("organizationName", "Hospital"))`` from
+    ``"CN=ct1, O=Hospital"``.
+
+    Raises
+    ------
+    ValueError
+        Empty, a part without ``=``, an empty value or an attribute not in
+        :data:`CERT_SUBJECT_ATTRIBUTES`; the message shows the part.
+    """
+    pairs = []
+    for part in str(text).split(","):
+        name, sep, value = part.strip().partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not value or name not in CERT_SUBJECT_ATTRIBUTES:
+            known = ", ".join(CERT_SUBJECT_ATTRIBUTES)
+            raise ValueError(
+                f"cert_subject must be comma-separated NAME=value parts with NAME one of {known} "
+                f"(e.g. 'CN=modality1, O=Hospital'), got {part.strip()[:80]!r}"
+            )
+        pairs.append((CERT_SUBJECT_ATTRIBUTES[name], value))
+    return tuple(pairs)
+
+
+def _check_ae(value: str, what: str) -> str:
+    if not 1 <= len(value) <= 16 or value.strip() != value or "\\" in value:
+        raise ValueError(f"{what} must be 1-16 characters without spaces around, got {value!r}")
+    return value
+
+
+def _check_host(value: str) -> str:
+    if not value or any(c.isspace() or c in "@#/" for c in value) or len(value) > 253:
+        raise ValueError(f"host must be an IP address or a host name, got {value[:80]!r}")
+    return value
+
+
+class CallerEntry(_Strict):
+    """One ``allowed_callers`` entry in its mapping form: a calling AE title, pinned to a host
+    and/or (with TLS client certificates) to a certificate subject.
+
+    ``{ae_title: CT1, host: 10.0.0.5, cert_subject: "CN=ct1"}`` admits CT1 only from
+    10.0.0.5 and only with a client certificate (verified against ``tls.ca``) whose subject has
+    ``CN=ct1``. The strings ``CT1`` and ``CT1@10.0.0.5`` are the short forms without a subject.
+    """
+
+    ae_title: str
+    host: str | None = None
+    """IP address or host name (resolved once, at start); ``None``: any host."""
+    cert_subject: str | None = None
+    """``CN=...`` parts that must all be in the client certificate's subject, values exact;
+    needs ``tls.require_client_cert: true``."""
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae(value, "ae_title")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        return None if value is None else _check_host(value)
+
+    @field_validator("cert_subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_cert_subject(value)
+        return value
+
+    @property
+    def subject(self) -> tuple[tuple[str, str], ...] | None:
+        """The parsed ``cert_subject`` (see :func:`parse_cert_subject`)."""
+        return None if self.cert_subject is None else parse_cert_subject(self.cert_subject)
+
+    @classmethod
+    def from_text(cls, text: str) -> CallerEntry:
+        """Parse the short forms ``AE`` and ``AE@host``.
+
+        Raises
+        ------
+        ValueError
+            A bad AE title or host; the message names it.
+        """
+        ae, sep, host = text.partition("@")
+        return cls(ae_title=ae.strip(), host=host.strip() if sep else None)
+
+
 class NodeConfig(_Strict):
     """Every setting of a node. See ``dicom_node/defaults/node.yaml`` for the defaults."""
 
@@ -143,11 +256,24 @@ class NodeConfig(_Strict):
     storage: Path = Path("./var")
     rules: Path = Path("./rules")
     models: Path = Path("./models")
-    allowed_callers: list[str] = Field(default_factory=list)
+    allowed_callers: list[str | CallerEntry] = Field(default_factory=list)
+    """``[]``: any caller. Else entries ``AE``, ``AE@host`` or
+    ``{ae_title: AE, host: h, cert_subject: "CN=..."}`` (see :class:`CallerEntry`)."""
     destinations: dict[str, Destination] = Field(default_factory=dict)
     max_associations: int = Field(16, ge=1)
+    max_associations_per_host: int = Field(8, ge=1)
+    """Connections one host (IP address) may hold at once, capped at ``max_associations``;
+    more are refused with A-ASSOCIATE-RJ (transient, local limit exceeded)."""
     max_pdu: int = Field(0, ge=0)
-    """Maximum PDU size we accept; 0 means unlimited."""
+    """Maximum P-DATA PDU size we advertise and accept; 0: the node's hard cap (64 MiB)."""
+    acse_timeout: float = Field(30.0, gt=0)
+    """Seconds a new connection has to finish its TLS handshake and to send its whole
+    A-ASSOCIATE-RQ; a peer that is silent or stops half-way is dropped."""
+    dimse_timeout: float = Field(60.0, gt=0)
+    """Seconds of silence allowed once a peer has started a PDU or a DIMSE message."""
+    network_timeout: float = Field(60.0, gt=0)
+    """Seconds an established association may stay idle between messages (also the longest
+    wait for a peer that does not read what the node sends)."""
     # -- what the receiver accepts (receive/handler.py, receive/scp.py) --
     accept_unknown_sop_classes: bool = True
     """Accept C-STOREs of private or unknown SOP classes (as Orthanc does); ``false`` rejects
@@ -193,6 +319,50 @@ class NodeConfig(_Strict):
     def _pixel_budget(cls, value: Any) -> int:
         return parse_size(value)
 
+    @field_validator("allowed_callers", mode="before")
+    @classmethod
+    def _callers(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            raise ValueError(
+                f"allowed_callers must be a list of 'AE', 'AE@host' or {{ae_title: AE, host: h, "
+                f"cert_subject: 'CN=...'}} entries, got {type(value).__name__}"
+            )
+        out: list[str | CallerEntry] = []
+        for i, entry in enumerate(value):
+            name = entry.get("ae_title") if isinstance(entry, dict) else entry
+            label = f"entry {i + 1} ({str(name)[:40]})"
+            try:
+                if isinstance(entry, str):
+                    CallerEntry.from_text(entry)
+                    out.append(entry)
+                elif isinstance(entry, dict | CallerEntry):
+                    out.append(CallerEntry.model_validate(entry))
+                else:
+                    raise ValueError(f"must be text or a mapping, got {type(entry).__name__}")
+            except ValidationError as exc:
+                reasons = "; ".join(
+                    f"{'.'.join(map(str, e['loc']))}: {_plain(e['msg'])}" for e in exc.errors()
+                )
+                raise ValueError(f"{label}: {reasons}") from None
+            except ValueError as exc:
+                raise ValueError(f"{label}: {exc}") from None
+        return out
+
+    @model_validator(mode="after")
+    def _subjects_need_client_certs(self) -> NodeConfig:
+        pinned = [
+            e.ae_title
+            for e in self.allowed_callers
+            if isinstance(e, CallerEntry) and e.cert_subject is not None
+        ]
+        if pinned and (self.tls is None or not self.tls.require_client_cert):
+            raise ValueError(
+                f"allowed_callers: cert_subject (for {', '.join(pinned)}) needs TLS with "
+                f"client certificates: set tls.cert, tls.key, tls.ca and "
+                f"tls.require_client_cert: true"
+            )
+        return self
+
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
@@ -208,11 +378,156 @@ class NodeConfig(_Strict):
         return self.model_copy(update=paths)
 
 
+# -- bounded YAML (node.yaml here; rule and rule-test files in dicom_node/routing) ----------------
+YAML_MAX_VALUES = 10_000
+"""Most values (scalars, lists, mappings, keys included) one YAML document may expand to, every
+use of an alias counted in full. A shipped rule file has about 60; the shipped node.yaml 30."""
+YAML_MAX_CHARS = 1_000_000
+"""Most characters of scalar text one document may expand to, aliases counted per use (a file
+without aliases cannot exceed its own size)."""
+YAML_MAX_DEPTH = 64
+"""Deepest nesting of lists and mappings in one document."""
+CONFIG_MAX_BYTES = 262_144
+"""A configuration file larger than this is refused before it is parsed."""
+
+
+class YAMLLimitError(ValueError):
+    """A YAML document expands beyond :data:`YAML_MAX_VALUES` / ``YAML_MAX_CHARS`` or nests
+    deeper than :data:`YAML_MAX_DEPTH`, or an alias refers to its own anchor.
+
+    ``line`` is the 1-based line where the limit was reached (for an alias, where it is used).
+    """
+
+    def __init__(self, message: str, line: int | None) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+class _BoundedComposer(Composer):
+    """ruamel's composer, counting while it composes so that a "billion laughs" stops early.
+
+    Anchored nodes are composed once and shared, so loading is cheap; the danger is everything
+    that walks the result later (validation, messages). Each node counts once where it is
+    written, and an alias counts the full size of what it names, at the alias, every time.
+    """
+
+    max_values = YAML_MAX_VALUES
+    max_chars = YAML_MAX_CHARS
+
+    def __init__(self, loader: Any = None) -> None:
+        super().__init__(loader=loader)
+        self._values = 0
+        self._chars = 0
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(anchored node) -> expanded size
+
+    def _spend(self, values: int, chars: int, mark: Any, alias: str | None) -> None:
+        self._values += values
+        self._chars += chars
+        if self._values <= self.max_values and self._chars <= self.max_chars:
+            return
+        what = (
+            f"more than {self.max_values} values"
+            if self._values > self.max_values
+            else f"more than {self.max_chars} characters of text"
+        )
+        if alias:
+            message = (
+                f"YAML alias '*{alias}' expands the document to {what} (each use of an alias "
+                f"counts in full); use fewer aliases or simplify"
+            )
+        else:
+            message = f"YAML document has {what}; simplify it or split it into several files"
+        raise YAMLLimitError(message, mark.line + 1 if mark is not None else None)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.parser.peek_event()
+        if isinstance(event, AliasEvent):
+            target = self.anchors.get(event.anchor)
+            if target is not None:  # an undefined alias is ruamel's own error
+                size = self._sizes.get(id(target))
+                if size is None:
+                    raise YAMLLimitError(
+                        f"alias '*{event.anchor}' is used inside its own anchor "
+                        f"'&{event.anchor}' (a structure that contains itself); remove it",
+                        event.start_mark.line + 1,
+                    )
+                self._spend(*size, event.start_mark, str(event.anchor))
+            return super().compose_node(parent, index)
+        values, chars = self._values, self._chars
+        text = event.value if isinstance(event, ScalarEvent) else None
+        self._spend(1, len(text) if isinstance(text, str) else 0, event.start_mark, None)
+        node = super().compose_node(parent, index)
+        if getattr(event, "anchor", None) is not None:
+            self._sizes[id(node)] = (self._values - values, self._chars - chars)
+        return node
+
+
+def bounded_yaml(
+    typ: str = "safe",
+    *,
+    max_values: int = YAML_MAX_VALUES,
+    max_chars: int = YAML_MAX_CHARS,
+) -> YAML:
+    """Return a ruamel ``YAML`` loader whose ``load`` refuses documents beyond the limits.
+
+    Parameters
+    ----------
+    typ:
+        ``safe`` (plain dicts and lists) or ``rt`` (round trip: values carry their lines).
+    max_values, max_chars:
+        The expansion budget, aliases counted per use (see :data:`YAML_MAX_VALUES`).
+
+    Returns
+    -------
+    YAML
+        Its ``load`` raises :class:`YAMLLimitError` (with ``.line``) once a limit is passed,
+        before the rest of the document is read, and ruamel's ``YAMLError`` for bad syntax.
+        Always the pure-Python parser: a C parser would bypass the counting composer.
+    """
+    yaml = YAML(typ=typ, pure=True)
+
+    class _Limited(_BoundedComposer):
+        pass
+
+    _Limited.max_values, _Limited.max_chars = max_values, max_chars
+    yaml.Composer = _Limited
+    yaml.max_depth = YAML_MAX_DEPTH
+    return yaml
+
+
+def yaml_problem(exc: BaseException, syntax: str = "YAML syntax error") -> tuple[int | None, str]:
+    """Return ``(line, message)`` for an exception from a :func:`bounded_yaml` load.
+
+    The message is one line: the limit that was passed, or ``syntax`` and ruamel's short reason
+    for a syntax error (never the offending text, which can be arbitrarily long).
+    """
+    if isinstance(exc, YAMLLimitError):
+        return exc.line, str(exc)
+    mark = exc.problem_mark or exc.context_mark if isinstance(exc, MarkedYAMLError) else None
+    line = mark.line + 1 if mark is not None else None
+    if isinstance(exc, MaxDepthExceededError | RecursionError):
+        return line, f"YAML nested deeper than {YAML_MAX_DEPTH} levels; simplify"
+    reason = ""
+    if isinstance(exc, MarkedYAMLError):
+        reason = exc.problem or exc.context or ""
+    reason = reason or (str(exc).splitlines() or [""])[0] or type(exc).__name__
+    if len(reason) > 200:
+        reason = reason[:197] + "..."
+    return line, f"{syntax}: {reason}"
+
+
+def _plain(message: str) -> str:
+    """A pydantic message without its ``Value error, `` prefix."""
+    return message.removeprefix("Value error, ")
+
+
 def _yaml_text(text: str, source: str) -> dict[str, Any]:
     try:
-        data = YAML(typ="safe").load(text)
+        data = bounded_yaml("safe").load(text)
     except Exception as exc:  # ruamel raises many types; all mean the same to a user
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        line, message = yaml_problem(exc, syntax="not valid YAML")
+        where = f"{source}:{line}" if line is not None else source
+        raise ConfigError(f"{where}: {message}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -229,9 +544,16 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         key = name[len(ENV_PREFIX) :].lower()
         if key not in keys:
             continue  # DICOM_NODE_CONFIG and friends are not keys
-        value = YAML(typ="safe").load(raw) if raw.strip() else raw
-        out[key] = value
+        out[key] = _yaml_value(raw, name) if raw.strip() else raw
     return out
+
+
+def _yaml_value(text: str, source: str) -> Any:
+    try:
+        return bounded_yaml("safe").load(text)
+    except Exception as exc:  # noqa: BLE001 - as in _yaml_text
+        line, message = yaml_problem(exc, syntax="not valid YAML")
+        raise ConfigError(f"{source}: {message}") from exc
 
 
 def load_config(
@@ -262,6 +584,11 @@ def load_config(
     if path is not None:
         path = Path(path)
         try:
+            size = path.stat().st_size
+            if size > CONFIG_MAX_BYTES:
+                raise ConfigError(
+                    f"{path}: configuration file is {size} bytes; the limit is {CONFIG_MAX_BYTES}"
+                )
             text = path.read_text()
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from exc
@@ -273,7 +600,7 @@ def load_config(
         return NodeConfig(**data).resolve(base)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {_plain(err['msg'])}"
             for err in exc.errors()
         )
         raise ConfigError(f"{source}: {problems}") from exc

@@ -29,6 +29,13 @@ INSTANCES_REJECTED = Counter(
     namespace=_NS,
     registry=REGISTRY,
 )
+SPOOL_QUARANTINED = Counter(
+    "spool_quarantined",
+    "Spooled files the start-up reconciliation moved to quarantine instead of recording",
+    ["reason"],
+    namespace=_NS,
+    registry=REGISTRY,
+)
 ASSOCIATIONS = Counter(
     "associations",
     "Associations requested, by outcome",

@@ -114,7 +114,15 @@ class TestConcurrentSenders:
             write_series(_series(f"conc-{i}", 3), tmp_path / f"in{i}") for i in range(senders)
         ]
         with StoreSCP() as pacs:
-            config = make_config(tmp_path, models_dir, rules, pacs.port, max_associations=32)
+            # all senders are 127.0.0.1: lift the per-host limit (test_receive_hostile.py)
+            config = make_config(
+                tmp_path,
+                models_dir,
+                rules,
+                pacs.port,
+                max_associations=32,
+                max_associations_per_host=senders,
+            )
             node = node_factory(config)
             results: list[Any] = [None] * senders
 
@@ -158,8 +166,10 @@ class TestStudiesVersusAssociations:
         write_rules(rules, IDLE_RULE % {"complete": complete})
         # study A: two series, their instances interleaved over four associations
         study_a = "1.2.826.0.1.3680043.8.498.777001"
-        a1 = write_series(_series("a1", 2, study_uid=study_a), tmp_path / "a1")
-        a2 = write_series(_series("a2", 2, study_uid=study_a, series_number=2), tmp_path / "a2")
+        # one study, one patient (the factory derives PatientID from the seed)
+        same = {"study_uid": study_a, "PatientID": "PHANTOMA"}
+        a1 = write_series(_series("a1", 2, **same), tmp_path / "a1")
+        a2 = write_series(_series("a2", 2, series_number=2, **same), tmp_path / "a2")
         # studies B, C, D (two instances each) on one association
         bcd = {s: write_series(_series(s, 2), tmp_path / s) for s in ("b", "c", "d")}
         with StoreSCP() as pacs:

@@ -174,7 +174,7 @@ def test_a_tcp_probe_does_not_hold_up_shutdown(
     node = node_factory(config)
     # a TCP probe (load balancer, Docker/k8s tcpSocket check, port scan): connect, then close
     socket.create_connection(("127.0.0.1", config.port)).close()
-    wait_until(lambda: node.scp._ae.active_associations, timeout=5, what="the acceptor thread")
+    time.sleep(0.2)  # the acceptor may be waiting, or may already have seen the close and ended
     ae = node.scp._ae
     stopper = threading.Thread(target=node.stop)
     stopper.start()

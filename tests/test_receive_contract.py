@@ -349,3 +349,88 @@ class TestTransport:
         assert "queue.Empty" in source and "return None" in source, broken(
             "DULServiceProvider.receive_pdu (None on timeout)", "changed"
         )
+
+
+class TestUnrestrictedStorage:
+    """``accept_unknown_sop_classes`` is pynetdicom's ``UNRESTRICTED_STORAGE_SERVICE``
+    (:func:`tuned.set_unrestricted_storage`): the flag, the acceptor negotiation that reads it
+    and the C-STORE dispatch that serves unknown classes as storage."""
+
+    def test_flag_and_the_code_that_reads_it(self) -> None:
+        assert isinstance(_config.UNRESTRICTED_STORAGE_SERVICE, bool), broken(
+            "_config.UNRESTRICTED_STORAGE_SERVICE"
+        )
+        from pynetdicom import acse, presentation
+
+        assert hasattr(presentation, "negotiate_unrestricted"), broken(
+            "presentation.negotiate_unrestricted"
+        )
+        assert "UNRESTRICTED_STORAGE_SERVICE" in inspect.getsource(acse.ACSE), broken(
+            "ACSE negotiation", "no longer reads"
+        )
+        assert "UNRESTRICTED_STORAGE_SERVICE" in inspect.getsource(Association._serve_request), (
+            broken("Association._serve_request", "no longer reads")
+        )
+
+    def test_setter_flips_the_flag(self) -> None:
+        previous = _config.UNRESTRICTED_STORAGE_SERVICE
+        try:
+            tuned.set_unrestricted_storage(True)
+            assert _config.UNRESTRICTED_STORAGE_SERVICE is True
+            tuned.set_unrestricted_storage(False)
+            assert _config.UNRESTRICTED_STORAGE_SERVICE is False
+        finally:
+            _config.UNRESTRICTED_STORAGE_SERVICE = previous
+
+
+class TestLimitsAndDeadlines:
+    """What the PDU length limits and read deadlines (issue 10) rely on in pynetdicom."""
+
+    def test_connection_closed_ends_every_state_the_reader_drops_in(self) -> None:
+        """NodeDUL._drop puts Evt17: these actions shut the socket down and reach Sta1."""
+        for state, action in (("Sta2", "AA-5"), ("Sta3", "AA-4"), ("Sta6", "AA-4")):
+            assert fsm.TRANSITION_TABLE[("Evt17", state)] == action, broken(f"fsm {state}+Evt17")
+            assert fsm.ACTIONS[action][2] == "Sta1", broken(f"fsm.ACTIONS[{action!r}]")
+        assert fsm.TRANSITION_TABLE[("Evt17", "Sta13")] == "AR-5", broken("fsm Sta13+Evt17")
+        for func in (fsm.AA_4, fsm.AA_5, fsm.AR_5):
+            assert "_shutdown_socket()" in inspect.getsource(func), broken(
+                f"fsm.{func.__name__} (shuts the socket down)", "changed"
+            )
+        assert fsm.TRANSITION_TABLE[("Evt18", "Sta2")] == "AA-2", broken("fsm Sta2+Evt18 (ARTIM)")
+
+    def test_invalid_event_raises_invalid_event_error(self, acceptor: Association) -> None:
+        """NodeDUL catches it for a local primitive that lost a race with an abort (Sta13)."""
+        assert ("Evt7", "Sta13") not in fsm.TRANSITION_TABLE, broken("fsm Sta13+Evt7", "defined")
+        acceptor.dul.state_machine.current_state = "Sta13"
+        with pytest.raises(fsm.InvalidEventError, match="Invalid event 'Evt7'"):
+            acceptor.dul.state_machine.do_action("Evt7")
+
+    def test_local_events_come_from_the_provider_queue(self) -> None:
+        source = inspect.getsource(DULServiceProvider._process_recv_primitive)
+        assert "self.to_provider_queue.queue[0]" in source, broken(
+            "DULServiceProvider._process_recv_primitive (peeks the provider queue)", "changed"
+        )
+        for event in tuned._LOCAL_EVENTS - {"Evt2"}:
+            assert f'"{event}"' in source, broken(f"_process_recv_primitive -> {event}", "changed")
+
+    def test_timeout_setters_reach_the_dul_timers(self) -> None:
+        """NodeAssociation re-applies them after replacing the DUL."""
+        ae = AE()
+        ae.acse_timeout, ae.network_timeout = 7, 9
+        node = tuned.NodeAssociation(ae, "acceptor")
+        assert node.dul.artim_timer.timeout == 7, broken("Association.acse_timeout -> ARTIM")
+        assert node.dul._idle_timer.timeout == 9, broken("Association.network_timeout -> idle")
+
+    def test_names_the_reader_and_the_limits_use(self, acceptor: Association) -> None:
+        require(acceptor.acceptor, "maximum_length", label="ServiceUser")
+        require(acceptor.requestor, "address_info", label="ServiceUser")
+        assert isinstance(
+            inspect.getattr_static(type(acceptor.requestor), "address", None), property
+        ), broken("ServiceUser.address (a property)")
+        require(acceptor, "acse_timeout", "dimse_timeout", "network_timeout", label="Association")
+        assert "AcceptorThread" in inspect.getsource(
+            ThreadedAssociationServer.active_associations.fget  # type: ignore[attr-defined]
+        ), broken("AssociationServer.active_associations (AcceptorThread names)", "changed")
+        assert 'name = f"AcceptorThread' in inspect.getsource(RequestHandler._create_association), (
+            broken("RequestHandler._create_association (thread name)", "changed")
+        )

@@ -311,7 +311,8 @@ class TestStore:
     def test_sixteen_concurrent_senders(
         self, start_node: Callable[..., Node], tmp_path: Path
     ) -> None:
-        node = start_node(max_associations=16)
+        # all 16 come from 127.0.0.1: lift the per-host limit (tests/test_receive_hostile.py)
+        node = start_node(max_associations=16, max_associations_per_host=16)
         folders = []
         for sender in range(16):
             datasets = [

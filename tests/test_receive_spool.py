@@ -24,7 +24,9 @@ SOP = "1.2.826.0.1.3680043.8.498.3"
 
 
 class TestValidateUid:
-    @pytest.mark.parametrize("uid", ["1", "1.2.3", "1.2.840.10008.5.1.4.1.1.20", "9" * 64])
+    @pytest.mark.parametrize(
+        "uid", ["1", "1.2.3", "1.2.840.10008.5.1.4.1.1.20", "9" * 64, "0.1.0.3", "2.25.0"]
+    )
     def test_accepts_uids(self, uid: str) -> None:
         assert validate_uid(uid) == (True, "")
 
@@ -39,6 +41,11 @@ class TestValidateUid:
             (".1.2", "digits separated"),
             ("1.2.", "digits separated"),
             ("1.2a", "digits separated"),
+            ("1.2.3\n", "digits separated"),
+            ("1.2.3 ", "digits separated"),
+            ("1.2\\../../../x", "one value"),
+            ("1.02.3", "leading zero"),
+            ("01.2", "leading zero"),
             (None, "must be a str"),
         ],
     )

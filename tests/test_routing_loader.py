@@ -204,9 +204,8 @@ class TestFiles:
             lines.append(f"        - &a{i} {{any: [{', '.join([prev] * 10)}]}}")
         lines += ["    model: x@y", "    send_to: [pacs]"]
         (tmp_path / "a.yaml").write_text("\n".join(lines) + "\n")
-        assert any(
-            "more than 10000 conditions" in m or "nested deeper" in m for m in messages(tmp_path)
-        )
+        found = messages(tmp_path)
+        assert any("expands the document to more than" in m for m in found), found
 
 
 class TestCrossChecks:

@@ -30,6 +30,7 @@ from pydicom import Dataset
 from pydicom.data import data_manager
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from dicom_node.modelstore.frames import decode_pixels
 from dicom_node.seg import AlgorithmInfo, SegmentSpec, build_seg
 from dicom_node.seg.grouping import group_sources
 from dicom_node.seg.sources import frame_count, is_image
@@ -55,10 +56,10 @@ NOT_DICOM = {
 """Files in pydicom's test folder that are not DICOM at all (pydicom's own fixtures)."""
 
 DECODER = {
-    "JPEG-lossy.dcm": "decoder",  # 12-bit JPEG Extended: no installed plugin decodes it
     "JPEG2000-embedded-sequence-delimiter.dcm": "decoder",
 }
-"""Image files whose pixel data no installed decoder reads (xfail, reason "decoder")."""
+"""Image files whose pixel data no installed decoder reads (xfail, reason "decoder"). The
+12-bit JPEG Extended ``JPEG-lossy.dcm`` decodes through the node's frame reader (GDCM)."""
 
 BROKEN = {
     "MR_truncated.dcm": "Pixel Data shorter than Rows x Columns: the worker rejects it on decode",
@@ -174,7 +175,7 @@ def _param(case: Case) -> object:
 
 def _frames(ds: Dataset) -> np.ndarray:
     """Decoded frames (frames, rows, cols); colour as the mean of the samples (as the worker)."""
-    pixels = ds.pixel_array.astype(np.float64)
+    pixels = decode_pixels(ds, "instance 1 of 1").astype(np.float64)  # the worker's decoders
     if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
         pixels = pixels.mean(axis=-1)
     return pixels.reshape(frame_count(ds), int(ds.Rows), int(ds.Columns))

@@ -1,14 +1,28 @@
-"""The worker: one claimed job at a time, from pixels to a SEG delivered to every destination.
+"""The worker: one claimed job at a time, from pixels to SEGs delivered to every destination.
 
 A job resolves its model version once, when it first runs, and records it in the job store; a
 re-run after a crash or a ``retry`` uses the recorded version, so a study is processed end to end
 by one version even if an alias moves meanwhile.
+
+What a job's series can end as (every outcome is a sentence a person can act on):
+
+* **skipped**: no instance of the series is an image (a structured report, an RT plan, a
+  presentation state that a rule sent to a model); the reason names each instance's SOP class.
+  A series with images and non-images uses its images and says how many it left out.
+* **one SEG per group**: a series that mixes matrix sizes, orientations or Frames of Reference
+  is split (:func:`dicom_node.seg.group_sources`); each group gets its own SEG with UIDs of its
+  own, the same again on a re-run. A model whose manifest says ``input.volume: true`` needs one
+  consistent volume: such a series fails instead, with the groups named.
+* **failed**: the message names the instance by position ("instance 3 of 12 (InstanceNumber
+  7)"), the attribute or condition, and what to do. ``internal error`` is kept for bugs of the
+  node (an exception nobody expected); each one is a test case until it is fixed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +33,14 @@ from pydicom.dataset import Dataset
 from dicom_node import metrics
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
-from dicom_node.jobs import Job, JobState, JobStore, TransitionError, one_patient_one_study
+from dicom_node.jobs import (
+    Job,
+    JobState,
+    JobStore,
+    SegResult,
+    TransitionError,
+    one_patient_one_study,
+)
 from dicom_node.modelstore import (
     InferenceError,
     ModelLoadError,
@@ -27,12 +48,17 @@ from dicom_node.modelstore import (
     SeriesReadError,
     atomic_write,
     dice,
-    read_series,
+    read_instances,
+    series_frames,
 )
-from dicom_node.seg import AlgorithmInfo, SegmentSpec, build_seg
+from dicom_node.seg import AlgorithmInfo, SegmentSpec, SourceGroup, build_seg, group_sources
+from dicom_node.seg import is_image as seg_is_image
 from dicom_node.send.dimse import client_tls_context, send_file
 
 LOGGER = logging.getLogger(__name__)
+
+REQUIRED_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+"""Type 1 attributes a SEG must repeat or reference: an image without one cannot get a SEG."""
 
 
 class JobError(RuntimeError):
@@ -41,15 +67,84 @@ class JobError(RuntimeError):
 
 @dataclass(frozen=True)
 class InferenceResult:
-    """What one version made of a series: masks per segment key, stacked over frames."""
+    """What one version made of a series: per frame, a bool mask per segment key.
 
-    masks: dict[str, np.ndarray]
+    Frames of a series may differ in size (a series that is split into groups), so masks are
+    kept per frame; :meth:`stack` cuts out the frames of one group.
+    """
+
+    per_frame: list[dict[str, np.ndarray]]
+    keys: tuple[str, ...]
     duration: float
+
+    def stack(self, indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """Masks ``{key: bool (frames, rows, cols)}`` over ``indices`` (default: every frame).
+
+        Raises
+        ------
+        ValueError
+            The chosen frames differ in size.
+        """
+        chosen = self.per_frame if indices is None else [self.per_frame[i] for i in indices]
+        return {k: np.stack([f[k] for f in chosen]).astype(bool) for k in self.keys}
+
+    @property
+    def masks(self) -> dict[str, np.ndarray]:
+        """Every frame's masks stacked (frames of one size only, see :meth:`stack`)."""
+        return self.stack()
+
+    def flat(self, key: str) -> np.ndarray:
+        """Every frame's mask of ``key``, flattened and concatenated (any frame sizes)."""
+        return np.concatenate([np.ravel(f[key]) for f in self.per_frame])
+
+
+@dataclass(frozen=True)
+class _Series:
+    """The images of a job's series, named by their position among all its instances."""
+
+    images: list[Dataset]
+    names: list[str]
+    left_out: list[str]
+    """One line per instance that is not an image: position and reason."""
 
 
 def _fsync_write(path: Path, ds: Dataset) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
+
+
+def _frame_count(ds: Dataset, name: str) -> int:
+    value = ds.get("NumberOfFrames")
+    if value in (None, ""):
+        return 1
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise JobError(
+            f"{name}: NumberOfFrames must be a positive integer, got {value!r}; "
+            "correct the header at the modality and resend the series"
+        )
+    return count
+
+
+def _check_headers(images: Sequence[Dataset], names: Sequence[str]) -> None:
+    """Fail on what no SEG can be built from, naming the instance (never its UIDs)."""
+    for ds, name in zip(images, names, strict=True):
+        missing = [k for k in REQUIRED_KEYWORDS if ds.get(k) in (None, "")]
+        if missing:
+            raise JobError(
+                f"{name}: {', '.join(missing)} missing (type 1): a SEG must reference the "
+                "instance by it; correct the header at the sender and resend the series"
+            )
+        _frame_count(ds, name)
+
+
+def _describe(group: SourceGroup, names: dict[int, str]) -> str:
+    members = [names[id(ds)].split(" (", 1)[0] for ds in group.sources]
+    shown = ", ".join(members[:3]) + (f" and {len(members) - 3} more" if len(members) > 3 else "")
+    return f"group {group.index + 1} ({group.key}: {len(members)} instance(s): {shown})"
 
 
 class Worker:
@@ -58,7 +153,7 @@ class Worker:
     Parameters
     ----------
     config:
-        The node configuration (storage, destinations, export retries).
+        The node configuration (storage, destinations, export retries, ``max_pixels``).
     store:
         The job store.
     models:
@@ -75,7 +170,12 @@ class Worker:
         self._tls = client_tls_context(config.tls) if config.tls else None
 
     def process(self, job: Job) -> None:
-        """Take a claimed job as far as it goes now. Never raises."""
+        """Take a claimed job as far as it goes now. Never raises.
+
+        Expected failures (bad input, an unsuitable model, undecodable pixels, a SEG that
+        cannot be built) end the job as ``failed`` with a message; anything else is a bug of
+        the node and ends it as ``internal error: ...`` with the traceback in the log.
+        """
         try:
             if job.state is JobState.RUNNING:
                 built = self._infer_and_build(job)
@@ -86,18 +186,22 @@ class Worker:
                 self._export(job)
         except Exception as exc:  # the job's outcome, not the worker's crash
             LOGGER.exception("job %s: unexpected error", job.id)
+            error = f"internal error: {type(exc).__name__}: {exc}"
             try:
-                self.store.fail(job.id, f"internal error: {exc}")
+                self.store.fail(job.id, error)
             except (KeyError, TransitionError) as gone:  # no longer this worker's to fail
                 LOGGER.warning("job %s: not marked failed: %s", job.id, gone)
                 return
-            self.audit.write("failed", job=job.id, error=f"internal error: {exc}")
+            self.audit.write("failed", job=job.id, error=error)
 
     # -- inference and SEG ----------------------------------------------------------------
     def _resolve(self, job: Job) -> Any:
-        if job.model_version:
-            return self.models.resolve_version(job.model_name, job.model_version)
-        resolved = self.models.resolve_for_job(job.model_ref, job.study_uid)
+        try:
+            if job.model_version:
+                return self.models.resolve_version(job.model_name, job.model_version)
+            resolved = self.models.resolve_for_job(job.model_ref, job.study_uid)
+        except (LookupError, ValueError) as exc:  # ModelStoreError and friends: their text
+            raise JobError(f"model {job.model_ref or job.model_name}: {exc}") from exc
         self.store.resolved(
             job.id, resolved.name, resolved.version, resolved.alias, resolved.sha256
         )
@@ -108,63 +212,143 @@ class Worker:
         if accepted and (modality or "").upper() not in accepted:
             raise JobError(
                 f"model {resolved.name}:{resolved.version} accepts modalities {accepted}, "
-                f"the series is {modality or 'without Modality'}"
+                f"the series is {modality or 'without Modality'}; route this series to a model "
+                "for its modality (rules)"
             )
 
     def _infer(self, resolved: Any, series: SeriesFrames) -> InferenceResult:
         start = time.perf_counter()
         per_frame = self.models.run(resolved, series.frames)  # counts success/failure/duration
         duration = time.perf_counter() - start
-        keys = [s.key for s in resolved.manifest.segments]
-        masks = {k: np.stack([f[k] for f in per_frame]).astype(bool) for k in keys}
-        return InferenceResult(masks=masks, duration=duration)
+        keys = tuple(s.key for s in resolved.manifest.segments)
+        return InferenceResult(per_frame=per_frame, keys=keys, duration=duration)
+
+    def _read(self, job: Job) -> _Series:
+        rows = self.store.series_instances(job.series_uid)
+        # what this result is built from: an instance recorded after this read re-opens the job
+        self.store.used_instances(job.id, len(rows))
+        if not rows:
+            raise JobError("the series has no instance in the job store; resend it")
+        datasets, names = read_instances([self.config.storage / r.path for r in rows])
+        mixed = one_patient_one_study(datasets, job.study_uid)
+        if mixed is not None:  # never a SEG over two patients or studies (DESIGN.md)
+            raise JobError(f"{mixed}; resend the series with consistent UIDs")
+        images, image_names, left_out = [], [], []
+        for ds, name in zip(datasets, names, strict=True):
+            ok, reason = seg_is_image(ds)
+            if ok:
+                images.append(ds)
+                image_names.append(name)
+            else:
+                left_out.append(f"{name}: {reason}")
+        return _Series(images=images, names=image_names, left_out=left_out)
 
     def _infer_and_build(self, job: Job) -> Job | None:
         try:
             resolved = self._resolve(job)
-            rows = self.store.series_instances(job.series_uid)
-            # what this result is built from: an instance recorded after this read re-opens the job
-            self.store.used_instances(job.id, len(rows))
-            self._check_input(resolved, rows[0].modality if rows else None)
-            series = read_series([self.config.storage / r.path for r in rows])
-            mixed = one_patient_one_study(series.sources, job.study_uid)
-            if mixed is not None:  # never a SEG over two patients or studies (DESIGN.md)
-                raise JobError(f"{mixed}; resend the series with consistent UIDs")
+            found = self._read(job)
+            if not found.images:
+                outcome = "not an image, nothing to segment: " + "; ".join(found.left_out[:5])
+                if len(found.left_out) > 5:
+                    outcome += f"; and {len(found.left_out) - 5} more"
+                self.store.skip_running(job.id, outcome)
+                self.audit.write("skipped", job=job.id, rule=job.rule, reason=outcome)
+                LOGGER.info("job %s: skipped: %s", job.id, outcome)
+                return None
+            self._check_input(resolved, found.images[0].get("Modality"))
+            _check_headers(found.images, found.names)
+            self._check_volume(resolved, found)
+            series = series_frames(found.images, found.names, max_bytes=self.config.max_pixels)
+            groups = group_sources(series.sources)
             result = self._infer(resolved, series)
-        except (
-            JobError,
-            SeriesReadError,
-            LookupError,
-            ValueError,
-            ModelLoadError,
-            InferenceError,
-        ) as exc:
+            segs = self._build(job, resolved, series, result, groups, found)
+        except (JobError, SeriesReadError, ModelLoadError, InferenceError) as exc:
             LOGGER.warning("job %s: failed: %s", job.id, exc)
             self.store.fail(job.id, str(exc))
             self.audit.write("failed", job=job.id, error=str(exc))
             return None
-        seg = build_seg(
-            series.sources,
-            result.masks,
-            [SegmentSpec.from_manifest(s) for s in resolved.manifest.segments],
-            AlgorithmInfo(
-                model=resolved.name,
-                version=resolved.version,
-                alias=resolved.alias,
-                sha256=resolved.sha256,
-                rule=job.rule or "",  # a running job was routed: it has its rule
-            ),
-        )
-        relpath = Path("results") / job.series_uid / f"{seg.SOPInstanceUID}.dcm"
-        _fsync_write(self.config.storage / relpath, seg)
+        first = segs[0]
         self.store.exporting(
             job.id,
-            str(relpath),
-            str(seg.SOPInstanceUID),
-            details={"frames": len(series.frames), "inference_seconds": round(result.duration, 4)},
+            first.path,
+            first.sop_uid,
+            details={
+                "frames": len(series.frames),
+                "inference_seconds": round(result.duration, 4),
+                "segs": len(segs),
+                "not_images": len(found.left_out),
+            },
+            results=segs,
         )
         self._shadow(job, resolved, series, result)
         return self.store.get(job.id)
+
+    def _check_volume(self, resolved: Any, found: _Series) -> None:
+        if not getattr(resolved.manifest.input, "volume", False):
+            return
+        groups = group_sources(found.images)
+        if len(groups) > 1:
+            names = {id(ds): n for ds, n in zip(found.images, found.names, strict=True)}
+            raise JobError(
+                f"model {resolved.name}:{resolved.version} needs one volume (manifest "
+                f"input.volume), but the series splits into {len(groups)} groups of different "
+                f"matrix size, orientation or Frame of Reference: "
+                + "; ".join(_describe(g, names) for g in groups)
+                + "; resend only the instances of one group (leave out localizers and re-sends"
+                " at another size)"
+            )
+
+    def _build(
+        self,
+        job: Job,
+        resolved: Any,
+        series: SeriesFrames,
+        result: InferenceResult,
+        groups: list[SourceGroup],
+        found: _Series,
+    ) -> list[SegResult]:
+        names = {id(ds): n for ds, n in zip(found.images, found.names, strict=True)}
+        declared = sum(_frame_count(ds, names[id(ds)]) for ds in series.sources)
+        if declared != len(series.frames):
+            raise JobError(
+                f"the series declares {declared} frame(s) (NumberOfFrames) but its pixel data "
+                f"holds {len(series.frames)}; correct the headers at the sender and resend"
+            )
+        segments = [SegmentSpec.from_manifest(s) for s in resolved.manifest.segments]
+        algorithm = AlgorithmInfo(
+            model=resolved.name,
+            version=resolved.version,
+            alias=resolved.alias,
+            sha256=resolved.sha256,
+            rule=job.rule or "",  # a running job was routed: it has its rule
+        )
+        results = []
+        for group in groups:
+            where = _describe(group, names) if len(groups) > 1 else "the series"
+            try:
+                masks = result.stack(group.frame_indices)
+                seg = build_seg(
+                    list(group.sources), masks, segments, algorithm, group=group.uid_group
+                )
+            except ValueError as exc:  # build_seg's own checks: a sentence about the sources
+                raise JobError(
+                    f"the SEG of {where} cannot be built: {exc}; correct the sources' headers "
+                    "and resend the series"
+                ) from exc
+            relpath = Path("results") / job.series_uid / f"{seg.SOPInstanceUID}.dcm"
+            _fsync_write(self.config.storage / relpath, seg)
+            results.append(
+                SegResult(
+                    position=group.index,
+                    path=str(relpath),
+                    sop_uid=str(seg.SOPInstanceUID),
+                    group_key=group.key,
+                    n_frames=len(group.frame_indices),
+                )
+            )
+        if len(groups) > 1:
+            LOGGER.info("job %s: series split into %d groups, one SEG each", job.id, len(groups))
+        return results
 
     def _shadow(
         self, job: Job, resolved: Any, series: SeriesFrames, production: InferenceResult
@@ -181,9 +365,9 @@ class Worker:
             )
             return
         agreement = {
-            key: dice(production.masks[key], result.masks[key])
-            for key in production.masks
-            if key in result.masks
+            key: dice(production.flat(key), result.flat(key))
+            for key in production.keys
+            if key in result.keys
         }
         for key, value in agreement.items():
             metrics.SHADOW_AGREEMENT.labels(
@@ -195,35 +379,51 @@ class Worker:
 
     # -- export -----------------------------------------------------------------------------
     def _export(self, job: Job) -> None:
+        """Send every SEG of the job to every destination that does not have it yet."""
         if job.seg_path is None:  # the store moves a job to exporting only with its SEG
             raise RuntimeError(f"job {job.id} is exporting without a SEG")
-        seg_path = job.seg_path
+        segs = self.store.results(job.id) or [SegResult(0, job.seg_path, job.seg_sop_uid or "-")]
         delivered = list(job.delivered or ())
+        have = {seg.position: list(seg.delivered) for seg in segs}  # per SEG, kept current
         errors = []
         for name in job.destinations or ():
             if name in delivered:
                 continue
             dest = self.config.destinations.get(name)
             if dest is None:
-                self.store.fail(job.id, f"destination {name!r} is not in the configuration")
-                self.audit.write("failed", job=job.id, error=f"unknown destination {name}")
+                error = f"destination {name!r} is not in the configuration; add it or fix the rule"
+                self.store.fail(job.id, error)
+                self.audit.write("failed", job=job.id, error=error)
                 return
-            result = send_file(
-                self.config.storage / seg_path,
-                dest,
-                calling_ae=self.config.ae_title,
-                timeout=self.config.export_timeout,
-                tls_context=self._tls if dest.tls else None,
-            )
-            if result.ok:
+            missing = 0
+            for seg in segs:
+                if name in have[seg.position]:
+                    continue
+                result = send_file(
+                    self.config.storage / seg.path,
+                    dest,
+                    calling_ae=self.config.ae_title,
+                    timeout=self.config.export_timeout,
+                    tls_context=self._tls if dest.tls else None,
+                )
+                if result.ok:
+                    have[seg.position].append(name)
+                    self.store.result_delivered(job.id, seg.position, have[seg.position])
+                    metrics.EXPORT_SUCCESS.labels(destination=name).inc()
+                else:
+                    missing += 1
+                    metrics.EXPORT_FAILURE.labels(destination=name).inc()
+                    which = f"SEG {seg.position + 1} of {len(segs)}: " if len(segs) > 1 else ""
+                    errors.append(f"{name}: {which}{result.reason}")
+            if not missing:
                 delivered.append(name)
                 self.store.delivered(job.id, delivered)
-                metrics.EXPORT_SUCCESS.labels(destination=name).inc()
-            else:
-                metrics.EXPORT_FAILURE.labels(destination=name).inc()
-                errors.append(f"{name}: {result.reason}")
         if not errors:
-            outcome = f"SEG sent to {', '.join(delivered) or 'no destination'}"
+            what = "SEG" if len(segs) == 1 else f"{len(segs)} SEGs (one per group)"
+            outcome = f"{what} sent to {', '.join(delivered) or 'no destination'}"
+            left_out = (job.details or {}).get("not_images")
+            if left_out:
+                outcome += f"; {left_out} non-image instance(s) left out"
             state = self.store.done(job.id, outcome)
             self.audit.write(
                 "done",
@@ -232,6 +432,7 @@ class Worker:
                 model=job.model_name,
                 version=job.model_version,
                 destinations=delivered,
+                segs=len(segs),
             )
             LOGGER.info("job %s: done, %s", job.id, outcome)
             if state is JobState.ROUTED:

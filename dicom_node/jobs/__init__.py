@@ -3,9 +3,9 @@
 Owns the typed records that cross rooms (:mod:`.records`), the state machine with its one
 transition table (:mod:`.states`, enforced by :mod:`.transitions`), claims and leases, start-up
 reconciliation of the spool (:mod:`.reconcile`), shadow results (:mod:`.shadow`), and retention
-(not built yet). The tables (:mod:`.schema`) are touched only inside this package; other rooms
-use :class:`JobStore` and the records. The C-STORE path is :mod:`.ingest`, the reads
-:mod:`.queries`.
+(:mod:`.retention`: the files of old finished series). The tables (:mod:`.schema`) are touched
+only inside this package; other rooms use :class:`JobStore` and the records. The C-STORE path
+is :mod:`.ingest`, the reads :mod:`.queries`.
 
 May import: ``dicom_node.config``, ``dicom_node.metrics``.
 """
@@ -16,6 +16,7 @@ from dicom_node.jobs.records import (
     InstanceRecord,
     Job,
     Route,
+    SegResult,
     Series,
     ShadowResult,
     one_patient_one_study,
@@ -33,6 +34,7 @@ __all__ = [
     "JobState",
     "JobStore",
     "Route",
+    "SegResult",
     "Series",
     "ShadowResult",
     "TransitionError",

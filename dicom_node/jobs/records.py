@@ -487,6 +487,51 @@ class ShadowResult:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
 
+@dataclass(frozen=True, slots=True)
+class SegResult:
+    """One SEG a job built (a series split into groups gets one per group) and where it went.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A field has the wrong type or value (an empty path, ``position`` below 0).
+    """
+
+    position: int
+    """The group's index (0: the largest group, the one ``Job.seg_path`` names)."""
+    path: str
+    """The SEG file, relative to ``storage``."""
+    sop_uid: str
+    group_key: str | None = None
+    """What the group's sources share (size, orientation, Frame of Reference hash); no UIDs."""
+    n_frames: int | None = None
+    delivered: tuple[str, ...] = ()
+    """Destination names that have this SEG."""
+
+    def __post_init__(self) -> None:
+        _count("position", self.position, minimum=0)
+        _text("path", self.path)
+        _text("sop_uid", self.sop_uid)
+        _text("group_key", self.group_key, optional=True)
+        _count("n_frames", self.n_frames, minimum=0, optional=True)
+        _names("delivered", self.delivered)
+
+    @classmethod
+    def from_row(cls, row: Mapping[Any, Any]) -> SegResult:
+        """Build from a ``seg_results`` row."""
+        return cls(
+            position=row["position"],
+            path=row["path"],
+            sop_uid=row["sop_uid"],
+            group_key=row["group_key"],
+            n_frames=row["n_frames"],
+            delivered=tuple(row["delivered"] or ()),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
 def _agreement(value: object) -> None:
     if not isinstance(value, Mapping):
         raise TypeError(f"`agreement` must be a mapping of segment to Dice, not {value!r}")
@@ -511,6 +556,7 @@ __all__ = [
     "InstanceRecord",
     "Job",
     "Route",
+    "SegResult",
     "Series",
     "ShadowResult",
     "check_agreement",

@@ -85,6 +85,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from dicom_node import metrics
 from dicom_node.config import RetentionConfig
+from dicom_node.jobs import results as seg_results
 from dicom_node.jobs.queries import reading
 from dicom_node.jobs.schema import PRODUCTION, instances, jobs, metadata, series, shadow_results
 from dicom_node.jobs.states import JobState
@@ -348,6 +349,7 @@ def expire(
             conn.execute(
                 delete(shadow_results).where(shadow_results.c.job_id.in_(job_ids[k : k + 500]))
             )
+        seg_results.delete_for(conn, job_ids)
         conn.execute(delete(jobs).where(jobs.c.series_uid.in_(uids)))
         conn.execute(delete(instances).where(instances.c.series_uid.in_(uids)))
         conn.execute(delete(series).where(series.c.series_uid.in_(uids)))

@@ -131,6 +131,26 @@ shadow_results = Table(
 )
 
 
+seg_results = Table(
+    "seg_results",
+    metadata,
+    # One row per SEG a job built: a series that splits into groups (matrix size, orientation,
+    # Frame of Reference) gets one SEG per group. Added after the first release, as its own
+    # table so that create_all adds it to an existing store; jobs.seg_path still names the
+    # first (group 0) SEG, so code and stores that know one SEG per job keep working.
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("position", Integer, nullable=False),  # the group's index: 0 is the largest group
+    Column("path", Text, nullable=False),  # relative to storage
+    Column("sop_uid", String(64), nullable=False),
+    Column("group_key", Text),  # what the group shares, no patient data (SourceGroup.key)
+    Column("n_frames", Integer),
+    Column("delivered", JSON),  # destination names that have this SEG
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("job_id", "position", name="uq_seg_result_job_position"),
+)
+
+
 def _sqlite_pragmas(engine: Engine) -> None:
     """WAL, ``synchronous=NORMAL``, and ``BEGIN IMMEDIATE`` so writers queue instead of failing
     on a lock upgrade."""

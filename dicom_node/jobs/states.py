@@ -38,8 +38,11 @@ TRANSITIONS: Mapping[JobState, frozenset[JobState]] = MappingProxyType(
         JobState.ROUTED: frozenset({JobState.QUEUED}),
         # a worker claims it; a late instance sends it back to wait for completion again
         JobState.QUEUED: frozenset({JobState.RUNNING, JobState.ROUTED}),
-        # the SEG is on disk; it failed; a stopping node gives it back unstarted
-        JobState.RUNNING: frozenset({JobState.EXPORTING, JobState.FAILED, JobState.QUEUED}),
+        # the SEG is on disk; it failed; a stopping node gives it back unstarted; the series
+        # holds no image (an SR, an RT plan routed to a model): nothing to segment
+        JobState.RUNNING: frozenset(
+            {JobState.EXPORTING, JobState.FAILED, JobState.QUEUED, JobState.SKIPPED}
+        ),
         # delivered everywhere, or given up
         JobState.EXPORTING: frozenset({JobState.DONE, JobState.FAILED}),
         # a late instance: rebuild the result (same SEG UIDs, so the PACS replaces it)

@@ -24,7 +24,8 @@ from sqlalchemy import Engine
 
 from dicom_node.config import RetentionConfig
 from dicom_node.jobs import ingest, queries, retention, shadow, transitions
-from dicom_node.jobs.records import Instance, Job, Route, Series, ShadowResult
+from dicom_node.jobs import results as seg_results
+from dicom_node.jobs.records import Instance, Job, Route, SegResult, Series, ShadowResult
 from dicom_node.jobs.schema import create
 from dicom_node.jobs.states import JobState
 from dicom_node.jobs.transitions import LEASE_SECONDS
@@ -102,9 +103,23 @@ class JobStore:
         seg_path: str,
         seg_sop_uid: str,
         details: Mapping[str, Any] | None = None,
+        results: Sequence[SegResult] | None = None,
     ) -> None:
-        """The SEG of a ``running`` job is on disk (see :func:`transitions.exporting`)."""
-        transitions.exporting(self.engine, job_id, seg_path, seg_sop_uid, details)
+        """The SEG(s) of a ``running`` job are on disk (see :func:`transitions.exporting`)."""
+        transitions.exporting(self.engine, job_id, seg_path, seg_sop_uid, details, results)
+
+    def skip_running(self, job_id: int, outcome: str) -> None:
+        """End a ``running`` job whose series has nothing to segment (see
+        :func:`transitions.skip_running`)."""
+        transitions.skip_running(self.engine, job_id, outcome)
+
+    def results(self, job_id: int) -> list[SegResult]:
+        """The SEGs of a job, by position (see :mod:`dicom_node.jobs.results`)."""
+        return seg_results.for_job(self.engine, job_id)
+
+    def result_delivered(self, job_id: int, position: int, destinations: Sequence[str]) -> None:
+        """Record the destinations that have the job's SEG at ``position`` so far."""
+        seg_results.delivered(self.engine, job_id, position, destinations)
 
     def delivered(self, job_id: int, destinations: Sequence[str]) -> None:
         """Record the destinations that have the SEG so far."""

@@ -18,8 +18,9 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Update, case, func, insert, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
+from dicom_node.jobs import results as seg_results
 from dicom_node.jobs.queries import anything_due, get, get_in, production
-from dicom_node.jobs.records import Job, Route
+from dicom_node.jobs.records import Job, Route, SegResult
 from dicom_node.jobs.schema import PRODUCTION, jobs, series
 from dicom_node.jobs.states import JobState, TransitionError, check, sources_of
 
@@ -222,6 +223,28 @@ def skip(engine: Engine, job_id: int, outcome: str, rule: str | None, rules_vers
     return True
 
 
+def skip_running(engine: Engine, job_id: int, outcome: str) -> None:
+    """End a ``running`` job without a result: its series holds nothing the model can use
+    (no image at all: structured reports, RT plans, presentation states).
+
+    Raises
+    ------
+    TransitionError
+        The job is not ``running``.
+    """
+    with engine.begin() as conn:
+        apply(
+            conn,
+            job_id,
+            JobState.SKIPPED,
+            sources=[JobState.RUNNING],
+            outcome=outcome,
+            error=None,
+            lease_until=None,
+            finished_at=time.time(),
+        )
+
+
 def queue(engine: Engine, job_id: int, n_instances: int) -> bool:
     """Mark a ``routed`` job's series complete; return True if this call queued it."""
     try:
@@ -289,8 +312,13 @@ def exporting(
     seg_path: str,
     seg_sop_uid: str,
     details: Mapping[str, Any] | None = None,
+    results: Sequence[SegResult] | None = None,
 ) -> None:
-    """A ``running`` job's SEG is built and on disk; now it only has to be delivered.
+    """A ``running`` job's SEG(s) are built and on disk; now they only have to be delivered.
+
+    ``results`` lists every SEG of the job (one per group of its series, see
+    :mod:`dicom_node.jobs.results`); ``seg_path``/``seg_sop_uid`` name the first. Without
+    ``results`` the job has the one SEG ``seg_path``.
 
     Raises
     ------
@@ -298,6 +326,9 @@ def exporting(
         The job is not ``running``.
     """
     with engine.begin() as conn:
+        seg_results.replace(
+            conn, job_id, list(results) if results else [SegResult(0, seg_path, seg_sop_uid)]
+        )
         apply(
             conn,
             job_id,

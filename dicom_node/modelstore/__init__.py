@@ -23,9 +23,14 @@ from dicom_node.modelstore.codes import Code
 from dicom_node.modelstore.files import atomic_write, fsync_dir, sha256_bytes, sha256_file
 from dicom_node.modelstore.frames import (
     CaseImages,
+    PixelBudgetError,
     SeriesFrames,
     SeriesReadError,
+    decode_pixels,
+    decoded_size,
+    decoder_backends,
     read_case_folder,
+    read_instances,
     read_series,
     series_frames,
 )
@@ -80,6 +85,7 @@ __all__ = [
     "Preprocess",
     "ResolvedVersion",
     "Segment",
+    "PixelBudgetError",
     "SeriesFrames",
     "SeriesReadError",
     "ServingModels",
@@ -96,6 +102,10 @@ __all__ = [
     "parse_manifest",
     "parse_model_ref",
     "read_case_folder",
+    "decode_pixels",
+    "decoded_size",
+    "decoder_backends",
+    "read_instances",
     "read_series",
     "resize_bilinear",
     "resize_nearest",

@@ -78,6 +78,10 @@ class InputSpec(_Strict):
     channels: int = Field(1, ge=1, le=16)
     modalities: list[str] = Field(default_factory=list)
     normalization: Normalization = Normalization(method="none")
+    volume: bool = False
+    """The model needs the whole series as one consistent volume (one matrix size,
+    orientation and Frame of Reference). False (the default, 2-D models): a series that mixes
+    them is split into groups, each with its own SEG; True: such a series fails its job."""
 
     @field_validator("size")
     @classmethod

@@ -20,6 +20,23 @@ the per-instance traffic (C-STORE-RQ in, C-STORE-RSP out) wherever pynetdicom's 
 the same. Anything else, and everything while pynetdicom's debug logging or another handler
 watches PDUs, DIMSE messages or state transitions, goes pynetdicom's way.
 
+Limits and deadlines (hostile peers, issue 10)
+----------------------------------------------
+pynetdicom reads a PDU with a blocking ``recv`` of the length the peer declares: a peer that
+declares 2 GiB and sends nothing holds the reader for ever (and an earlier version of this module
+allocated the declared length up front: 4 such peers took the node from 163 MB to 1.9 GB), and
+``Association.kill()`` then waits for a state the blocked reader never reaches, so the slot is
+never freed. :class:`NodeDUL` checks the declared length first (:data:`MAX_ASSOCIATION_PDU`; for
+P-DATA the Maximum Length we advertised, :data:`MAX_P_DATA_PDU` when ``max_pdu`` is 0), reads
+the body as it arrives without ever blocking in ``recv`` (``MSG_DONTWAIT`` plus ``select``), and
+drops a peer (A-ABORT, then Evt17, which the state machine turns into a closed socket and an
+ended association) that declares too much or stops half-way: during negotiation the whole
+A-ASSOCIATE-RQ must arrive within ``acse_timeout``, after it no PDU may stall longer than
+``dimse_timeout``. :class:`NodeAssociation` drops a peer silent for ``dimse_timeout`` in the
+middle of a DIMSE message and one idle for ``network_timeout``; P-DATA that is not a DIMSE
+message aborts as a protocol error instead of escaping into the reactor. Each drop is reported
+through ``on_drop`` (counted and logged by :mod:`dicom_node.receive.transport`).
+
 What each override buys (measured, see below)
 ---------------------------------------------
 Measured on this 2-core VM (DCMTK 3.6.7 ``storescu`` with ``TCP_NODELAY=1``, one association of
@@ -80,6 +97,7 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -139,6 +157,8 @@ data."""
 _ABORT_INVALID_PARAMETER = 0x06
 """A-ABORT reason (source: service provider): invalid PDU parameter value (PS3.8 9.3.8)."""
 _ABORT_NOT_SPECIFIED = 0x00
+_LOCAL_EVENTS = frozenset({"Evt1", "Evt2", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+"""State machine events caused by the local user's primitives (taken from the provider queue)."""
 _NEGOTIATION_STATES = frozenset({"Sta2", "Sta3"})
 """States in which the A-ASSOCIATE-RQ is awaited or being answered: reads are bounded by the
 ACSE deadline from the connection's start, not by the DIMSE gap."""
@@ -252,13 +272,40 @@ class NodeDIMSE(DIMSEServiceProvider):
     def receive_primitive(self, primitive: P_DATA) -> None:
         """Process a P-DATA primitive: C-STORE-RQ fragments here, the rest by pynetdicom."""
         if primitive.__class__ is not P_DATA:
-            self._fast_abandon()
-            super().receive_primitive(primitive)
+            try:
+                self._fast_abandon()
+                super().receive_primitive(primitive)
+            except Exception as exc:
+                self._malformed(exc)
             return
         self.receive_pdvs(primitive.presentation_data_value_list)
 
     def receive_pdvs(self, pdvs: Sequence[tuple[int, bytes | memoryview]]) -> None:
-        """Process the PDVs of one P-DATA (values: ``bytes`` or views of the receive buffer)."""
+        """Process the PDVs of one P-DATA (values: ``bytes`` or views of the receive buffer).
+
+        PDVs that pynetdicom's message assembly cannot take (data before any command, a command
+        set it cannot decode) abort the association as a protocol error, counted and logged
+        as ``malformed``, instead of escaping into the DUL reactor.
+        """
+        try:
+            self._receive_pdvs(pdvs)
+        except Exception as exc:
+            self._malformed(exc)
+
+    def _malformed(self, exc: Exception) -> None:
+        self._fast_command = self._fast_request = self._fast_data = None
+        self._fast_raw_command = b""
+        self.message = None
+        dul = self.dul
+        if not isinstance(dul, NodeDUL):
+            raise exc
+        detail = (
+            f"peer {dul._peer()} sent P-DATA that is not a valid DIMSE message "
+            f"({type(exc).__name__}); aborted"
+        )
+        dul._drop("malformed", detail, _ABORT_NOT_SPECIFIED)
+
+    def _receive_pdvs(self, pdvs: Sequence[tuple[int, bytes | memoryview]]) -> None:
         if _config.STORE_RECV_CHUNKED_DATASET or self.assoc.get_handlers(evt.EVT_DIMSE_RECV):
             self._fast_abandon()
             primitive = P_DATA()
@@ -519,6 +566,22 @@ class NodeDUL(DULServiceProvider):
         if state == "Sta2":
             end_negotiation(self.assoc)
 
+    def _discard_local(self, event: str) -> None:
+        """Drop an event the state machine cannot take in its state (a race), not the loop.
+
+        A peer that sends an A-ASSOCIATE-RQ and then garbage is aborted (Sta13) while the
+        association thread is still answering it; pynetdicom's loop dies of InvalidEventError on
+        that A-ASSOCIATE-AC (Evt7). The primitive is taken off the queue, so that the loop goes
+        on closing the connection. PS3.8 defines every peer event in every state but Sta1, where
+        a late "connection closed" (Evt17) has nothing left to act on either.
+        """
+        if event in _LOCAL_EVENTS:
+            try:
+                self.to_provider_queue.get(block=False)
+            except queue.Empty:
+                pass
+        LOGGER.debug("discarded %s in %s", event, self.state_machine.current_state)
+
     def _is_transport_event(self) -> bool:
         """pynetdicom's check for incoming data, except in Sta1 (no connection to read yet)."""
         if self.state_machine.current_state == "Sta1":
@@ -662,7 +725,10 @@ class NodeDUL(DULServiceProvider):
                 except queue.Empty:
                     sleep = True
                     continue
-                self.state_machine.do_action(event)
+                try:
+                    self.state_machine.do_action(event)
+                except InvalidEventError:
+                    self._discard_local(event)
                 sleep = False
         finally:
             for sock in (self._wake_r, self._wake_w):
@@ -688,6 +754,9 @@ class NodeAssociation(Association):
         super().__init__(ae, mode)
         self.dul = NodeDUL(self)
         self.dimse = NodeDIMSE(self)
+        # the setters put these on the DUL's ARTIM and idle timers: the new DUL needs them too
+        self.acse_timeout = self.acse_timeout
+        self.network_timeout = self.network_timeout
 
     def _peer(self) -> str:
         address = self.requestor.address_info

@@ -101,7 +101,8 @@ def parse_c_store_rq(command: bytes | bytearray | memoryview) -> dict[str, Any] 
     dict or None
         The primitive's parameters by keyword (plus ``CommandField`` and ``CommandDataSetType``),
         or ``None`` for anything this fast path does not cover: another command, a request
-        without a data set, an element it does not know, a malformed length. pynetdicom then
+        without a data set, an element it does not know, a malformed length, a UID or AE title
+        that is not ASCII. Never raises (fuzzed in ``tests/test_receive_fuzz.py``). pynetdicom then
         decodes the command itself, so odd requests behave exactly as they do there.
     """
     fields: dict[str, Any] = {}
@@ -122,10 +123,13 @@ def parse_c_store_rq(command: bytes | bytearray | memoryview) -> dict[str, Any] 
             if length != 2:
                 return None
             fields[_CMD_US[element]] = value[0] | (value[1] << 8)
-        elif element in _CMD_UI:
-            fields[_CMD_UI[element]] = value.rstrip(b"\x00 ").decode("ascii")
-        elif element == 0x1030:
-            fields["MoveOriginatorApplicationEntityTitle"] = value.decode("ascii").strip()
+        elif element in _CMD_UI or element == 0x1030:
+            if not value.isascii():  # pynetdicom's decoder gives its own answer to that
+                return None
+            if element == 0x1030:
+                fields["MoveOriginatorApplicationEntityTitle"] = value.decode("ascii").strip()
+            else:
+                fields[_CMD_UI[element]] = value.rstrip(b"\x00 ").decode("ascii")
         else:
             return None
     if fields.get("CommandField") != C_STORE_RQ:

@@ -22,23 +22,27 @@ import ipaddress
 import logging
 import re
 import socket
+import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
+from pydicom.uid import UID_dictionary
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
     evt,
+    register_uid,
+    sop_class,
 )
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import metrics
-from dicom_node.config import NodeConfig
+from dicom_node.config import CallerEntry, NodeConfig
 from dicom_node.jobs.records import InstanceRecord
 from dicom_node.receive._pynetdicom_tuned import (
     end_negotiation,
@@ -77,6 +81,26 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = _storage_sop_classes()
 """The storage SOP classes registered, retired ones included (pynetdicom's
 ``AllStoragePresentationContexts`` lacks NM 1.2.840.10008.5.1.4.1.1.5, US ...1.1.6 and others)."""
 
+
+def _register_with_storage_service() -> None:
+    """Tell pynetdicom that the storage classes it does not list belong to the storage service.
+
+    Negotiating a context is not enough: pynetdicom picks the service for each C-STORE from the
+    SOP class, and answers a retired class it does not know with an error instead of calling
+    the handler (with ``accept_unknown_sop_classes`` on, its unrestricted mode covers them).
+    """
+    listed = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
+    for uid in STORAGE_SOP_CLASSES:
+        if uid in listed or sop_class.uid_to_service_class(uid) is StorageServiceClass:
+            continue
+        keyword = UID_dictionary.get(uid, ("", "", "", "", ""))[4]
+        if not keyword or hasattr(sop_class, keyword):
+            keyword = "NodeStorage_" + uid.replace(".", "_")
+        register_uid(uid, keyword, StorageServiceClass)
+
+
+_register_with_storage_service()
+
 TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
     dict.fromkeys(
         [
@@ -89,41 +113,72 @@ TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
 
 
 @dataclass(frozen=True)
-class CallerPolicy:
-    """The calling-AE allow-list: entries ``AE`` (any host) or ``AE@host``."""
+class _Caller:
+    """One allow-list entry: an AE title, the addresses it may call from (``None``: any) and
+    the certificate subject parts it must present (``None``: no certificate check)."""
 
-    any_host: frozenset[str]
-    with_host: frozenset[tuple[str, str]]
+    ae_title: str
+    addresses: frozenset[str] | None
+    subject: tuple[tuple[str, str], ...] | None
+
+
+Subject = tuple[tuple[str, str], ...]
+"""A certificate subject flattened: ``(("commonName", "ct1"), ("organizationName", "H"))``."""
+
+
+@dataclass(frozen=True)
+class CallerPolicy:
+    """The calling-AE allow-list (``allowed_callers``): entries ``AE`` (any host), ``AE@host``
+    or :class:`~dicom_node.config.CallerEntry` mappings that may also pin a TLS client
+    certificate subject. A caller is allowed when any one entry matches all it names."""
+
+    callers: tuple[_Caller, ...]
 
     @classmethod
-    def from_entries(cls, entries: list[str]) -> CallerPolicy | None:
+    def from_entries(cls, entries: Sequence[str | CallerEntry]) -> CallerPolicy | None:
         """Build the policy from ``allowed_callers``; ``None`` (allow all) for an empty list.
 
         Host names are resolved once, here; an entry whose host does not resolve matches only
         that literal text.
+
+        Raises
+        ------
+        ValueError
+            An entry that is not valid (the configuration validates them first).
         """
         if not entries:
             return None
-        any_host: set[str] = set()
-        with_host: set[tuple[str, str]] = set()
+        callers = []
         for entry in entries:
-            ae, sep, host = entry.partition("@")
-            ae = ae.strip()
-            if not sep:
-                any_host.add(ae)
-                continue
-            host = host.strip()
-            with_host.add((ae, host))
-            for address in _resolve(host):
-                with_host.add((ae, address))
-        return cls(frozenset(any_host), frozenset(with_host))
+            parsed = CallerEntry.from_text(entry) if isinstance(entry, str) else entry
+            addresses = None
+            if parsed.host is not None:
+                addresses = frozenset({parsed.host, *_resolve(parsed.host)})
+            callers.append(_Caller(parsed.ae_title, addresses, parsed.subject))
+        return cls(tuple(callers))
 
-    def allows(self, calling_ae: str, address: str) -> bool:
-        """Return True when ``calling_ae`` from ``address`` may associate."""
+    def check(self, calling_ae: str, address: str, subject: Subject | None = None) -> str | None:
+        """Return ``None`` when ``calling_ae`` from ``address`` (with a client certificate of
+        ``subject``, if any) may associate, else why not (for the log)."""
         ae = calling_ae.strip()
-        if ae in self.any_host:
-            return True
-        return (ae, address) in self.with_host
+        named = [c for c in self.callers if c.ae_title == ae]
+        if not named:
+            return "calling AE not in allowed_callers"
+        from_here = [c for c in named if c.addresses is None or address in c.addresses]
+        if not from_here:
+            return "calling AE not allowed from this host"
+        presented = set(subject or ())
+        for caller in from_here:
+            if caller.subject is None or set(caller.subject) <= presented:
+                return None
+        if subject is None:
+            return "no client certificate; allowed_callers requires one for this AE"
+        return "client certificate subject does not match allowed_callers"
+
+    def allows(self, calling_ae: str, address: str, subject: Subject | None = None) -> bool:
+        """Return True when ``calling_ae`` from ``address`` (certificate ``subject``) may
+        associate."""
+        return self.check(calling_ae, address, subject) is None
 
 
 def _resolve(host: str) -> set[str]:
@@ -139,21 +194,39 @@ def _resolve(host: str) -> set[str]:
         return set()
 
 
+def peer_subject(assoc: Any) -> Subject | None:
+    """The verified client certificate subject of an association's TLS socket, else ``None``.
+
+    Python's ``ssl`` returns a subject only for a certificate it verified against ``tls.ca``.
+    """
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        cert = sock.getpeercert()
+    except (ValueError, OSError):  # not connected any more, or handshake not done
+        return None
+    if not cert:
+        return None
+    rdns = cast(tuple[tuple[tuple[str, str], ...], ...], cert.get("subject", ()))
+    return tuple((str(k), str(v)) for rdn in rdns for k, v in rdn)
+
+
 def handle_requested(event: evt.Event, policy: CallerPolicy | None) -> None:
-    """Reject an association whose calling AE (and host) is not on the allow-list."""
+    """Reject an association whose calling AE, host or client certificate is not allowed."""
     if policy is None:
         return
     assoc = event.assoc
     primitive = assoc.requestor.primitive  # the A-ASSOCIATE-RQ being answered
     calling_ae = str(primitive.calling_ae_title) if primitive is not None else ""
     address = str(assoc.requestor.address)
-    if policy.allows(calling_ae, address):
+    reason = policy.check(calling_ae, address, peer_subject(assoc))
+    if reason is None:
         return
-    LOGGER.warning(
-        "association from %s at %s rejected: calling AE not allowed", calling_ae, address
-    )
+    LOGGER.warning("association from %s at %s rejected: %s", calling_ae, address, reason)
     metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
-    # rejected-permanent, service-user, calling-AE-title-not-recognized
+    # rejected-permanent, service-user, calling-AE-title-not-recognized (for host and
+    # certificate mismatches too: the PACS side reads it as "check the allow-list")
     assoc.acse.send_reject(0x01, 0x01, 0x03)
     assoc.kill()
 
@@ -181,7 +254,8 @@ class StorageSCP:
     ----------
     config:
         ``ae_title``, ``host``, ``port`` (0: ephemeral), ``allowed_callers``, ``max_associations``,
-        ``max_pdu``, ``min_free_disk`` and ``tls`` are used.
+        ``max_associations_per_host``, ``max_pdu``, ``acse_timeout``, ``dimse_timeout``,
+        ``network_timeout``, ``min_free_disk`` and ``tls`` are used.
     spool:
         Where received instances go.
     on_instance:
@@ -221,6 +295,22 @@ class StorageSCP:
         set_unrestricted_storage(self.config.accept_unknown_sop_classes)
         return ae
 
+    def _apply_limits(self, ae: AE, server: NodeAssociationServer) -> None:
+        """Network limits and deadlines (README "Network limits"), set before serving.
+
+        The AE's timeouts reach every association (pynetdicom copies them at creation): ACSE
+        (the A-ASSOCIATE-RQ must be complete within it), DIMSE (silence inside a started PDU or
+        message) and network (idle between messages); the server gets the per-host limit, the
+        TLS handshake deadline and the send deadline.
+        """
+        config = self.config
+        ae.acse_timeout = config.acse_timeout
+        ae.dimse_timeout = config.dimse_timeout
+        ae.network_timeout = config.network_timeout
+        server.max_per_host = min(config.max_associations_per_host, config.max_associations)
+        server.handshake_timeout = config.acse_timeout
+        server.send_timeout = config.network_timeout
+
     def start(self) -> None:
         """Bind and start serving in a background thread; return at once.
 
@@ -241,7 +331,7 @@ class StorageSCP:
             min_free_inodes=self.config.min_free_inodes,
             max_pixels=self.config.max_pixels,
         )
-        policy = CallerPolicy.from_entries(list(self.config.allowed_callers))
+        policy = CallerPolicy.from_entries(self.config.allowed_callers)
         ssl_context = build_ssl_context(self.config.tls) if self.config.tls else None
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
@@ -259,6 +349,7 @@ class StorageSCP:
                 server_class=NodeAssociationServer,
             ),
         )
+        self._apply_limits(ae, server)
         register_server(ae, server)  # so that server.shutdown() finds itself there
         thread = threading.Thread(
             target=server.serve_forever,

@@ -44,18 +44,27 @@ def shadows(upper: Rule, lower: Rule) -> bool:
     """
     if not upper.stop or upper.sort_key >= lower.sort_key:
         return False
-    upper_keys = {c.key() for c in upper.conditions.children}
-    lower_keys = {c.key() for c in lower.conditions.children}
-    return upper_keys <= lower_keys
+    return _keys(upper) <= _keys(lower)
+
+
+def _keys(rule: Rule) -> frozenset[tuple]:
+    return frozenset(c.key() for c in rule.conditions.children)
 
 
 def shadow_problems(rules: list[Rule], displays: Mapping[str, str]) -> list[Problem]:
     """One problem per rule that can never fire because a stopping rule above always wins."""
     ordered = sorted(rules, key=lambda r: r.sort_key)
+    # each rule's keys once: a pair test is then a set comparison (hundreds of rules stay fast)
+    keys = [_keys(rule) for rule in ordered]
     problems = []
     for i, lower in enumerate(ordered):
-        for upper in ordered[:i]:
-            if upper.name != lower.name and shadows(upper, lower):
+        for j, upper in enumerate(ordered[:i]):
+            if (
+                upper.stop
+                and upper.name != lower.name
+                and upper.sort_key < lower.sort_key
+                and keys[j] <= keys[i]
+            ):
                 what = (
                     "matches every series"
                     if not upper.conditions.children

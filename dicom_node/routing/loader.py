@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.datadict import keyword_dict
-from ruamel.yaml import YAML
 
+from dicom_node.config import bounded_yaml, yaml_problem
 from dicom_node.routing.check import duplicate_problems, shadow_problems
 from dicom_node.routing.conditions import (
     MODIFIERS,
@@ -43,12 +43,26 @@ from dicom_node.routing.rules import (
 
 LOGGER = logging.getLogger(__name__)
 
-MAX_FILE_BYTES = 1_000_000
-"""A rule file larger than this is refused (rules are short; this guards the node)."""
+MAX_FILE_BYTES = 262_144
+"""A rule file larger than this is refused unread (the shipped one is under 2 kB). ruamel's
+pure-Python parser reads about 1 MB/s of comments, so this keeps any file well under a second."""
+MAX_VALUES = 5_000
+"""Most YAML values (scalars, lists, mappings) one file may expand to, every use of an alias
+counted in full, checked while parsing (a "billion laughs" stops at once). The shipped file has
+54; ruamel reads about 10,000 values a second, so a file at the limit still loads in half a
+second. Anchors and aliases stay allowed: sharing one ``when`` block or ``send_to`` list
+between rules is a fair use, and counting each use bounds them as well as refusing them would."""
+MAX_PROBLEMS = 50
+"""Reading a file stops after this many problems (each one may search the DICOM dictionary
+for a "did you mean"); fixing the first ones usually fixes the rest."""
 MAX_DEPTH = 16
 """Deepest nesting of any/all/not allowed in a ``when`` block."""
 MAX_CONDITIONS = 10_000
-"""Most conditions one file may expand to (guards against YAML alias bombs)."""
+"""Most conditions one file may expand to."""
+SHORT_CHARS = 60
+"""Longest rendering of a value in a message."""
+MAX_MESSAGE_CHARS = 400
+"""Longest problem message (keys and operands in it are quoted as written)."""
 RULE_FILE_GLOB = "*.yaml"
 """Rule files: ``*.yaml`` directly in the rules folder."""
 
@@ -120,7 +134,19 @@ class _FileContext:
     budget: int = MAX_CONDITIONS
 
     def add(self, line: int | None, message: str) -> None:
+        """Record a problem; raise :class:`_TooManyProblems` once there are ``MAX_PROBLEMS``."""
+        if len(message) > MAX_MESSAGE_CHARS:  # a key or operand can be the size of the file
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         self.problems.append(Problem(self.display, line, self.rule, message))
+        if len(self.problems) >= MAX_PROBLEMS:
+            self.problems.append(
+                Problem(self.display, line, None, f"stopped after {MAX_PROBLEMS} problems")
+            )
+            raise _TooManyProblems
+
+
+class _TooManyProblems(Exception):
+    """Raised by :meth:`_FileContext.add` to stop reading a file."""
 
 
 def _key_line(node: Any, key: Any, default: int | None) -> int | None:
@@ -170,7 +196,7 @@ class _ConditionParser:
             return []
         if not isinstance(node, Mapping):
             self.ctx.add(
-                line, f"conditions must be a mapping of 'Keyword: value', got {_short(node)}"
+                line, f"conditions must be a mapping of 'Keyword: value', got {short(node)}"
             )
             return []
         out: list[Condition] = []
@@ -260,7 +286,7 @@ class _ConditionParser:
             case, cline = mods["case"]
             if case not in ("sensitive", "insensitive"):
                 self.ctx.add(
-                    cline, f"'case' must be 'sensitive' or 'insensitive', got {_short(case)}"
+                    cline, f"'case' must be 'sensitive' or 'insensitive', got {short(case)}"
                 )
             options["case_sensitive"] = case == "sensitive"
         if "all" in mods:
@@ -269,7 +295,7 @@ class _ConditionParser:
                 self.ctx.add(
                     aline,
                     f"'all' inside an operator mapping must be true or false "
-                    f"(every value must match), got {_short(flag)}",
+                    f"(every value must match), got {short(flag)}",
                 )
             options["all_values"] = flag is True
         if not ops:
@@ -313,13 +339,13 @@ class _ConditionParser:
                 return Exists(path, operand, line)
             if isinstance(operand, Mapping):
                 raise ConditionError(
-                    f"'{op}' on {path} needs a value, got a mapping {_short(operand)}"
+                    f"'{op}' on {path} needs a value, got a mapping {short(operand)}"
                 )
             if op in ("in", "between") and _is_seq(operand):
                 for item in operand:
                     if isinstance(item, Mapping) or _is_seq(item):
                         raise ConditionError(
-                            f"'{op}' takes a flat list of values, got {_short(operand)}"
+                            f"'{op}' takes a flat list of values, got {short(operand)}"
                         )
                 operand = list(operand)
             return Compare(path, op, operand, line=line, **options)
@@ -328,16 +354,42 @@ class _ConditionParser:
             return None
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    if hasattr(value, "items"):
-        try:
-            text = repr(dict(value))
-        except Exception:  # noqa: BLE001
-            pass
-    elif isinstance(value, list):
-        text = repr(list(value))
-    return text if len(text) <= 60 else text[:57] + "..."
+def short(value: Any, limit: int = SHORT_CHARS) -> str:
+    """Render ``value`` for a message in at most ``limit`` characters.
+
+    Only as much of the value is visited as is shown: a value from YAML can share one list
+    thousands of times (aliases), and ``repr`` of it would build the whole expansion first.
+    """
+    parts: list[str] = []
+    room = [limit + 1]  # stop once one character more than the limit is written
+
+    def put(text: str) -> bool:
+        parts.append(text[: room[0]])
+        room[0] -= len(parts[-1])
+        return room[0] > 0
+
+    def walk(item: Any) -> bool:  # each level writes a bracket: depth <= limit
+        if isinstance(item, Mapping):
+            if not put("{"):
+                return False
+            for i, (key, val) in enumerate(item.items()):
+                if (i and not put(", ")) or not walk(key) or not put(": ") or not walk(val):
+                    return False
+            return put("}")
+        if isinstance(item, list | tuple):
+            if not put("["):
+                return False
+            for i, val in enumerate(item):
+                if (i and not put(", ")) or not walk(val):
+                    return False
+            return put("]")
+        if isinstance(item, str):
+            return put(repr(item[: room[0]]))
+        return put(repr(item)[: room[0]])
+
+    walk(value)
+    text = "".join(parts)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------- rules
@@ -353,12 +405,12 @@ def _parse_rule(
     """Build one rule or report its problems (returns ``None`` then)."""
     ctx.rule = None
     if not isinstance(node, Mapping):
-        ctx.add(line, f"each rule must be a mapping with name, when, ...; got {_short(node)}")
+        ctx.add(line, f"each rule must be a mapping with name, when, ...; got {short(node)}")
         return None
     # Untrusted YAML: Rule validates the name and its ValueError is reported below.
     name: Any = node.get("name") if all(isinstance(k, str) for k in node) else None
     if isinstance(name, str) and name:
-        ctx.rule = name
+        ctx.rule = name if len(name) <= SHORT_CHARS else short(name)  # Rule refuses it below
     before = len(ctx.problems)
     for key in node:
         if key not in RULE_KEYS:
@@ -382,7 +434,7 @@ def _parse_rule(
             types if isinstance(types, tuple) else (types,)
         )
         if not isinstance(value, types) or bad_bool:
-            ctx.add(_key_line(node, key, line), f"'{key}' must be {what}, got {_short(value)}")
+            ctx.add(_key_line(node, key, line), f"'{key}' must be {what}, got {short(value)}")
             return None
         return value
 
@@ -402,7 +454,7 @@ def _parse_rule(
         elif not _is_seq(raw) or not all(isinstance(d, str) and d for d in raw):
             ctx.add(
                 _key_line(node, "send_to", line),
-                f"'send_to' must be a list of destination names, got {_short(raw)}",
+                f"'send_to' must be a list of destination names, got {short(raw)}",
             )
         else:
             send_to = tuple(raw)
@@ -479,7 +531,7 @@ def _parse_complete(node: Mapping, ctx: _FileContext, line: int | None) -> Compl
     if not isinstance(raw, Mapping) or not raw:
         ctx.add(
             cline,
-            f"'complete' must be {{instances: N}} and/or {{idle_seconds: S}}, got {_short(raw)}",
+            f"'complete' must be {{instances: N}} and/or {{idle_seconds: S}}, got {short(raw)}",
         )
         return None
     bad = [k for k in raw if k not in COMPLETE_KEYS]
@@ -509,20 +561,23 @@ def parse_text(
     """Parse one rule file's text into rules and problems (never raises for bad input)."""
     ctx = _FileContext(display, destinations, model_exists)
     try:
-        data = YAML(typ="rt").load(text)
-    except RecursionError:
-        ctx.add(None, "YAML nested too deeply")
-        return [], ctx.problems
+        data = bounded_yaml("rt", max_values=MAX_VALUES, max_chars=MAX_FILE_BYTES).load(text)
     except Exception as exc:  # noqa: BLE001 - ruamel raises many types; all are YAML errors
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0] or type(exc).__name__
-        ctx.add(mark.line + 1 if mark is not None else None, f"YAML syntax error: {reason}")
+        ctx.add(*yaml_problem(exc))
         return [], ctx.problems
     if data is None:
         return [], []
-    if not isinstance(data, Mapping):
-        ctx.add(1, f"a rule file must be a mapping with a 'rules:' list, got {_short(data)}")
+    try:
+        return _parse_file(data, ctx, fname), ctx.problems
+    except _TooManyProblems:
         return [], ctx.problems
+
+
+def _parse_file(data: Any, ctx: _FileContext, fname: str) -> list[Rule]:
+    """The rules of one loaded file; problems go to ``ctx``."""
+    if not isinstance(data, Mapping):
+        ctx.add(1, f"a rule file must be a mapping with a 'rules:' list, got {short(data)}")
+        return []
     for key in data:
         if key not in FILE_KEYS:
             ctx.add(
@@ -534,16 +589,16 @@ def parse_text(
     if raw_rules is None:
         if "rules" not in data and not ctx.problems:
             ctx.add(1, "missing 'rules:' list")
-        return [], ctx.problems
+        return []
     if not _is_seq(raw_rules):
-        ctx.add(_key_line(data, "rules", 1), f"'rules' must be a list, got {_short(raw_rules)}")
-        return [], ctx.problems
+        ctx.add(_key_line(data, "rules", 1), f"'rules' must be a list, got {short(raw_rules)}")
+        return []
     rules = []
     for position, node in enumerate(raw_rules):
         rule = _parse_rule(node, ctx, fname, position, _item_line(raw_rules, position, None))
         if rule is not None:
             rules.append(rule)
-    return rules, ctx.problems
+    return rules
 
 
 def _read_file(path: Path, display: str) -> tuple[str | None, list[Problem]]:

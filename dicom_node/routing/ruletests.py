@@ -22,11 +22,11 @@ from typing import Any
 
 import pydicom
 from pydicom.datadict import keyword_dict
-from ruamel.yaml import YAML
 
+from dicom_node.config import bounded_yaml, yaml_problem
 from dicom_node.routing.conditions import suggest
 from dicom_node.routing.engine import RoutingDecision, evaluate
-from dicom_node.routing.loader import MAX_FILE_BYTES, display_path
+from dicom_node.routing.loader import MAX_FILE_BYTES, MAX_VALUES, display_path, short
 from dicom_node.routing.rules import Problem, RuleSet
 
 LOGGER = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _expected(raw: Any) -> tuple[str, ...] | str:
         return () if raw == NO_RULE else (raw,)
     if isinstance(raw, list) and raw and all(isinstance(x, str) and x for x in raw):
         return tuple(raw)
-    return f"'expect' must be a rule name, a list of rule names or 'none', got {raw!r}"
+    return f"'expect' must be a rule name, a list of rule names or 'none', got {short(raw)}"
 
 
 def _run_case(
@@ -188,17 +188,14 @@ def run_cases(ruleset: RuleSet, rules_dir: Path) -> tuple[list[CaseResult], list
                     Problem(display, None, None, f"test file larger than {MAX_FILE_BYTES} bytes")
                 )
                 continue
-            data = YAML(typ="rt").load(test_file.read_text(encoding="utf-8"))
+            text = test_file.read_text(encoding="utf-8")
+            # the same budget as a rule file: aliases count per use (see loader.MAX_VALUES)
+            data = bounded_yaml("rt", max_values=MAX_VALUES, max_chars=MAX_FILE_BYTES).load(text)
         except Exception as exc:  # noqa: BLE001 - YAML and OS errors are all problems
-            mark = getattr(exc, "problem_mark", None)
-            problems.append(
-                Problem(
-                    display,
-                    mark.line + 1 if mark else None,
-                    None,
-                    f"cannot read test file: {getattr(exc, 'problem', None) or exc}",
-                )
+            line, message = (
+                (None, exc.strerror or str(exc)) if isinstance(exc, OSError) else yaml_problem(exc)
             )
+            problems.append(Problem(display, line, None, f"cannot read test file: {message}"))
             continue
         cases = data.get("cases") if isinstance(data, Mapping) else None
         if not isinstance(cases, list):
