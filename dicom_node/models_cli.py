@@ -334,6 +334,14 @@ def add_cmd(
     show_default=True,
     help="Largest allowed drop of any segment's mean Dice.",
 )
+@click.option(
+    "--min-dice",
+    "min_dice",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Floor of a segment's mean Dice (repeatable); the manifest's gate.min_dice and "
+    "models/<name>/gate.yaml add theirs, the highest wins.",
+)
 @click.option("--force", is_flag=True, help="Promote even if the gate refuses or cannot run.")
 @_store_command
 def promote_cmd(
@@ -344,16 +352,26 @@ def promote_cmd(
     alias: str,
     data: Path | None,
     tolerance: float,
+    min_dice: tuple[str, ...],
     force: bool,
 ) -> None:
     """Point ALIAS (default production) at VERSION after the promotion gate."""
     from dicom_node.modelstore.gate import GateError, run_gate
 
     store.manifest(name, version)  # unknown version: precise error before any work
+    floors: dict[str, float] = {}
+    for item in min_dice:
+        key, sep, value = item.partition("=")
+        try:
+            floors[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise click.BadParameter(f"must be KEY=VALUE, got {item!r}", param_hint="--min-dice")
     gate: dict[str, Any] | None = None
     if alias == PRODUCTION or data is not None:
         try:
-            result = run_gate(store, name, version, data=data, tolerance=tolerance)
+            result = run_gate(store, name, version, data=data, tolerance=tolerance, min_dice=floors)
         except GateError as exc:
             if not force:
                 raise click.ClickException(f"promotion gate cannot run: {exc}") from exc
@@ -361,10 +379,8 @@ def promote_cmd(
             click.echo(f"gate skipped (--force): {exc}")
         else:
             gate = result.to_dict()
-            for key, value in sorted(result.candidate.items()):
-                prod = result.production.get(key)
-                base = f" (production {prod:.4f})" if prod is not None else ""
-                click.echo(f"{key}: mean Dice {value:.4f}{base} over {result.cases} case(s)")
+            for line in result.report():
+                click.echo(line)
             if not result.passed:
                 gate["forced"] = force
                 if not force:

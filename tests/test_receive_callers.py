@@ -39,20 +39,24 @@ class Pki:
 
 
 def _signed(d: Path, name: str, subject: str, ext: str) -> tuple[Path, Path]:
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-             f"{name}.csr", "-subj", subject, cwd=d)  # fmt: skip
+    """A key and a certificate for ``subject`` signed by ``d/ca.pem``."""
+    request = f"req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj"
+    _openssl(*request.split(), subject, cwd=d)
     (d / f"{name}.ext").write_text(ext + "\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile",
-             f"{name}.ext", cwd=d)  # fmt: skip
+    sign = (
+        f"x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {name}.pem "
+        f"-days 2 -extfile {name}.ext"
+    )
+    _openssl(*sign.split(), cwd=d)
     return d / f"{name}.pem", d / f"{name}.key"
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A throw-away CA, a server certificate and client certificates for two subjects."""
     d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-             "ca.pem", "-days", "2", "-subj", "/CN=dicom-node callers CA", cwd=d)  # fmt: skip
+    ca = "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj"
+    _openssl(*ca.split(), "/CN=dicom-node callers CA", cwd=d)
     server = _signed(d, "server", "/CN=server", "subjectAltName=IP:127.0.0.1,DNS:localhost")
     clients = {
         cn: _signed(d, cn, f"/O=Hospital/CN={cn}", "extendedKeyUsage=clientAuth")
@@ -67,9 +71,7 @@ def tls_node(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., tuple[StorageSC
     started: list[StorageSCP] = []
 
     def start(allowed_callers: list[Any]) -> tuple[StorageSCP, list[InstanceRecord]]:
-        tls = TLSConfig(
-            cert=pki.server[0], key=pki.server[1], ca=pki.ca, require_client_cert=True
-        )
+        tls = TLSConfig(cert=pki.server[0], key=pki.server[1], ca=pki.ca, require_client_cert=True)
         config = NodeConfig(
             ae_title=NODE_AE,
             host="127.0.0.1",
@@ -129,9 +131,9 @@ class TestCertificatePinning:
     ) -> None:
         scp, _ = tls_node([{"ae_title": MODALITY, "cert_subject": "CN=modality1, O=Hospital"}])
         good, bad = (
-            echoscu(scp.port, NODE_AE, MODALITY, tls=(pki.clients[cn][1], pki.clients[cn][0], pki.ca))
-            for cn in ("modality1", "intruder")
-        )  # fmt: skip
+            echoscu(scp.port, NODE_AE, MODALITY, tls=(key, cert, pki.ca))
+            for cert, key in (pki.clients["modality1"], pki.clients["intruder"])
+        )
         assert good.returncode == 0, good.stderr
         assert bad.returncode != 0
         assert "Calling AE Title Not Recognized" in bad.stdout + bad.stderr

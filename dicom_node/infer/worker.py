@@ -47,10 +47,10 @@ from dicom_node.modelstore import (
     SeriesFrames,
     SeriesReadError,
     atomic_write,
-    dice,
     read_instances,
     series_frames,
 )
+from dicom_node.modelstore import agreement as agreement_dice
 from dicom_node.seg import AlgorithmInfo, SegmentSpec, SourceGroup, build_seg, group_sources
 from dicom_node.seg import is_image as seg_is_image
 from dicom_node.send.dimse import client_tls_context, send_file
@@ -364,11 +364,14 @@ class Worker:
                 "job %s: shadow %s:%s failed: %s", job.id, shadow.name, shadow.version, exc
             )
             return
-        agreement = {
-            key: dice(production.flat(key), result.flat(key))
+        # both versions empty on a segment is no evidence (two useless models "agree"), so that
+        # segment gets no value rather than a perfect 1.0 (scoring.agreement returns None)
+        measured = {
+            key: agreement_dice(production.flat(key), result.flat(key))
             for key in production.keys
             if key in result.keys
         }
+        agreement = {key: value for key, value in measured.items() if value is not None}
         for key, value in agreement.items():
             metrics.SHADOW_AGREEMENT.labels(
                 model=shadow.name, version=shadow.version, segment=key

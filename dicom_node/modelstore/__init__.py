@@ -60,7 +60,7 @@ from dicom_node.modelstore.runner import (
     ModelRunner,
     choose_providers,
 )
-from dicom_node.modelstore.scoring import dice, iou
+from dicom_node.modelstore.scoring import agreement, dice, iou
 from dicom_node.modelstore.serving import ServingModels
 from dicom_node.modelstore.store import ModelStore, ModelStoreError, ResolvedVersion
 
@@ -93,6 +93,7 @@ __all__ = [
     "canary_bucket",
     "choose_providers",
     "contract_differences",
+    "agreement",
     "dice",
     "fsync_dir",
     "in_canary",

@@ -13,8 +13,22 @@ worker sees them; ``truth.npz`` stacks follow that frame order) and run through 
 :class:`ModelRunner` as the worker, so the gate scores exactly what the node would serve. Both
 versions run on every case; per segment, the mean Dice over cases is compared. The gate
 refuses when any segment's mean Dice of the candidate is lower than production's by more than
-``tolerance`` (default 0.01). The result is a plain mapping that ``promote`` writes to the alias
-history.
+``tolerance`` (default 0.01).
+
+**Floors.** A version must also reach a minimum mean Dice per segment, with or without a
+production version to compare with (a first version is otherwise compared with nothing). The
+floor of a segment is the highest of:
+
+- ``gate: {min_dice: {KEY: value}}`` in the candidate's manifest;
+- ``min_dice: {KEY: value}`` in the model's ``gate.yaml`` (``models/<name>/gate.yaml``: the
+  store's floor, which a new version's manifest cannot lower);
+- ``min_dice`` passed by the caller (``dicom-node models promote --min-dice KEY=VALUE``);
+- for a first version only (no production), :data:`DEFAULT_FIRST_MIN_DICE` for every segment
+  that has no declared floor, so that a model that predicts nothing is never promoted unnoticed.
+
+A declared floor for a segment the reference set has no truth for refuses the promotion (the
+floor cannot be checked). The result is a plain mapping that ``promote`` writes to the alias
+history; :meth:`GateResult.report` gives one line per segment (measured, floor, production).
 """
 
 from __future__ import annotations
@@ -25,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from dicom_node.modelstore.aliases import PRODUCTION
 from dicom_node.modelstore.frames import SeriesReadError, read_case_folder
@@ -36,6 +52,15 @@ LOGGER = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 0.01
 """Largest allowed drop of a segment's mean Dice (absolute) before the gate refuses."""
+
+DEFAULT_FIRST_MIN_DICE = 0.1
+"""Floor of every segment without a declared floor when there is no production version yet.
+
+Low on purpose (any useful model clears it); it exists so that a model that predicts nothing, or
+noise, is refused rather than promoted with "nothing to compare with"."""
+
+STORE_GATE_FILE = "gate.yaml"
+"""The store's gate settings of one model: ``models/<name>/gate.yaml`` with ``min_dice``."""
 
 
 class GateError(ValueError):
@@ -63,15 +88,38 @@ class GateResult:
     tolerance: float
     candidate: dict[str, float] = field(default_factory=dict)
     production: dict[str, float] = field(default_factory=dict)
+    floors: dict[str, float] = field(default_factory=dict)
+    floor_sources: dict[str, str] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     forced: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as plain data (Dice rounded to 4 decimals)."""
         data = asdict(self)
-        for key in ("candidate", "production"):
+        for key in ("candidate", "production", "floors"):
             data[key] = {k: round(float(v), 4) for k, v in data[key].items()}
         return data
+
+    def report(self) -> list[str]:
+        """One line per segment: measured mean Dice, floor (and its source), production, verdict.
+
+        Example: ``liver: mean Dice 0.0000 over 3 case(s); floor 0.5000 (manifest) -> below floor``.
+        """
+        lines = []
+        for key in sorted(set(self.candidate) | set(self.floors)):
+            value = self.candidate.get(key)
+            parts = [
+                f"{key}: mean Dice {value:.4f} over {self.cases} case(s)"
+                if value is not None
+                else f"{key}: not measured (no truth in the reference set)"
+            ]
+            if key in self.floors:
+                parts.append(f"floor {self.floors[key]:.4f} ({self.floor_sources[key]})")
+            if key in self.production:
+                parts.append(f"production {self.production[key]:.4f}")
+            failed = any(r.startswith(f"{key}:") for r in self.reasons)
+            lines.append("; ".join(parts) + (" -> refused" if failed else " -> ok"))
+        return lines
 
 
 def load_reference_cases(root: str | Path) -> list[ReferenceCase]:
@@ -153,6 +201,68 @@ def reference_folder(
     )
 
 
+def store_floors(store: ModelStore, name: str) -> dict[str, float]:
+    """Return ``min_dice`` of ``models/<name>/gate.yaml`` (empty when the file is absent).
+
+    Raises
+    ------
+    GateError
+        The file is not a mapping ``{min_dice: {KEY: number in [0, 1]}}``.
+    """
+    path = store.model_dir(name) / STORE_GATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = YAML(typ="safe").load(path.read_text(encoding="utf-8")) or {}
+    except YAMLError as exc:
+        raise GateError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict) or set(data) - {"min_dice"}:
+        raise GateError(f"{path}: must be a mapping with the one key 'min_dice', got {data!r}")
+    return _check_floors(data.get("min_dice") or {}, str(path))
+
+
+def _check_floors(floors: Any, source: str) -> dict[str, float]:
+    if not isinstance(floors, dict):
+        raise GateError(f"{source}: min_dice must be a mapping of segment key to Dice")
+    out: dict[str, float] = {}
+    for key, value in floors.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise GateError(
+                f"{source}: min_dice[{key!r}] must be a number in [0, 1], got {value!r}"
+            )
+        out[str(key)] = float(value)
+    return out
+
+
+def _floors(
+    store: ModelStore,
+    candidate: ResolvedVersion,
+    min_dice: dict[str, float] | None,
+    first_version: bool,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Effective floor per segment key and where it came from (the highest declared wins)."""
+    floors: dict[str, float] = {}
+    sources: dict[str, str] = {}
+    declared = [
+        ("manifest", dict(candidate.manifest.gate.min_dice) if candidate.manifest.gate else {}),
+        (f"{candidate.name}/{STORE_GATE_FILE}", store_floors(store, candidate.name)),
+        ("--min-dice", _check_floors(min_dice or {}, "min_dice")),
+    ]
+    keys = [s.key for s in candidate.manifest.segments]
+    for source, values in declared:
+        for key, value in values.items():
+            if key not in keys:
+                raise GateError(f"{source}: min_dice names segment {key!r}; segments are {keys}")
+            if key not in floors or value > floors[key]:
+                floors[key], sources[key] = value, source
+    if first_version:
+        for key in keys:
+            if key not in floors:
+                floors[key] = DEFAULT_FIRST_MIN_DICE
+                sources[key] = "default for a first version"
+    return floors, sources
+
+
 def run_gate(
     store: ModelStore,
     name: str,
@@ -160,6 +270,7 @@ def run_gate(
     data: str | Path | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     runner: ModelRunner | None = None,
+    min_dice: dict[str, float] | None = None,
 ) -> GateResult:
     """Compare ``name:version`` with the current production on the reference set.
 
@@ -175,17 +286,22 @@ def run_gate(
         Largest allowed drop in a segment's mean Dice.
     runner:
         Runner to use (default: a CPU/CUDA runner created here).
+    min_dice:
+        Extra floors per segment key (the highest of this, the manifest's and the store's wins).
 
     Returns
     -------
     GateResult
-        ``passed`` False with ``reasons`` naming each segment that dropped too much. Without a
-        production version the candidate passes (nothing to compare with).
+        ``passed`` False with ``reasons`` naming each segment that is below its floor, has a
+        declared floor but no truth in the reference set, or dropped more than ``tolerance``
+        below production. Without a production version, only the floors apply (every segment
+        has one then: :data:`DEFAULT_FIRST_MIN_DICE` where none is declared).
 
     Raises
     ------
     GateError
-        No reference data or unreadable cases.
+        No reference data, unreadable cases, or a floor that is not a number in [0, 1] or
+        names an unknown segment.
     ModelStoreError
         Unknown version.
     """
@@ -198,6 +314,8 @@ def run_gate(
     store.verify(candidate)
     cand_scores = evaluate(runner, candidate, cases)
     prod_version = store.aliases(name).get(PRODUCTION)
+    first = prod_version is None or prod_version == candidate.version
+    floors, sources = _floors(store, candidate, min_dice, first_version=prod_version is None)
     result = GateResult(
         passed=True,
         candidate_version=candidate.version,
@@ -206,13 +324,32 @@ def run_gate(
         cases=len(cases),
         tolerance=float(tolerance),
         candidate=cand_scores,
+        floors=floors,
+        floor_sources=sources,
     )
     if not cand_scores:
         raise GateError(
             f"reference data {folder}: no truth for any segment of {candidate.ref} "
             f"({[s.key for s in candidate.manifest.segments]})"
         )
-    if prod_version is None or prod_version == candidate.version:
+    for key, floor in sorted(floors.items()):
+        measured = cand_scores.get(key)
+        if measured is None:
+            if sources[key] != "default for a first version":
+                result.passed = False
+                result.reasons.append(
+                    f"{key}: floor {floor:.4f} ({sources[key]}) cannot be checked: the "
+                    f"reference set has no truth for {key!r}"
+                )
+        elif measured < floor:
+            result.passed = False
+            result.reasons.append(
+                f"{key}: mean Dice {measured:.4f} < floor {floor:.4f} ({sources[key]})"
+            )
+    if first:
+        LOGGER.info(
+            "promotion gate %s: %s", candidate.ref, "passed" if result.passed else "refused"
+        )
         return result
     try:
         production = store.resolve(f"{name}:{prod_version}")

@@ -142,6 +142,24 @@ class Segment(_Strict):
         return value
 
 
+class GateSpec(_Strict):
+    """Promotion-gate settings a version declares (``gate:`` in the manifest).
+
+    ``min_dice`` maps segment keys to the lowest mean Dice on the reference set that the gate
+    accepts for this version, with or without a production version to compare with.
+    """
+
+    min_dice: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("min_dice")
+    @classmethod
+    def _floors(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, floor in value.items():
+            if not 0.0 <= float(floor) <= 1.0:
+                raise ValueError(f"min_dice[{key!r}] must be in [0, 1], got {floor!r}")
+        return value
+
+
 class Manifest(_Strict):
     """A model version's manifest. See ``models/README.md`` for every field."""
 
@@ -155,6 +173,7 @@ class Manifest(_Strict):
     output: OutputSpec
     segments: list[Segment] = Field(min_length=1)
     reference_data: str | None = None
+    gate: GateSpec | None = None
     provenance: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
 
@@ -214,6 +233,11 @@ class Manifest(_Strict):
             raise ValueError(f"segments: channel(s) {dupes_c} used twice with softmax")
         if self.output.activation == "softmax" and 0 in channels:
             raise ValueError("segments: with softmax, channel 0 is the background, not a segment")
+        unknown = sorted(set(self.gate.min_dice) - set(keys)) if self.gate else []
+        if unknown:
+            raise ValueError(
+                f"gate.min_dice: unknown segment key(s) {unknown}; segments are {keys}"
+            )
         return self
 
     @property

@@ -5,6 +5,10 @@ reports, and the demo, so that "Dice" is the same number everywhere.
 
 Conventions: both masks empty -> 1.0 (nothing to find, nothing found); exactly one empty -> 0.0.
 The masks may have any shape (a frame (H, W) or a stack (F, H, W)); pixels are pooled.
+
+:func:`agreement` is the exception: two *versions* that both predict nothing have not agreed on
+anything, so it returns None (no evidence) where :func:`dice` says 1.0. The worker's shadow
+comparison uses it and records no value for such a segment.
 """
 
 from __future__ import annotations
@@ -36,6 +40,23 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     if total == 0:
         return 1.0
     return 2.0 * int(np.logical_and(p, t).sum()) / total
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Dice between two predictions, or None when both are empty (no evidence either way).
+
+    Used for shadow agreement: "both versions found nothing" is not a perfect agreement (it is
+    what two useless models produce), so it must not pull the agreement mean towards 1.0.
+
+    Raises
+    ------
+    ValueError
+        The masks differ in shape.
+    """
+    p, q = _as_bool(a, b)
+    if not p.any() and not q.any():
+        return None
+    return dice(p, q)
 
 
 def iou(pred: np.ndarray, truth: np.ndarray) -> float:

@@ -195,15 +195,18 @@ def register_server(ae: AE, server: ThreadedAssociationServer) -> None:
     ae._servers.append(server)
 
 
-def set_unrestricted_storage(enabled: bool) -> None:
+def set_unrestricted_storage(enabled: bool) -> bool:
     """Accept any private or unknown abstract syntax as storage (``UNRESTRICTED_STORAGE_SERVICE``).
 
     pynetdicom's acceptor then negotiates such contexts with ``negotiate_unrestricted`` (first
     proposed transfer syntax, role selection answered) and serves their C-STOREs with the
     storage service. A process-wide flag: it covers every acceptor of this process (the node
-    runs one ``StorageSCP``); contexts of other services still need registering.
+    runs one ``StorageSCP``, which restores the previous value when it stops); contexts of other
+    services still need registering. Returns the previous value.
     """
+    previous = bool(_config.UNRESTRICTED_STORAGE_SERVICE)
     _config.UNRESTRICTED_STORAGE_SERVICE = bool(enabled)
+    return previous
 
 
 def end_negotiation(assoc: Association) -> None:

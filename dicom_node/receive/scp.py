@@ -276,6 +276,7 @@ class StorageSCP:
         self._server: NodeAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self._ae: AE | None = None
+        self._unrestricted_before = False
 
     def _make_ae(self) -> AE:
         """The AE with every storage SOP class (retired included) and transfer syntax.
@@ -292,7 +293,7 @@ class StorageSCP:
         for uid in STORAGE_SOP_CLASSES:
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES[:4])
-        set_unrestricted_storage(self.config.accept_unknown_sop_classes)
+        self._unrestricted_before = set_unrestricted_storage(self.config.accept_unknown_sop_classes)
         return ae
 
     def _apply_limits(self, ae: AE, server: NodeAssociationServer) -> None:
@@ -389,6 +390,7 @@ class StorageSCP:
             LOGGER.warning("aborting an association still running at shutdown")
             assoc.abort()
         self._server = self._thread = self._ae = None
+        set_unrestricted_storage(self._unrestricted_before)  # the flag is process-wide
         LOGGER.info("stopped listening")
 
     @property

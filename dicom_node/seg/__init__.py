@@ -14,10 +14,11 @@ from dicom_node.seg.content import ARTIFICIAL_INTELLIGENCE, AlgorithmInfo, Code,
 from dicom_node.seg.grouping import SourceGroup, group_sources
 from dicom_node.seg.sop import CONTENT_LABEL, build_seg
 from dicom_node.seg.sources import is_image
-from dicom_node.seg.uids import ai_series_description, seg_uids
+from dicom_node.seg.uids import OUTPUT_KINDS, ai_series_description, output_uids, seg_uids
 
 __all__ = [
     "ARTIFICIAL_INTELLIGENCE",
+    "OUTPUT_KINDS",
     "CONTENT_LABEL",
     "AlgorithmInfo",
     "Code",
@@ -27,5 +28,6 @@ __all__ = [
     "build_seg",
     "group_sources",
     "is_image",
+    "output_uids",
     "seg_uids",
 ]

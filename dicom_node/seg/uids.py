@@ -90,3 +90,56 @@ def ai_series_description(model: str, version: str) -> str:
         if len(text) <= SERIES_DESCRIPTION_MAX:
             return text
     return f"AI seg ({model} v{version})"[: SERIES_DESCRIPTION_MAX - 1] + ")"
+
+
+OUTPUT_KINDS = ("overlay", "gsps", "report")
+"""Results besides the SEG that :func:`output_uids` derives UIDs for (the rule's ``outputs``)."""
+
+
+def output_uids(
+    kind: str,
+    source_series_uid: str,
+    rule: str,
+    model: str,
+    version: str,
+    group: str | None = None,
+    index: int = 0,
+) -> tuple[UID, UID]:
+    """Return ``(series_instance_uid, sop_instance_uid)`` of a non-SEG result of one SEG.
+
+    The same tuple as :func:`seg_uids` plus the output ``kind``, so each kind is its own series
+    (same study) and a re-run replaces its objects exactly as it replaces the SEG. ``index``
+    numbers the instances of one output series (an overlay has one per source frame); the
+    series UID does not depend on it.
+
+    Parameters
+    ----------
+    kind
+        One of :data:`OUTPUT_KINDS`.
+    source_series_uid, rule, model, version, group
+        As for :func:`seg_uids`.
+    index
+        0-based instance within the output series.
+
+    Returns
+    -------
+    tuple of pydicom.uid.UID
+        Valid UIDs, distinct from the SEG's and from every other kind's; equal inputs always
+        give equal outputs.
+
+    Raises
+    ------
+    ValueError
+        If ``kind`` is not an output kind, ``index`` is negative or an argument is empty.
+    """
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"kind must be one of {OUTPUT_KINDS}, got {kind!r}")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"index must be a whole number >= 0, got {index!r}")
+    seg_uids(source_series_uid, rule, model, version, group)  # the same argument checks
+    sources = [UID_NAMESPACE, source_series_uid, rule, model, version, "kind", kind]
+    if group is not None:
+        sources += ["group", group]
+    series = generate_uid(prefix=UID_PREFIX, entropy_srcs=[*sources, "series"])
+    instance = generate_uid(prefix=UID_PREFIX, entropy_srcs=[*sources, "instance", str(index)])
+    return series, instance

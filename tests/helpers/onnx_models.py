@@ -19,6 +19,9 @@ Variants:
 ``shifted``
     Same as ``ok`` but with thyroid threshold 0.3: valid and slightly different, for shadow
     agreement or canary tests that need two distinguishable versions with the same contract.
+``empty``
+    A useless model: no channel is ever positive (it predicts nothing), for the promotion
+    gate's floor and for shadow agreement on empty predictions.
 ``invalid_onnx``
     ``model.onnx`` holds bytes that are not an ONNX model (the manifest sha256 still matches,
     so the store accepts it and the failure shows at load time).
@@ -50,7 +53,7 @@ OPSET = 17
 GAIN = 20.0
 """Logit gain K: large enough that sigmoid(logit) is nearly binary away from the threshold."""
 
-VARIANTS = ("ok", "worse", "shifted", "invalid_onnx", "wrong_output_shape")
+VARIANTS = ("ok", "worse", "shifted", "invalid_onnx", "wrong_output_shape", "empty")
 """Model variants :func:`build_model` and :func:`write_model_version` know."""
 
 DEFAULT_SEGMENTS: list[dict[str, Any]] = [
@@ -121,9 +124,12 @@ def build_model(
         Unknown variant.
     """
     if variant not in VARIANTS or variant == "invalid_onnx":
-        raise ValueError(f"variant must be one of {VARIANTS[:3] + VARIANTS[4:]}, got {variant!r}")
+        allowed = tuple(v for v in VARIANTS if v != "invalid_onnx")
+        raise ValueError(f"variant must be one of {allowed}, got {variant!r}")
     rows, cols = size if size is not None else ("H", "W")
-    thr = {"ok": 0.25, "worse": 0.7, "shifted": 0.3, "wrong_output_shape": 0.25}[variant]
+    thr = {"ok": 0.25, "worse": 0.7, "shifted": 0.3, "wrong_output_shape": 0.25, "empty": 10.0}[
+        variant
+    ]
     nodes = [
         _const("gain", gain),
         _const("thr", thr),
@@ -136,7 +142,7 @@ def build_model(
         channels = 1
     else:
         nodes += [
-            _const("cold", 0.12 if variant != "worse" else 5.0),
+            _const("cold", 0.12 if variant not in ("worse", "empty") else 5.0),
             _const("bright", 0.35),
             _avgpool("image", "avg11", 11),
             helper.make_node("Sub", ["avg11", "image"], ["diff"]),
