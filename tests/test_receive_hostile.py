@@ -233,8 +233,9 @@ class TestPerHostLimit:
         assert len(refused) == 2, "two of the four connections should be refused at once"
         assert counted("host_limit") == before + 2
         # the other host gets its slots at once, twice over, while the hog stays connected
-        assert echo(port, source=OTHER_HOST)[0]
-        assert echo(port, source=OTHER_HOST)[0]
+        # (retried within 5 s only for a loaded machine: the hog holds its slots for 30 s)
+        echo_within(port, seconds=5, source=OTHER_HOST)
+        echo_within(port, seconds=5, source=OTHER_HOST)
         # the hog's own next association is refused with A-ASSOCIATE-RJ, transient
         ok, assoc = echo(port)
         assert not ok and assoc.is_rejected

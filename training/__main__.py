@@ -112,13 +112,33 @@ def phantoms(out: Path, n: int, seed: int, sizes: tuple[int, ...]) -> None:
     help="Case folders (overrides data.train of the config).",
 )
 @click.option("--skip-bad", is_flag=True, help="Skip and list bad cases instead of stopping.")
-def train_cmd(config_path: str, out: Path, data_dir: Path | None, skip_bad: bool) -> None:
-    """Train a U-Net from a config; writes best.pt, last.pt and history.csv/json to OUT."""
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Continue the run in RUN_DIR after its last finished epoch (its recorded config and "
+    "data; --config, --out and --data are ignored).",
+)
+def train_cmd(
+    config_path: str | None,
+    out: Path,
+    data_dir: Path | None,
+    skip_bad: bool,
+    resume_dir: Path | None,
+) -> None:
+    """Train a U-Net from a config; writes best.pt, last.pt, history.csv/json, run.json to OUT."""
     from training.data import DataError
+    from training.runrecord import read_run_record
     from training.train import load_config, train
 
     try:
-        config = load_config(config_path)
+        if resume_dir is not None:
+            record = read_run_record(resume_dir)
+            config, out = record["config"], resume_dir
+            data_dir, config_path = Path(record["data_dir"]), record.get("config_path")
+        else:
+            config = load_config(config_path or "training/configs/thyroid.yaml")
         with _bar("load", None) as update:
             result = train(
                 config,
@@ -127,6 +147,7 @@ def train_cmd(config_path: str, out: Path, data_dir: Path | None, skip_bad: bool
                 skip_bad=skip_bad,
                 config_path=config_path,
                 progress=update,
+                resume=resume_dir is not None,
             )
     except (DataError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))

@@ -291,6 +291,8 @@ def export_model(
             "validation": {k: _round(v) for k, v in validation.items()},
             "parameters": ckpt.get("parameters"),
             "torch": ckpt.get("torch"),
+            "training_git": ckpt.get("git"),
+            "versions": ckpt.get("versions"),
             "onnx_opset": opset,
             "parity_max_abs_diff": float(f"{diff:.3g}"),
         },

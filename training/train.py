@@ -7,11 +7,17 @@
 - ``last.pt``: the last epoch's weights;
 - ``history.csv`` and ``history.json``: the learning curve (loss, validation Dice per segment,
   learning rate, seconds per epoch);
-- ``split.json``: which cases and patients went to training and validation.
+- ``split.json``: which cases and patients went to training and validation;
+- ``run.json``: config, data hash, package versions, git commit, how the run stopped
+  (:mod:`training.runrecord`);
+- ``resume.pt``: the state after the last finished epoch, for ``train --resume RUN_DIR``.
 
 Reproducible: the seed drives the split, the weight initialisation, the batch order and every
-augmentation (CPU; CUDA kernels may add non-determinism). The validation score is the mean of
-the per-segment Dice over the validation set (pixels pooled per segment).
+augmentation (CPU; CUDA kernels may add non-determinism). The learning-rate schedule follows the
+epochs only; ``train.max_minutes`` stops a run at the end of the epoch that would overrun it but
+never shapes the schedule, so a run that the budget does not stop gives the same weights on any
+machine, and a run it stops can be resumed to those same weights. The validation score is the
+mean of the per-segment Dice over the validation set (pixels pooled per segment).
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ from ruamel.yaml import YAML
 
 from dicom_node.modelstore.files import atomic_write
 from dicom_node.modelstore.manifest import InputSpec
+from training import runrecord, schema
 from training.data import Case, FrameDataset, SegmentRef, dataset_hash, load_dataset, patient_split
-from training.transforms import Compose, RandCrop, ToNetworkInput, build_augmentation
+from training.transforms import Compose, RandCrop, Randomizable, ToNetworkInput, build_augmentation
 from training.unet import build_unet, count_parameters
 
 LOGGER = logging.getLogger(__name__)
@@ -65,7 +72,9 @@ def load_config(path: Path | str) -> dict[str, Any]:
     FileNotFoundError
         The file does not exist.
     ValueError
-        A required section is missing or the model input is invalid.
+        A required section is missing, a key is unknown anywhere in the config (the message
+        says which and suggests the closest allowed key: :mod:`training.schema`), or the model
+        input is invalid.
     """
     path = Path(path)
     if not path.is_file():
@@ -78,6 +87,7 @@ def load_config(path: Path | str) -> dict[str, Any]:
         raise ValueError(
             f"config {path} lacks section(s) {missing}; needs {list(REQUIRED_SECTIONS)}"
         )
+    schema.check_config(data, str(path))
     InputSpec(**data["model"]["input"])  # validates early, with pydantic's message
     return data
 
@@ -190,6 +200,7 @@ def train(
     skip_bad: bool = False,
     config_path: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train a U-Net as ``config`` says and write checkpoints and the learning curve.
 
@@ -207,6 +218,8 @@ def train(
         Recorded in the checkpoint's provenance.
     progress : callable, optional
         ``progress(stage, done, total)`` for a progress bar (stages ``load``, ``epoch N``).
+    resume : bool
+        Continue the run in ``out_dir`` from its ``resume.pt`` (see :func:`resume_run`).
 
     Returns
     -------
@@ -217,8 +230,12 @@ def train(
     DataError
         A bad case (without ``skip_bad``).
     ValueError
-        No usable case, or fewer than two patients for a validation split.
+        No usable case, or fewer than two patients for a validation split; with ``resume``, the
+        data changed since the run started, or the run has already finished.
+    FileNotFoundError
+        With ``resume``: ``out_dir`` has no ``resume.pt``.
     """
+    schema.check_config(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed = int(config.get("seed", 0))
@@ -262,7 +279,7 @@ def train(
                 f"input size and train.crop must be divisible by 2**depth = {2**depth}, got {side}"
             )
     steps: list[Callable[[dict[str, Any]], dict[str, Any]]] = [
-        *build_augmentation(config.get("augment") or {}),
+        *build_augmentation(config.get("augment") or {}, input_spec.modalities),
         to_input,
     ]
     if tcfg.get("crop"):
@@ -282,10 +299,8 @@ def train(
     optimiser = torch.optim.AdamW(
         net.parameters(), lr=float(tcfg["lr"]), weight_decay=float(tcfg.get("weight_decay", 1e-4))
     )
-    weights = torch.tensor(
-        [float(tcfg.get("nodule_weight", 1.0)) if r.key == "nodule" else 1.0 for r in refs],
-        device=device,
-    )
+    per_segment = schema.train_segments(config, [r.key for r in refs])
+    weights = torch.tensor([per_segment[r.key]["weight"] for r in refs], device=device)
 
     def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return dice_bce_loss(
@@ -312,7 +327,8 @@ def train(
     epochs = int(tcfg["epochs"])
     warmup = int(tcfg.get("warmup_epochs", 0))
     patience = int(tcfg.get("patience", epochs))
-    budget = float(tcfg.get("max_minutes", 1e9)) * 60.0
+    max_minutes = tcfg.get("max_minutes")
+    budget = float(max_minutes) * 60.0 if max_minutes is not None else math.inf
     meta = {
         "config": config,
         "config_path": config_path,
@@ -326,23 +342,70 @@ def train(
         "device": str(device),
         "torch": torch.__version__,
     }
+    record: dict[str, Any] = {
+        "status": "running",
+        "config": config,
+        "config_path": config_path,
+        "data_dir": str(root),
+        "data_hash": meta["data_hash"],
+        "seed": seed,
+        "versions": runrecord.package_versions(),
+        "git": runrecord.git_state(),
+        "device": str(device),
+        "threads": int(threads),
+        "budget_minutes": max_minutes,
+    }
+    generators: list[Randomizable] = [
+        cast("Randomizable", t) for t in augment.transforms if isinstance(t, Randomizable)
+    ]
     history: list[dict[str, float]] = []
     best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(net.state_dict())
+    first_epoch = 1
+    if resume:
+        state = runrecord.load_resume(out)
+        previous = runrecord.read_run_record(out)
+        data_hash = str(meta["data_hash"])
+        if state["data_hash"] != data_hash:
+            raise ValueError(
+                f"cannot resume {out}: the data changed since the run started "
+                f"(data hash {str(state['data_hash'])[:12]} then, {data_hash[:12]} now)"
+            )
+        if previous.get("status") == "finished" and not previous.get("stopped", {}).get(
+            "budget_hit"
+        ):
+            raise ValueError(
+                f"cannot resume {out}: the run finished ({previous['stopped']['reason']}); "
+                f"only a run stopped by the time budget or interrupted can be resumed"
+            )
+        net.load_state_dict(state["state_dict"])
+        optimiser.load_state_dict(state["optimiser"])
+        history, best_score, best_epoch = state["history"], state["best_score"], state["best_epoch"]
+        best_state = state["best_state"]
+        runrecord.restore_random_states([g.R for g in generators], state["augment_rng"])
+        generator.set_state(state["loader_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        first_epoch = int(state["epoch"]) + 1
+        if first_epoch > epochs:
+            raise ValueError(f"cannot resume {out}: all {epochs} epoch(s) are done")
+        record["resumed_from_epoch"] = int(state["epoch"])
+        LOGGER.info("resuming %s after epoch %d", out, state["epoch"])
+    meta["git"], meta["versions"] = record["git"], record["versions"]
+    runrecord.write_run_record(out, record)
     started = time.monotonic()
     stopped = "completed all epochs"
+    budget_hit = False
     steps_per_epoch = max(len(loader), 1)
-    for epoch in range(1, epochs + 1):
+    lr = float(tcfg["lr"])
+    for epoch in range(first_epoch, epochs + 1):
         net.train()
         t0 = time.monotonic()
         running, seen = 0.0, 0
         for step, (x, y) in enumerate(loader):
-            # the schedule runs over the epochs or the time budget, whichever ends first, so a
-            # budget-limited run still ends at a low learning rate
-            done = max(
-                (epoch - 1 + step / steps_per_epoch) / epochs,
-                (time.monotonic() - started) / budget,
-            )
-            lr = _lr_at(done * epochs, epochs, warmup, float(tcfg["lr"]))
+            # the schedule follows the epoch count only: the time budget may end a run early (at
+            # an epoch boundary) but never changes the learning rate, so the same config and
+            # seed give the same weights however fast the machine is
+            lr = _lr_at(epoch - 1 + step / steps_per_epoch, epochs, warmup, float(tcfg["lr"]))
             for group in optimiser.param_groups:
                 group["lr"] = lr
             x = x.to(device).contiguous(memory_format=torch.channels_last)
@@ -380,12 +443,34 @@ def train(
             best_score, best_epoch = score, epoch
             best_state = copy.deepcopy(net.state_dict())
             _save(out / "best.pt", best_state, meta, epoch, row, history, net_cfg, input_spec, refs)
+        runrecord.save_resume(
+            out,
+            {
+                "epoch": epoch,
+                "state_dict": net.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "best_state": best_state,
+                "best_score": best_score,
+                "best_epoch": best_epoch,
+                "history": history,
+                "data_hash": meta["data_hash"],
+                "augment_rng": runrecord.random_states([g.R for g in generators]),
+                "loader_rng": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "numpy_rng": np.random.get_state(),
+            },
+        )
         elapsed = time.monotonic() - started
         if epoch - best_epoch >= patience:
             stopped = f"early stop: no improvement for {patience} epochs"
             break
+        # stop at this epoch boundary when the next epoch (as long as this one) would overrun
         if elapsed + row["seconds"] > budget and epoch < epochs:
-            stopped = f"time budget of {budget / 60:.0f} min reached"
+            stopped = (
+                f"time budget of {float(max_minutes or 0):g} min reached after epoch {epoch} "
+                f"of {epochs} (resume with: python -m training train --resume {out})"
+            )
+            budget_hit = True
             break
     _save(
         out / "last.pt",
@@ -403,6 +488,20 @@ def train(
     _save(
         out / "best.pt", best_state, meta, best_epoch, best_row, history, net_cfg, input_spec, refs
     )
+    record.update(
+        status="finished",
+        best_epoch=best_epoch,
+        best_score=best_score,
+        epochs_run=len(history),
+        stopped={
+            "reason": stopped,
+            "epoch": len(history),
+            "budget_minutes": max_minutes,
+            "elapsed_minutes": round((time.monotonic() - started) / 60.0, 4),
+            "budget_hit": budget_hit,
+        },
+    )
+    runrecord.write_run_record(out, record)
     LOGGER.info("best epoch %d, score %.4f; %s", best_epoch, best_score, stopped)
     return TrainResult(
         out_dir=out,

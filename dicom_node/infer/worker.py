@@ -13,6 +13,11 @@ What a job's series can end as (every outcome is a sentence a person can act on)
   is split (:func:`dicom_node.seg.group_sources`); each group gets its own SEG with UIDs of its
   own, the same again on a re-run. A model whose manifest says ``input.volume: true`` needs one
   consistent volume: such a series fails instead, with the groups named.
+* **outputs besides the SEG**: the rule's ``outputs`` (``seg``, ``overlay``, ``report``; default
+  ``[seg]``) decide what is exported. The SEG of every group is always built (the others derive
+  from it) and sent when listed; an overlay (one Secondary Capture per frame) and a report
+  (TID 1500 SR) per group are built with :mod:`dicom_node.outputs`, each file a result row of
+  its own under ``results/<series>/<kind>/`` and exported like the SEGs.
 * **failed**: the message names the instance by position ("instance 3 of 12 (InstanceNumber
   7)"), the attribute or condition, and what to do. ``internal error`` is kept for bugs of the
   node (an exception nobody expected); each one is a test case until it is fixed.
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +56,7 @@ from dicom_node.modelstore import (
     series_frames,
 )
 from dicom_node.modelstore import agreement as agreement_dice
+from dicom_node.outputs import OutputKind, build_overlays, build_report, measure, parse_outputs
 from dicom_node.seg import AlgorithmInfo, SegmentSpec, SourceGroup, build_seg, group_sources
 from dicom_node.seg import is_image as seg_is_image
 from dicom_node.send.dimse import client_tls_context, send_file
@@ -141,6 +147,27 @@ def _check_headers(images: Sequence[Dataset], names: Sequence[str]) -> None:
         _frame_count(ds, name)
 
 
+def _kind_of(result: SegResult) -> str:
+    """``seg`` or the output kind of a result row (outputs live in ``results/<series>/<kind>/``)."""
+    parent = Path(result.path).parent.name
+    return parent if parent in {k.value for k in OutputKind} else OutputKind.SEG.value
+
+
+def _what(results: Sequence[SegResult]) -> str:
+    """``SEG``, ``2 SEGs (one per group)``, ``SEG, 1 overlay image, report`` for an outcome."""
+    counts = {k.value: sum(_kind_of(r) == k.value for r in results) for k in OutputKind}
+    parts = []
+    if counts["seg"]:
+        parts.append("SEG" if counts["seg"] == 1 else f"{counts['seg']} SEGs (one per group)")
+    if counts["overlay"]:
+        parts.append(f"{counts['overlay']} overlay image(s)")
+    if counts["gsps"]:
+        parts.append(f"{counts['gsps']} presentation state(s)")
+    if counts["report"]:
+        parts.append("report" if counts["report"] == 1 else f"{counts['report']} reports")
+    return ", ".join(parts) or "nothing"
+
+
 def _describe(group: SourceGroup, names: dict[int, str]) -> str:
     members = [names[id(ds)].split(" (", 1)[0] for ds in group.sources]
     shown = ", ".join(members[:3]) + (f" and {len(members) - 3} more" if len(members) > 3 else "")
@@ -160,13 +187,24 @@ class Worker:
         The serving models (:class:`dicom_node.modelstore.ServingModels`).
     audit:
         The audit log.
+    outputs_for:
+        ``outputs_for(rule_name)``: the rule's ``outputs`` names (the node looks them up in the
+        rule set in force when the job runs); ``None`` or an unknown rule: ``[seg]``.
     """
 
-    def __init__(self, config: NodeConfig, store: JobStore, models: Any, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        store: JobStore,
+        models: Any,
+        audit: AuditLog,
+        outputs_for: Callable[[str], Sequence[str] | None] | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.models = models
         self.audit = audit
+        self.outputs_for = outputs_for
         self._tls = client_tls_context(config.tls) if config.tls else None
 
     def process(self, job: Job) -> None:
@@ -261,7 +299,8 @@ class Worker:
             series = series_frames(found.images, found.names, max_bytes=self.config.max_pixels)
             groups = group_sources(series.sources)
             result = self._infer(resolved, series)
-            segs = self._build(job, resolved, series, result, groups, found)
+            kinds = self._outputs(job)
+            segs = self._build(job, resolved, series, result, groups, found, kinds)
         except (JobError, SeriesReadError, ModelLoadError, InferenceError) as exc:
             LOGGER.warning("job %s: failed: %s", job.id, exc)
             self.store.fail(job.id, str(exc))
@@ -275,7 +314,8 @@ class Worker:
             details={
                 "frames": len(series.frames),
                 "inference_seconds": round(result.duration, 4),
-                "segs": len(segs),
+                "segs": sum(_kind_of(r) == "seg" for r in segs),
+                "outputs": [k.value for k in kinds],
                 "not_images": len(found.left_out),
             },
             results=segs,
@@ -306,6 +346,7 @@ class Worker:
         result: InferenceResult,
         groups: list[SourceGroup],
         found: _Series,
+        kinds: tuple[OutputKind, ...] = (OutputKind.SEG,),
     ) -> list[SegResult]:
         names = {id(ds): n for ds, n in zip(found.images, found.names, strict=True)}
         declared = sum(_frame_count(ds, names[id(ds)]) for ds in series.sources)
@@ -322,7 +363,7 @@ class Worker:
             sha256=resolved.sha256,
             rule=job.rule or "",  # a running job was routed: it has its rule
         )
-        results = []
+        results, extra = [], []
         for group in groups:
             where = _describe(group, names) if len(groups) > 1 else "the series"
             try:
@@ -346,9 +387,77 @@ class Worker:
                     n_frames=len(group.frame_indices),
                 )
             )
+            frames = [series.frames[i] for i in group.frame_indices]
+            extra += self._build_outputs(job, kinds, group, frames, masks, segments, algorithm, seg)
+        # SEG rows first (position = group index, as before); the other outputs after them
+        results += [
+            SegResult(len(groups) + n, path, sop, group_key=key, n_frames=count)
+            for n, (path, sop, key, count) in enumerate(extra)
+        ]
         if len(groups) > 1:
             LOGGER.info("job %s: series split into %d groups, one SEG each", job.id, len(groups))
         return results
+
+    def _outputs(self, job: Job) -> tuple[OutputKind, ...]:
+        """The rule's ``outputs`` (``[seg]`` without a lookup, an unknown rule or a bad list)."""
+        names = self.outputs_for(job.rule) if self.outputs_for and job.rule else None
+        if not names:
+            return (OutputKind.SEG,)
+        try:
+            return parse_outputs(list(names))
+        except (TypeError, ValueError) as exc:  # the loader checked them: a bug if it happens
+            LOGGER.warning("job %s: rule outputs %r ignored: %s", job.id, names, exc)
+            return (OutputKind.SEG,)
+
+    def _build_outputs(
+        self,
+        job: Job,
+        kinds: tuple[OutputKind, ...],
+        group: SourceGroup,
+        frames: list[np.ndarray],
+        masks: dict[str, np.ndarray],
+        segments: list[SegmentSpec],
+        algorithm: AlgorithmInfo,
+        seg: Dataset,
+    ) -> list[tuple[str, str, str, int]]:
+        """Write the overlay and report of one group's SEG; ``(path, sop_uid, key, frames)``."""
+        wanted = [k for k in kinds if k in (OutputKind.OVERLAY, OutputKind.REPORT)]
+        if not wanted:
+            return []
+        sources = list(group.sources)
+        built: list[tuple[OutputKind, Dataset]] = []
+        try:
+            measurements = measure(sources, frames, masks, segments)
+            for kind in wanted:
+                if kind is OutputKind.OVERLAY:
+                    overlays = build_overlays(
+                        sources,
+                        frames,
+                        masks,
+                        segments,
+                        algorithm,
+                        seg,
+                        group=group.uid_group,
+                        measurements=measurements,
+                    )
+                    built += [(kind, ds) for ds in overlays]
+                else:
+                    report = build_report(
+                        sources, seg, measurements, algorithm, group=group.uid_group
+                    )
+                    built.append((kind, report))
+        except ValueError as exc:  # the builders' own checks: a sentence about the sources
+            raise JobError(
+                f"the {'/'.join(k.value for k in wanted)} of group {group.index + 1} cannot be "
+                f"built: {exc}; correct the sources' headers and resend the series"
+            ) from exc
+        rows = []
+        for made, ds in built:
+            relpath = Path("results") / job.series_uid / made.value / f"{ds.SOPInstanceUID}.dcm"
+            _fsync_write(self.config.storage / relpath, ds)
+            count = 1 if made is OutputKind.OVERLAY else len(frames)
+            rows.append((str(relpath), str(ds.SOPInstanceUID), group.key, count))
+        return rows
 
     def _shadow(
         self, job: Job, resolved: Any, series: SeriesFrames, production: InferenceResult
@@ -382,10 +491,17 @@ class Worker:
 
     # -- export -----------------------------------------------------------------------------
     def _export(self, job: Job) -> None:
-        """Send every SEG of the job to every destination that does not have it yet."""
+        """Send every result of the job (SEGs, then outputs) to every destination without it.
+
+        A SEG the rule's ``outputs`` leave out (``details.outputs`` without ``seg``) stays on
+        disk and is not sent.
+        """
         if job.seg_path is None:  # the store moves a job to exporting only with its SEG
             raise RuntimeError(f"job {job.id} is exporting without a SEG")
         segs = self.store.results(job.id) or [SegResult(0, job.seg_path, job.seg_sop_uid or "-")]
+        requested = (job.details or {}).get("outputs")
+        if requested and OutputKind.SEG.value not in requested:
+            segs = [r for r in segs if _kind_of(r) != OutputKind.SEG.value] or segs
         delivered = list(job.delivered or ())
         have = {seg.position: list(seg.delivered) for seg in segs}  # per SEG, kept current
         errors = []
@@ -416,13 +532,15 @@ class Worker:
                 else:
                     missing += 1
                     metrics.EXPORT_FAILURE.labels(destination=name).inc()
-                    which = f"SEG {seg.position + 1} of {len(segs)}: " if len(segs) > 1 else ""
+                    kind = _kind_of(seg)
+                    label = "SEG" if kind == OutputKind.SEG.value else kind
+                    which = f"{label} {seg.position + 1} of {len(segs)}: " if len(segs) > 1 else ""
                     errors.append(f"{name}: {which}{result.reason}")
             if not missing:
                 delivered.append(name)
                 self.store.delivered(job.id, delivered)
         if not errors:
-            what = "SEG" if len(segs) == 1 else f"{len(segs)} SEGs (one per group)"
+            what = _what(segs)
             outcome = f"{what} sent to {', '.join(delivered) or 'no destination'}"
             left_out = (job.details or {}).get("not_images")
             if left_out:

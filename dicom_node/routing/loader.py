@@ -33,6 +33,8 @@ from dicom_node.routing.conditions import (
     suggest,
 )
 from dicom_node.routing.rules import (
+    DEFAULT_RULE_OUTPUTS,
+    OUTPUT_NAMES,
     Completion,
     Problem,
     Rule,
@@ -76,6 +78,7 @@ RULE_KEYS: dict[str, str] = {
     "send_to": "list of destination names from the node configuration",
     "stop": "true: no lower-priority rule sees the series",
     "discard": "true: take no action (always stops)",
+    "outputs": "list of what goes back: seg, overlay, gsps, report (default [seg])",
 }
 """Keys a rule may have, with what each must be (used in messages)."""
 REQUIRED_RULE_KEYS = ("name", "when")
@@ -458,6 +461,7 @@ def _parse_rule(
             )
         else:
             send_to = tuple(raw)
+    outputs = _parse_outputs(node, ctx, line)
     if model is not None:
         try:
             parse_model_ref(model)
@@ -502,6 +506,7 @@ def _parse_rule(
             complete=complete or Completion(),
             model=model,
             send_to=send_to,
+            outputs=outputs,
             stop=bool(discard) if stop is None else stop,
             discard=bool(discard),
             position=position,
@@ -510,6 +515,25 @@ def _parse_rule(
     except (TypeError, ValueError) as exc:
         ctx.add(line, str(exc))
         return None
+
+
+def _parse_outputs(node: Mapping, ctx: _FileContext, line: int | None) -> tuple[str, ...]:
+    """The rule's ``outputs`` list (default ``[seg]``); a bad name is a problem with a hint."""
+    if "outputs" not in node:
+        return DEFAULT_RULE_OUTPUTS
+    raw = node["outputs"]
+    oline = _key_line(node, "outputs", line)
+    if not _is_seq(raw) or not raw or not all(isinstance(o, str) and o for o in raw):
+        ctx.add(oline, f"'outputs' must be a list of {', '.join(OUTPUT_NAMES)}, got {short(raw)}")
+        return DEFAULT_RULE_OUTPUTS
+    for name in raw:
+        if name not in OUTPUT_NAMES:
+            ctx.add(
+                oline,
+                f"unknown output '{name}'{suggest(name, OUTPUT_NAMES)}; "
+                f"allowed: {', '.join(OUTPUT_NAMES)}",
+            )
+    return tuple(raw)
 
 
 def _check_model(model: str, ctx: _FileContext, line: int | None) -> None:

@@ -25,6 +25,13 @@ RULE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED_NAMES = frozenset({"none"})
 """Names a rule may not take (``none`` means "no rule" in test cases and metrics)."""
 
+OUTPUT_NAMES = ("seg", "overlay", "gsps", "report")
+"""What a rule's ``outputs`` may list; the values of ``dicom_node.outputs.OutputKind`` (routing
+may not import outputs, a test keeps the two equal)."""
+
+DEFAULT_RULE_OUTPUTS = ("seg",)
+"""What a rule without ``outputs`` sends back."""
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -125,6 +132,10 @@ class Rule:
         The ``when`` block as one :class:`~dicom_node.routing.conditions.AllOf`.
     complete, model, send_to, stop, discard:
         Actions. Exactly one of ``model`` and ``discard`` applies; a discard rule always stops.
+    outputs:
+        What goes back to ``send_to`` (names of :data:`OUTPUT_NAMES`, default ``("seg",)``). The
+        SEG is always built (the other outputs derive from it) but sent only when listed; a
+        ``report`` references the SEG's segments, so it needs ``seg`` in the list.
     position:
         Index of the rule in its file (ties in priority are broken by file, then position).
     """
@@ -141,6 +152,7 @@ class Rule:
     discard: bool = False
     position: int = 0
     description: str | None = None
+    outputs: tuple[str, ...] = DEFAULT_RULE_OUTPUTS
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not RULE_NAME_RE.match(self.name):
@@ -158,12 +170,15 @@ class Rule:
                 raise ValueError("'send_to' has no effect on a discard rule; remove it")
             if not self.stop:
                 raise ValueError("a discard rule always stops; remove 'stop: false'")
+            if self.outputs != DEFAULT_RULE_OUTPUTS:
+                raise ValueError("'outputs' has no effect on a discard rule; remove it")
         else:
             if self.model is None:
                 raise ValueError("a rule needs 'model: <model>@<alias>' or 'discard: true'")
             parse_model_ref(self.model)
             if not self.send_to:
                 raise ValueError("'send_to' is required with 'model' (destination names)")
+        _check_outputs(self.outputs)
 
     @property
     def sort_key(self) -> tuple[int, str, int]:
@@ -182,7 +197,25 @@ class Rule:
             "complete": self.complete.to_dict(),
             "stop": self.stop,
             "discard": self.discard,
+            "outputs": list(self.outputs),
         }
+
+
+def _check_outputs(outputs: tuple[str, ...]) -> None:
+    """Raise ValueError unless ``outputs`` is a non-empty tuple of distinct output names."""
+    allowed = ", ".join(OUTPUT_NAMES)
+    if not isinstance(outputs, tuple) or not outputs:
+        raise ValueError(f"'outputs' must be a non-empty list of {allowed}, got {outputs!r}")
+    for name in outputs:
+        if name not in OUTPUT_NAMES:
+            raise ValueError(f"unknown output {name!r} in 'outputs'; allowed: {allowed}")
+    if len(set(outputs)) != len(outputs):
+        raise ValueError(f"'outputs' lists an output twice: {list(outputs)}")
+    if "report" in outputs and "seg" not in outputs:
+        raise ValueError(
+            "'outputs' has 'report' without 'seg': the report references the SEG's segments, "
+            "so a PACS without the SEG cannot resolve it; add seg"
+        )
 
 
 @dataclass(frozen=True)
