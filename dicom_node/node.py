@@ -100,7 +100,9 @@ class Node:
             config.default_idle_seconds,
             self.audit,
         )
-        self.worker = Worker(config, self.store, self.models, self.audit)
+        self.worker = Worker(
+            config, self.store, self.models, self.audit, outputs_for=self._rule_outputs
+        )
         self.scp = StorageSCP(config, self.spool, self._on_instance)
         self.http = HealthServer(
             config.http_host,
@@ -222,6 +224,12 @@ class Node:
             destinations=set(self.config.destinations),
             model_exists=self.model_store.model_exists,
         )
+
+    def _rule_outputs(self, name: str) -> tuple[str, ...] | None:
+        """The ``outputs`` of the rule called ``name`` in the rule set in force (None: unknown)."""
+        rules = self.rules.current
+        rule = rules.get(name) if rules is not None else None
+        return rule.outputs if rule is not None else None
 
     def _model_store_signature(self) -> tuple[tuple[str, int], ...]:
         """Names and mtimes of the model store's alias files and version folders."""

@@ -166,9 +166,7 @@ class TestHealthDetail:
         addr = _non_loopback_address()
         if addr is None:
             pytest.skip("this machine has no non-loopback address to call from")
-        config = make_config(
-            tmp_path, models_dir, rules_dir, free_port(), http_host="0.0.0.0"
-        )
+        config = make_config(tmp_path, models_dir, rules_dir, free_port(), http_host="0.0.0.0")
         node_factory(config)
         code, body = _get(config.http_port, "/readyz", host=addr)
         assert code == 200 and body == {"ready": True}

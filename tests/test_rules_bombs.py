@@ -31,10 +31,11 @@ from tests.conftest import THYROID_RULE, make_config, write_rules
 from tests.helpers.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_SECONDS = 2.0
-"""A bomb is refused this fast by a fresh ``rules check`` process, start-up included (measured
-0.6 s), and any file under the size limit is read this fast in-process (measured 0.2-0.4 s;
-the margin is for a loaded test machine)."""
+MAX_SECONDS = 10.0
+"""A bound, not a speed target: before the fix the bomb ran past 20 s and 500 MB. Measured on a
+quiet 2-core machine: 0.6 s for a fresh ``rules check`` process, start-up included, and 0.2-0.4 s
+in-process for any file under the size limit; the margin is for a test machine running the suite
+on every core (the memory bound below is the sharper check)."""
 MAX_CHILD_RSS = 200 * 2**20
 """...and with at most this peak memory (the process imports pydicom: about 90 MB)."""
 
@@ -248,8 +249,8 @@ class TestRunningNode:
             assert good is not None
             (rules / "bomb.yaml").write_text(laughs())
             start = time.monotonic()
-            wait_until(lambda: active.error, timeout=2.0, what="the bomb to be rejected")
-            assert time.monotonic() - start < 2.0
+            wait_until(lambda: active.error, timeout=MAX_SECONDS, what="the bomb to be rejected")
+            assert time.monotonic() - start < MAX_SECONDS
             assert f"bomb.yaml:{stop_at(MAX_VALUES)} expands" in (active.error or "")
             assert active.current is good
         finally:

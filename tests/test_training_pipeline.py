@@ -123,6 +123,20 @@ class TestExport:
             export_model(pipeline["run"] / "best.pt", tmp_path / "3")
         assert not (tmp_path / "3" / "model.onnx").exists()
 
+    def test_failed_export_leaves_nothing_and_the_rerun_works(
+        self, pipeline: dict[str, Path], tmp_path: Path
+    ) -> None:
+        empty = tmp_path / "no-cases"
+        empty.mkdir()
+        with pytest.raises(ValueError, match="has no case with image.dcm"):
+            export_model(pipeline["run"] / "best.pt", tmp_path / "6", reference=empty)
+        assert list(tmp_path.iterdir()) == [empty]  # no orphan model.onnx, no temporary folder
+        export_model(pipeline["run"] / "best.pt", tmp_path / "6", reference=pipeline["test"])
+        assert {p.name for p in (tmp_path / "6").iterdir()} >= {"model.onnx", "manifest.yaml"}
+        assert load_manifest(tmp_path / "6" / "manifest.yaml").version == "6"
+        with pytest.raises(ValueError, match=r"6 already exists and is not empty; versions are"):
+            export_model(pipeline["run"] / "best.pt", tmp_path / "6")
+
     def test_report_metrics_go_into_the_manifest(
         self, pipeline: dict[str, Path], tmp_path: Path
     ) -> None:
@@ -154,7 +168,7 @@ class TestEvaluate:
         assert set(report["mean"]["thyroid"]) >= {"dice", "iou", "hd95_mm"}
         assert 0.0 <= report["mean"]["thyroid"]["dice"] <= 1.0
         assert len(report["cases"]) == 4
-        assert {"sensitivity", "fp_per_image"} <= set(report["nodule_detection"])
+        assert {"sensitivity", "fp_per_image"} <= set(report["detection"]["nodule"])
         text = (pipeline["eval"] / "report.md").read_text()
         assert "| thyroid |" in text and "learning_curves.png" in text
         for png in ("best.png", "median.png", "worst.png", "learning_curves.png"):

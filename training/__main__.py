@@ -248,24 +248,45 @@ def export_cmd(
     help="history.json of the training run (learning curves).",
 )
 @click.option("--skip-bad", is_flag=True, help="Skip and list bad cases instead of stopping.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Training config whose train.segments (lesion: true) and display apply (default: the "
+    "config recorded in the manifest).",
+)
 def evaluate_cmd(
-    model_dir: Path, data_dir: Path, out: Path, history: Path | None, skip_bad: bool
+    model_dir: Path,
+    data_dir: Path,
+    out: Path,
+    history: Path | None,
+    skip_bad: bool,
+    config_path: Path | None,
 ) -> None:
     """Run the exported model on every case; write report.json, report.md and overlays."""
     from training.data import DataError
     from training.evaluate import evaluate
+    from training.train import load_config
 
     try:
+        config = load_config(config_path) if config_path else None
         with _bar("evaluate", None) as update:
             report = evaluate(
-                model_dir, data_dir, out, history=history, skip_bad=skip_bad, progress=update
+                model_dir,
+                data_dir,
+                out,
+                history=history,
+                skip_bad=skip_bad,
+                progress=update,
+                config=config,
             )
     except (DataError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
         return
     from training.evaluate import _jsonable
 
-    summary = {"mean": report["mean"], "nodule_detection": report.get("nodule_detection")}
+    summary = {"mean": report["mean"], "detection": report.get("detection")}
     click.echo(json.dumps(_jsonable(summary), indent=1))
     click.echo(f"report: {out / 'report.md'}")
 

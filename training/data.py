@@ -86,6 +86,10 @@ class Case:
         Pixel spacing (row, column) in mm; (1, 1) when the header has none.
     mask_format : str
         ``npz``, ``seg`` or ``nifti``.
+    files : list of Path
+        The image files read.
+    modality : str
+        Modality of the first image (``""`` when absent): evaluation windows overlays by it.
     """
 
     name: str
@@ -95,6 +99,7 @@ class Case:
     spacing: tuple[float, float]
     mask_format: str
     files: list[Path] = field(default_factory=list)
+    modality: str = ""
 
 
 def find_cases(root: Path | str) -> list[Path]:
@@ -290,6 +295,7 @@ def load_case(
         spacing=series.spacing,
         mask_format=fmt,
         files=files,
+        modality=str(series.sources[0].get("Modality", "") or "").upper(),
     )
 
 

@@ -11,17 +11,20 @@ time approximation.
 
     {"model": {...}, "data": "...", "n_images": 200,
      "mean": {"thyroid": {"dice", "iou", "hd95_mm", "n"}, "nodule": {...}},
-     "nodule_detection": {"truth_nodules", "detected", "sensitivity", "false_positives",
-                          "fp_per_image"},
+     "detection": {"nodule": {"truth_lesions", "detected", "sensitivity", "false_positives",
+                              "fp_per_image", "images_without_lesion_with_fp"}},
      "by_size": {"256": {same keys}, "128": {...}},
      "cases": [{"case", "frame", "size", "spacing_mm", "thyroid": {...}, "nodule": {...,
                 "truth", "detected", "false_positives"}}, ...],
      "skipped": [...], "conventions": "..."}
 
-Averages: Dice and IoU over the images whose truth holds the segment (images without a nodule
+Averages: Dice and IoU over the images whose truth holds the segment (images without a lesion
 are judged by false positives instead); HD95 over the images where it is defined (both masks
-non-empty). ``report.md`` shows the figures, overlays of the best, median and worst images (by
-mean Dice over segments; truth solid, prediction dashed) and the learning curves when known.
+non-empty). ``detection`` has an entry for every segment the training config declares
+lesion-like (``train.segments.KEY.lesion: true``; read from the manifest's provenance, or the
+``config`` argument). ``report.md`` shows the figures, overlays of the best, median and worst
+images (by mean Dice over segments; truth solid, prediction dashed), windowed per modality
+(:data:`DEFAULT_DISPLAY`, overridden by the config's ``display``), and the learning curves.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from dicom_node.modelstore import (
     load_manifest,
     sha256_file,
 )
+from training import schema
 from training.data import Case, SegmentRef, load_dataset
 from training.export import HISTORY_FILE
 from training.metrics import case_metrics, detection
@@ -50,9 +54,67 @@ LOGGER = logging.getLogger(__name__)
 
 CONVENTIONS = (
     "Dice/IoU averaged over images whose truth contains the segment; HD95 (mm) over images where "
-    "both masks are non-empty; nodule detection: a truth nodule is found when a predicted "
-    "component overlaps it, a predicted component overlapping no truth nodule is a false positive."
+    "both masks are non-empty; lesion detection (segments declared lesion: true): a truth lesion "
+    "is found when a predicted component overlaps it, a predicted component overlapping no truth "
+    "lesion is a false positive."
 )
+
+DEFAULT_DISPLAY: dict[str, dict[str, Any]] = {
+    "NM": {"window": None, "invert": True},
+    "CT": {"window": (40.0, 400.0), "invert": False},
+}
+"""Overlay display per modality unless the config's ``display`` says otherwise: NM dark on white
+over the image's own range (as scintigrams are read), CT a soft-tissue window (centre 40 HU, width
+400). Any other modality: its 0.5-99.5 percentile range, not inverted."""
+
+LEGACY_LESIONS = ("nodule",)
+"""Segments treated as lesion-like when the recorded config predates ``train.segments`` (models
+exported before per-segment settings, such as the shipped thyroid-seg:1)."""
+
+
+def evaluation_settings(
+    manifest: Manifest, config: dict[str, Any] | None = None
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Lesion-like segment keys and display settings per modality for ``manifest``.
+
+    ``config`` (a training config) wins; else the config recorded in the manifest's provenance.
+
+    Raises
+    ------
+    ValueError
+        ``config`` has an unknown key or a bad ``train.segments``/``display`` value.
+    """
+    keys = [s.key for s in manifest.segments]
+    recorded = manifest.provenance.get("config")
+    cfg = config if config is not None else recorded if isinstance(recorded, dict) else {}
+    if config is not None:
+        schema.check_config(config)
+    if (cfg.get("train") or {}).get("segments") is None and config is None:
+        lesions = [k for k in keys if k in LEGACY_LESIONS]
+    else:
+        per_segment = schema.train_segments(cfg, keys)
+        lesions = [k for k in keys if per_segment[k]["lesion"]]
+    display = {m: dict(v) for m, v in DEFAULT_DISPLAY.items()}
+    for modality, value in schema.display_settings(cfg).items():
+        display.setdefault(modality, {}).update(value)
+    return lesions, display
+
+
+def display_image(
+    image: np.ndarray, modality: str, display: dict[str, dict[str, Any]]
+) -> np.ndarray:
+    """``image`` scaled to [0, 1] for display: the modality's window, inverted if asked."""
+    setting = display.get(modality.upper()) or {"window": None, "invert": False}
+    img = np.asarray(image, dtype=np.float64)
+    if setting.get("window"):
+        centre, width = setting["window"]
+        low, high = centre - width / 2.0, centre + width / 2.0
+    elif modality.upper() == "NM":
+        low, high = float(img.min()), float(img.max())
+    else:
+        low, high = (float(v) for v in np.percentile(img, [0.5, 99.5]))
+    scaled = np.clip((img - low) / max(high - low, 1e-9), 0.0, 1.0)
+    return 1.0 - scaled if setting.get("invert") else scaled
 
 
 def _mean(values: list[float]) -> float:
@@ -60,8 +122,10 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def summarise(records: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
-    """Means per segment and nodule detection over per-image records."""
+def summarise(
+    records: list[dict[str, Any]], keys: list[str], lesions: list[str] | None = None
+) -> dict[str, Any]:
+    """Means per segment and lesion-level detection (for ``lesions``) over per-image records."""
     mean: dict[str, dict[str, float]] = {}
     for key in keys:
         present = [r[key] for r in records if r[key]["truth_pixels"] > 0]
@@ -72,20 +136,23 @@ def summarise(records: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
             "n": len(present),
         }
     out: dict[str, Any] = {"n_images": len(records), "mean": mean}
-    if "nodule" in keys:
-        truth = sum(r["nodule"]["truth"] for r in records)
-        found = sum(r["nodule"]["detected"] for r in records)
-        fps = sum(r["nodule"]["false_positives"] for r in records)
-        out["nodule_detection"] = {
-            "truth_nodules": truth,
+    detections: dict[str, Any] = {}
+    for key in lesions or []:
+        truth = sum(r[key]["truth"] for r in records)
+        found = sum(r[key]["detected"] for r in records)
+        fps = sum(r[key]["false_positives"] for r in records)
+        detections[key] = {
+            "truth_lesions": truth,
             "detected": found,
             "sensitivity": found / truth if truth else float("nan"),
             "false_positives": fps,
             "fp_per_image": fps / len(records) if records else float("nan"),
-            "images_without_nodule_with_fp": sum(
-                1 for r in records if r["nodule"]["truth"] == 0 and r["nodule"]["false_positives"]
+            "images_without_lesion_with_fp": sum(
+                1 for r in records if r[key]["truth"] == 0 and r[key]["false_positives"]
             ),
         }
+    if detections:
+        out["detection"] = detections
     return out
 
 
@@ -126,6 +193,7 @@ def evaluate(
     nifti_labels: dict[str, list[int]] | None = None,
     figures: bool = True,
     progress: Callable[..., None] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the version in ``model_dir`` on every case of ``data_dir``; write the report.
 
@@ -147,6 +215,9 @@ def evaluate(
         Write overlay and learning-curve PNGs.
     progress : callable, optional
         ``progress(stage, done, total)``.
+    config : dict, optional
+        Training config whose ``train.segments`` (lesion flags) and ``display`` apply; default
+        the one recorded in the manifest's provenance (:func:`evaluation_settings`).
 
     Returns
     -------
@@ -168,6 +239,7 @@ def evaluate(
     segments = sorted(manifest.segments, key=lambda s: s.channel)
     refs = [SegmentRef(s.key, s.label, s.type.value) for s in segments]
     keys = [s.key for s in segments]
+    lesions, display = evaluation_settings(manifest, config)
     cases, skipped = load_dataset(data_dir, refs, skip_bad=skip_bad, nifti_labels=nifti_labels)
     runner = ModelRunner()
     records: list[dict[str, Any]] = []
@@ -185,7 +257,7 @@ def evaluate(
                 stats = case_metrics(masks[key], truth, case.spacing)
                 stats["truth_pixels"] = int(truth.sum())
                 stats["pred_pixels"] = int(masks[key].sum())
-                if key == "nodule":
+                if key in lesions:
                     stats.update(detection(masks[key], truth))
                 record[key] = stats
             records.append(record)
@@ -195,12 +267,13 @@ def evaluate(
     report: dict[str, Any] = {
         "model": {"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256},
         "data": str(data_dir),
-        **summarise(records, keys),
+        **summarise(records, keys, lesions),
     }
     sizes = sorted({r["size"] for r in records}, reverse=True)
     if len(sizes) > 1:
         report["by_size"] = {
-            str(size): summarise([r for r in records if r["size"] == size], keys) for size in sizes
+            str(size): summarise([r for r in records if r["size"] == size], keys, lesions)
+            for size in sizes
         }
     report["cases"] = records
     report["skipped"] = [str(e) for e in skipped]
@@ -211,7 +284,7 @@ def evaluate(
     curves = json.loads(history_path.read_text()) if history_path.is_file() else None
     pictures: dict[str, str] = {}
     if figures:
-        pictures = overlays(kept, records, manifest, keys, out)
+        pictures = overlays(kept, records, manifest, keys, out, display)
         if curves:
             pictures["learning curves"] = learning_curves(curves, out)
     (out / "report.md").write_text(render_markdown(report, pictures, curves))
@@ -259,12 +332,11 @@ def render_markdown(
                 f"| {name} | {m['n']} | {_fmt(m['dice'])} | {_fmt(m['iou'])} "
                 f"| {_fmt(m['hd95_mm'], 2)} |"
             )
-    det = report.get("nodule_detection")
-    if det:
+    for key, det in (report.get("detection") or {}).items():
         lines += [
             "",
-            "Cold nodule detection: "
-            f"{det['detected']}/{det['truth_nodules']} found "
+            f"Lesion detection, {key}: "
+            f"{det['detected']}/{det['truth_lesions']} found "
             f"(sensitivity {_fmt(det['sensitivity'])}), "
             f"{det['false_positives']} false positives = {_fmt(det['fp_per_image'])} per image.",
         ]
@@ -308,8 +380,14 @@ def overlays(
     manifest: Manifest,
     keys: list[str],
     out: Path,
+    display: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, str]:
-    """Write best/median/worst overlays; returns ``{title: relative png path}``."""
+    """Write best/median/worst overlays; returns ``{title: relative png path}``.
+
+    Each image is shown through :func:`display_image` with its case's modality (``display``:
+    settings per modality, default :data:`DEFAULT_DISPLAY`).
+    """
+    display = display if display is not None else DEFAULT_DISPLAY
     if not records:
         return {}
     plt = _pyplot()
@@ -322,8 +400,9 @@ def overlays(
         record = records[int(idx)]
         fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
         image = case.frames[frame]
+        shown = display_image(image, getattr(case, "modality", ""), display)
         for ax in axes:
-            ax.imshow(image, cmap="gray_r", interpolation="nearest")
+            ax.imshow(shown, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.axis("off")
         for k, key in enumerate(keys):
             truth = case.masks[k, frame]

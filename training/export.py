@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import subprocess
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from ruamel.yaml import YAML
 
-from dicom_node.modelstore.files import atomic_write, sha256_file
+from dicom_node.modelstore.files import atomic_write, fsync_dir, sha256_file
 from dicom_node.modelstore.manifest import MANIFEST_FILE, InputSpec, parse_manifest
 from dicom_node.modelstore.processing import Preprocess
 from training.train import load_checkpoint
@@ -140,16 +141,18 @@ def report_metrics(report: dict[str, Any]) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         key: {k: _round(v) for k, v in values.items()} for key, values in report["mean"].items()
     }
-    detection = report.get("nodule_detection") or {}
-    if detection:
-        metrics["nodule_fp_per_image"] = _round(detection.get("fp_per_image"))
-        metrics["nodule_sensitivity"] = _round(detection.get("sensitivity"))
+    for key, det in (report.get("detection") or {}).items():
+        metrics[f"{key}_fp_per_image"] = _round(det.get("fp_per_image"))
+        metrics[f"{key}_sensitivity"] = _round(det.get("sensitivity"))
     metrics["n_images"] = report.get("n_images")
     if report.get("by_size"):
         metrics["by_size"] = {
             str(size): {
                 **{k: {m: _round(v) for m, v in vals.items()} for k, vals in part["mean"].items()},
-                "nodule_fp_per_image": _round(part["nodule_detection"]["fp_per_image"]),
+                **{
+                    f"{key}_fp_per_image": _round(det["fp_per_image"])
+                    for key, det in (part.get("detection") or {}).items()
+                },
                 "n_images": part["n_images"],
             }
             for size, part in report["by_size"].items()
@@ -230,14 +233,20 @@ def export_model(
     ParityError
         ONNX Runtime and PyTorch disagree by more than ``PARITY_TOLERANCE``.
     ValueError
-        ``opset`` below 17, an existing non-empty ``out`` with a model, or an invalid manifest.
+        ``opset`` below 17, an existing non-empty ``out``, an invalid manifest or reference set.
+
+    Notes
+    -----
+    Atomic: everything is written into a hidden temporary folder beside ``out`` and renamed to
+    ``out`` at the end, so a failed export (parity, a bad reference set, an invalid manifest)
+    leaves nothing behind and the same command can simply be run again.
     """
     if opset < 17:
         raise ValueError(f"opset must be at least 17, got {opset!r}")
     out = Path(out)
-    if (out / "model.onnx").exists():
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(
-            f"{out} already holds a model.onnx; versions are immutable, pick a new folder"
+            f"{out} already exists and is not empty; versions are immutable, pick a new folder"
         )
     net, ckpt = load_checkpoint(checkpoint)
     config = ckpt["config"]
@@ -257,10 +266,47 @@ def export_model(
             f"ONNX Runtime differs from PyTorch by {diff:.3g} (max abs logit), "
             f"tolerance {PARITY_TOLERANCE:g}; not exporting"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    onnx_path = out / "model.onnx"
-    atomic_write(onnx_path, onnx_bytes)
-    digest = sha256_file(onnx_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    work.chmod(0o755)  # mkdtemp makes it 0700; the version folder is meant to be shared
+    try:
+        return _write_version(
+            work,
+            out,
+            ckpt,
+            onnx_bytes,
+            diff,
+            name,
+            version,
+            report,
+            opset,
+            reference,
+            reference_n,
+        )
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _write_version(
+    work: Path,
+    out: Path,
+    ckpt: dict[str, Any],
+    onnx_bytes: bytes,
+    diff: float,
+    name: str | None,
+    version: str | None,
+    report: Path | str | None,
+    opset: int,
+    reference: Path | str | None,
+    reference_n: int,
+) -> ExportResult:
+    """Write the version into ``work``, then rename ``work`` to ``out`` (the last step)."""
+    config = ckpt["config"]
+    model_cfg = config["model"]
+    input_spec = InputSpec(**model_cfg["input"])
+    atomic_write(work / "model.onnx", onnx_bytes)
+    digest = sha256_file(work / "model.onnx")
     metrics: dict[str, Any] = {}
     if report is not None:
         metrics = report_metrics(json.loads(Path(report).read_text()))
@@ -300,7 +346,7 @@ def export_model(
     }
     parse_manifest(json.loads(json.dumps(manifest)), source=str(out / MANIFEST_FILE))
     if reference is not None:
-        copy_reference(Path(reference), out / REFERENCE_DIR, reference_n)
+        copy_reference(Path(reference), work / REFERENCE_DIR, reference_n)
     yaml = YAML()
     yaml.default_flow_style = None
     yaml.width = 100
@@ -308,8 +354,13 @@ def export_model(
     yaml.dump(json.loads(json.dumps(manifest)), text)
     history = ckpt.get("history") or []
     if history:
-        atomic_write(out / HISTORY_FILE, json.dumps(history, indent=1))
-    atomic_write(out / MANIFEST_FILE, text.getvalue())  # last: a folder with a manifest is whole
+        atomic_write(work / HISTORY_FILE, json.dumps(history, indent=1))
+    atomic_write(work / MANIFEST_FILE, text.getvalue())
+    if out.exists():
+        out.rmdir()  # empty (checked before the export started); a race makes this fail loudly
+    work.rename(out)  # last: the version folder appears whole or not at all
+    fsync_dir(out.parent)
+    onnx_path = out / "model.onnx"
     LOGGER.info("exported %s (%d bytes), parity %.2e", onnx_path, onnx_path.stat().st_size, diff)
     return ExportResult(
         onnx_path=onnx_path,

@@ -1,4 +1,4 @@
-"""Segmentation metrics in numpy: Dice, IoU, HD95 (mm), connected components, nodule detection.
+"""Segmentation metrics in numpy: Dice, IoU, HD95 (mm), connected components, lesion detection.
 
 Dice and IoU are the model contract's (:mod:`dicom_node.modelstore.scoring`), re-exported here:
 the node's gate, shadow agreement and the demo compute the same numbers.

@@ -71,7 +71,7 @@ RENAMED = {
 """Keys that existed once, with what replaced them."""
 
 
-def _check_keys(data: Any, allowed: Iterable[str], where: str) -> dict[str, Any]:
+def check_keys(data: Any, allowed: Iterable[str], where: str) -> dict[str, Any]:
     """Return ``data`` as a mapping; ValueError on a non-mapping or an unknown key."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{where} must be a mapping, got {type(data).__name__}: {data!r}")
@@ -80,8 +80,9 @@ def _check_keys(data: Any, allowed: Iterable[str], where: str) -> dict[str, Any]
         if key in allowed:
             continue
         path = f"{where}.{key}"
-        if path in RENAMED:
-            raise ValueError(f"{path} is no longer read; use {RENAMED[path]}")
+        dotted = path.split(": ", 1)[-1]  # without the file name
+        if dotted in RENAMED:
+            raise ValueError(f"{path} is no longer read; use {RENAMED[dotted]}")
         close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"{where} has unknown key {key!r}{hint} (allowed: {sorted(allowed)})")
@@ -102,20 +103,20 @@ def check_config(data: Mapping[str, Any], source: str = "config") -> None:
         allowed key and the allowed set), or ``train.segments`` names a segment the model does
         not have.
     """
-    _check_keys(data, TOP_KEYS, source)
-    model = _check_keys(data["model"], MODEL_KEYS, f"{source}: model")
+    check_keys(data, TOP_KEYS, source)
+    model = check_keys(data["model"], MODEL_KEYS, f"{source}: model")
     if "input" in model:
-        _check_keys(model["input"], _fields(InputSpec), f"{source}: model.input")
+        check_keys(model["input"], _fields(InputSpec), f"{source}: model.input")
     if "output" in model:
-        _check_keys(model["output"], _fields(OutputSpec), f"{source}: model.output")
+        check_keys(model["output"], _fields(OutputSpec), f"{source}: model.output")
     for i, seg in enumerate(model.get("segments") or []):
-        _check_keys(seg, _fields(Segment), f"{source}: model.segments[{i}]")
+        check_keys(seg, _fields(Segment), f"{source}: model.segments[{i}]")
     for section, keys in SECTION_KEYS.items():
         if data.get(section) is not None:
-            _check_keys(data[section], keys, f"{source}: {section}")
+            check_keys(data[section], keys, f"{source}: {section}")
     for name, value in (data.get("augment") or {}).items():
         if name in AUGMENT_KEYS and value:
-            _check_keys(value, AUGMENT_KEYS[name], f"{source}: augment.{name}")
+            check_keys(value, AUGMENT_KEYS[name], f"{source}: augment.{name}")
     seg_keys = [str(s.get("key")) for s in model.get("segments") or []]
     train_segments(data, seg_keys, source)
     display_settings(data, source)
@@ -133,12 +134,10 @@ def train_segments(
         ``lesion`` that is not true/false.
     """
     raw = (data.get("train") or {}).get("segments") or {}
-    raw = _check_keys(raw, seg_keys, f"{source}: train.segments")
+    raw = check_keys(raw, seg_keys, f"{source}: train.segments")
     out: dict[str, dict[str, Any]] = {}
     for key in seg_keys:
-        item = _check_keys(
-            raw.get(key) or {}, SEGMENT_TRAIN_KEYS, f"{source}: train.segments.{key}"
-        )
+        item = check_keys(raw.get(key) or {}, SEGMENT_TRAIN_KEYS, f"{source}: train.segments.{key}")
         weight = item.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0:
             raise ValueError(
@@ -171,7 +170,7 @@ def display_settings(data: Mapping[str, Any], source: str = "config") -> dict[st
     out: dict[str, dict[str, Any]] = {}
     for modality, value in raw.items():
         where = f"{source}: display.{modality}"
-        item = _check_keys(value or {}, DISPLAY_KEYS, where)
+        item = check_keys(value or {}, DISPLAY_KEYS, where)
         window = item.get("window")
         if window is not None:
             ok = (

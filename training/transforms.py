@@ -65,11 +65,21 @@ class RandCountScale(Randomizable):
             raise ValueError(f"low/high must satisfy 0 < low <= high <= 1, got {low!r}, {high!r}")
         self.low, self.high = float(low), float(high)
 
+    modalities: tuple[str, ...] = ("NM",)
+    """Modalities whose pixels are counts (a CT in HU or an MR is not: thinning is meaningless)."""
+
     def __call__(self, sample: Sample) -> Sample:
         if self.R.random() >= self.prob:
             return sample
         image = np.asarray(sample["image"])
-        counts = np.clip(np.rint(image), 0, None).astype(np.int64)
+        low = float(image.min()) if image.size else 0.0
+        if low < 0:
+            # never clip silently: negative values mean the data is not counts (CT in HU)
+            raise ValueError(
+                f"the counts augmentation needs count data (>= 0), got a minimum of {low:g}; "
+                f"it suits {list(self.modalities)} only: remove augment.counts for this data"
+            )
+        counts = np.rint(image).astype(np.int64)
         fraction = self.R.uniform(self.low, self.high)
         return {**sample, "image": self.R.binomial(counts, fraction).astype(np.float32)}
 
@@ -263,16 +273,61 @@ class Compose:
         return sample
 
 
-def build_augmentation(config: dict[str, Any]) -> list[Callable[[Sample], Sample]]:
+AUGMENT_MODALITIES: dict[str, tuple[str, ...] | None] = {
+    "counts": RandCountScale.modalities,
+    "blur": None,
+    "flip_lr": None,
+    "affine": None,
+}
+"""Per augmentation, the modalities it makes sense for (None: any)."""
+
+
+def build_augmentation(
+    config: dict[str, Any], modalities: list[str] | tuple[str, ...] = ()
+) -> list[Callable[[Sample], Sample]]:
     """Augmentations from the config's ``augment`` mapping (see ``configs/thyroid.yaml``).
 
     Keys: ``counts: {prob, low, high}``, ``flip_lr: prob``, ``affine: {prob, rotate_deg, scale,
-    translate}``, ``blur: {prob, sigma_px}``. Unknown keys raise ``ValueError``.
+    translate}``, ``blur: {prob, sigma_px}``. Nothing is on unless the config asks for it: in
+    particular ``flip_lr`` is off unless set (a left-right flip is anatomically wrong for a
+    one-sided organ such as the liver).
+
+    Parameters
+    ----------
+    config : dict
+        The ``augment`` section.
+    modalities : list of str
+        The model's ``input.modalities``. An augmentation that does not suit one of them is
+        refused (:data:`AUGMENT_MODALITIES`); with ``[]`` (any modality) it is allowed with a
+        warning, and ``counts`` still refuses negative pixel values when it runs.
+
+    Raises
+    ------
+    ValueError
+        An unknown key (with "did you mean"), or an augmentation that does not suit a declared
+        modality.
     """
-    known = {"counts", "flip_lr", "affine", "blur"}
-    unknown = set(config) - known
-    if unknown:
-        raise ValueError(f"augment has unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+    from training.schema import AUGMENT_KEYS, check_keys
+
+    check_keys(config, AUGMENT_MODALITIES, "augment")
+    for name, value in config.items():
+        if name in AUGMENT_KEYS and value:
+            check_keys(value, AUGMENT_KEYS[name], f"augment.{name}")
+        suits = AUGMENT_MODALITIES[name]
+        if not value or suits is None:
+            continue
+        wrong = sorted(m for m in modalities if m not in suits)
+        if wrong:
+            raise ValueError(
+                f"augment.{name} suits modalities {list(suits)} only, the model takes {wrong}; "
+                f"remove augment.{name}"
+            )
+        if not modalities:
+            LOGGER.warning(
+                "augment.%s suits modalities %s only and model.input.modalities is [] (any)",
+                name,
+                list(suits),
+            )
     out: list[Callable[[Sample], Sample]] = []
     if config.get("counts"):
         out.append(RandCountScale(**config["counts"]))

@@ -186,7 +186,8 @@ class Rule:
         return (-self.priority, self.file, self.position)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return what the audit log and ``--json`` show of the rule."""
+        """Return what the audit log and ``--json`` show of the rule (``outputs`` if not [seg])."""
+        shown = {} if self.outputs == DEFAULT_RULE_OUTPUTS else {"outputs": list(self.outputs)}
         return {
             "name": self.name,
             "priority": self.priority,
@@ -197,7 +198,7 @@ class Rule:
             "complete": self.complete.to_dict(),
             "stop": self.stop,
             "discard": self.discard,
-            "outputs": list(self.outputs),
+            **shown,
         }
 
 
