@@ -62,16 +62,6 @@ REFUSED = {
 }
 """Files the receiver refuses, with the status and why."""
 
-RECEIVER_GAPS = {
-    "SC_ybr_full_422_uncompressed.dcm": (
-        0xA903,
-        "receiver bug: native YBR_FULL_422 holds 2 bytes per pixel pair, not 3 per pixel; the "
-        "receiver's length check counts 3 and refuses it as truncated",
-    ),
-}
-"""Files refused today by a receiver gap (receive/ is another room's): the refusal or, once it
-is fixed, a SEG are both accepted; the table printed by the test shows which."""
-
 UNDECODABLE = set(DECODER) - {"JPEG-lossy.dcm"}
 """Images whose pixel data no backend decodes: the job fails naming syntax and backends."""
 
@@ -222,10 +212,6 @@ def test_corpus_through_a_running_node(tmp_path: Path, node_factory: Any) -> Non
             label = sent.case.name
             family = UID(str(ds.SOPClassUID)).name or str(ds.SOPClassUID)
             syntax = UID(str(ds.file_meta.TransferSyntaxUID)).name
-            gap = RECEIVER_GAPS.get(sent.case.paths[0].name)
-            if gap is not None and sent.statuses == (gap[0],):
-                rows.append((label, family, syntax, f"refused 0x{gap[0]:04X} ({gap[1][:40]})"))
-                continue
             if not sent.statuses or any(st != 0 for st in sent.statuses):
                 sent.outcome = "refused " + ", ".join(
                     "at association" if st is None else f"0x{st:04X}" for st in sent.statuses

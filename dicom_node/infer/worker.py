@@ -13,11 +13,12 @@ What a job's series can end as (every outcome is a sentence a person can act on)
   is split (:func:`dicom_node.seg.group_sources`); each group gets its own SEG with UIDs of its
   own, the same again on a re-run. A model whose manifest says ``input.volume: true`` needs one
   consistent volume: such a series fails instead, with the groups named.
-* **outputs besides the SEG**: the rule's ``outputs`` (``seg``, ``overlay``, ``report``; default
-  ``[seg]``) decide what is exported. The SEG of every group is always built (the others derive
-  from it) and sent when listed; an overlay (one Secondary Capture per frame) and a report
-  (TID 1500 SR) per group are built with :mod:`dicom_node.outputs`, each file a result row of
-  its own under ``results/<series>/<kind>/`` and exported like the SEGs.
+* **outputs besides the SEG**: the rule's ``outputs`` (``seg``, ``overlay``, ``gsps``,
+  ``report``; default ``[seg]``) decide what is exported. The SEG of every group is always built
+  (the others derive from it) and sent when listed; an overlay (one Secondary Capture per
+  frame), a presentation state and a report (TID 1500 SR) per group are built with
+  :mod:`dicom_node.outputs`, each file a result row of its own under
+  ``results/<series>/<kind>/`` and exported like the SEGs.
 * **failed**: the message names the instance by position ("instance 3 of 12 (InstanceNumber
   7)"), the attribute or condition, and what to do. ``internal error`` is kept for bugs of the
   node (an exception nobody expected); each one is a test case until it is fixed.
@@ -56,7 +57,14 @@ from dicom_node.modelstore import (
     series_frames,
 )
 from dicom_node.modelstore import agreement as agreement_dice
-from dicom_node.outputs import OutputKind, build_overlays, build_report, measure, parse_outputs
+from dicom_node.outputs import (
+    OutputKind,
+    build_gsps,
+    build_overlays,
+    build_report,
+    measure,
+    parse_outputs,
+)
 from dicom_node.seg import AlgorithmInfo, SegmentSpec, SourceGroup, build_seg, group_sources
 from dicom_node.seg import is_image as seg_is_image
 from dicom_node.send.dimse import client_tls_context, send_file
@@ -420,8 +428,8 @@ class Worker:
         algorithm: AlgorithmInfo,
         seg: Dataset,
     ) -> list[tuple[str, str, str, int]]:
-        """Write the overlay and report of one group's SEG; ``(path, sop_uid, key, frames)``."""
-        wanted = [k for k in kinds if k in (OutputKind.OVERLAY, OutputKind.REPORT)]
+        """Write the overlay, GSPS and report of one group's SEG; ``(path, sop_uid, key, n)``."""
+        wanted = [k for k in kinds if k is not OutputKind.SEG]
         if not wanted:
             return []
         sources = list(group.sources)
@@ -441,6 +449,11 @@ class Worker:
                         measurements=measurements,
                     )
                     built += [(kind, ds) for ds in overlays]
+                elif kind is OutputKind.GSPS:
+                    gsps = build_gsps(
+                        sources, frames, masks, segments, algorithm, seg, group=group.uid_group
+                    )
+                    built.append((kind, gsps))
                 else:
                     report = build_report(
                         sources, seg, measurements, algorithm, group=group.uid_group

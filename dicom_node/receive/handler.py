@@ -199,6 +199,11 @@ def check_header(
         return
     samples = header.samples_per_pixel or 1
     bits = header.rows * header.columns * samples * frames * header.bits_allocated
+    if samples == 3:
+        # the shortest native colour encoding is YBR_FULL_422: two samples per pixel on average
+        # (PS3.3 C.7.6.3.1.2); the header parser does not read PhotometricInterpretation, so
+        # every 3-sample image is held to that floor
+        bits = bits * 2 // 3
     expected = (bits + 7) // 8
     if length < expected:
         raise Refused(
