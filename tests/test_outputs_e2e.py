@@ -26,6 +26,7 @@ LOGGER = logging.getLogger(__name__)
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SC = "1.2.840.10008.5.1.4.1.1.7"
 SR_3D = "1.2.840.10008.5.1.4.1.1.88.34"
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 
 OUTPUTS_RULE = """\
 rules:
@@ -116,14 +117,15 @@ class TestOutputsThroughTheNode:
             assert job.outcome == "SEG, 2 overlay image(s), report sent to pacs"
             assert job.details["outputs"] == ["seg", "overlay", "report"]
             rows = node.store.results(job.id)
-            assert [Path(r.path).parent.name for r in rows][1:] == ["overlay", "overlay", "report"]
+            kinds = [Path(r.path).name.split("-", 1)[0] for r in rows][1:]
+            assert kinds == ["overlay", "overlay", "report"]
             assert all(r.delivered == ("pacs",) for r in rows)
 
-    def test_outputs_without_seg_send_only_what_they_list(
+    def test_outputs_without_seg_send_only_what_they_list_gsps_too(
         self, tmp_path: Path, models_dir: Path, node_factory: Any
     ) -> None:
         rules = tmp_path / "rules"
-        write_rules(rules, OUTPUTS_RULE % {"outputs": "overlay"})
+        write_rules(rules, OUTPUTS_RULE % {"outputs": "overlay, gsps"})
         with Orthanc() as orthanc:
             config = make_config(tmp_path, models_dir, rules, orthanc.dicom_port)
             node = node_factory(config)
@@ -132,7 +134,12 @@ class TestOutputsThroughTheNode:
             assert storescu(files, config.port, config.ae_title).returncode == 0
             job = wait_until(lambda: node.store.list_jobs(["done"]), what="a done job")[0]
             found = by_class(orthanc, str(source.StudyInstanceUID))
-            assert len(found.get(SC, [])) == 1
+            assert len(found.get(SC, [])) == 1 and len(found.get(GSPS, [])) == 1
             assert SEG not in found and SR_3D not in found
-            assert job.outcome == "1 overlay image(s) sent to pacs"
+            assert job.outcome == "1 overlay image(s), 1 presentation state(s) sent to pacs"
+            path = tmp_path / "gsps.dcm"
+            gsps = fetch(orthanc, found[GSPS][0]["id"], path)
+            assert dciodvfy(path).errors == []
+            (image,) = gsps.ReferencedSeriesSequence[0].ReferencedImageSequence
+            assert image.ReferencedSOPInstanceUID == source.SOPInstanceUID
             assert (config.storage / job.seg_path).is_file()  # built, kept, not sent

@@ -6,10 +6,12 @@ and applies the node's own :class:`~dicom_node.modelstore.processing.Preprocess`
 manifest's input size, then normalise), so the network is trained on exactly what the node feeds
 it.
 
-Which augmentations are allowed is a question of anatomy: an anterior neck view is roughly
-left-right symmetric (the lobes differ, but either can be the larger), so left-right flips are
-allowed; up-down flips are not (the salivary glands are always above the thyroid, the isthmus in
-its lower half).
+Which augmentations are allowed is a question of anatomy and of modality, so none is on unless
+the config asks for it. An anterior neck view is roughly left-right symmetric (the lobes differ,
+but either can be the larger), so the thyroid recipe asks for left-right flips; a one-sided organ
+(liver, spleen) must not. Up-down flips are not offered (the salivary glands are always above the
+thyroid). Count thinning suits count images (NM) only; :data:`AUGMENT_MODALITIES` says which
+augmentation suits which modality and :func:`build_augmentation` refuses the others.
 """
 
 from __future__ import annotations

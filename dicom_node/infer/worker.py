@@ -18,7 +18,7 @@ What a job's series can end as (every outcome is a sentence a person can act on)
   (the others derive from it) and sent when listed; an overlay (one Secondary Capture per
   frame), a presentation state and a report (TID 1500 SR) per group are built with
   :mod:`dicom_node.outputs`, each file a result row of its own under
-  ``results/<series>/<kind>/`` and exported like the SEGs.
+  ``results/<series>/<kind>-<sop>.dcm`` and exported like the SEGs.
 * **failed**: the message names the instance by position ("instance 3 of 12 (InstanceNumber
   7)"), the attribute or condition, and what to do. ``internal error`` is kept for bugs of the
   node (an exception nobody expected); each one is a test case until it is fixed.
@@ -156,9 +156,9 @@ def _check_headers(images: Sequence[Dataset], names: Sequence[str]) -> None:
 
 
 def _kind_of(result: SegResult) -> str:
-    """``seg`` or the output kind of a result row (outputs live in ``results/<series>/<kind>/``)."""
-    parent = Path(result.path).parent.name
-    return parent if parent in {k.value for k in OutputKind} else OutputKind.SEG.value
+    """``seg`` or the output kind of a result row (``results/<series>/<kind>-<sop>.dcm``)."""
+    prefix = Path(result.path).name.split("-", 1)[0]
+    return prefix if prefix in {k.value for k in OutputKind} else OutputKind.SEG.value
 
 
 def _what(results: Sequence[SegResult]) -> str:
@@ -466,7 +466,8 @@ class Worker:
             ) from exc
         rows = []
         for made, ds in built:
-            relpath = Path("results") / job.series_uid / made.value / f"{ds.SOPInstanceUID}.dcm"
+            # flat, next to the SEGs: retention removes every results/<series>/*.dcm
+            relpath = Path("results") / job.series_uid / f"{made.value}-{ds.SOPInstanceUID}.dcm"
             _fsync_write(self.config.storage / relpath, ds)
             count = 1 if made is OutputKind.OVERLAY else len(frames)
             rows.append((str(relpath), str(ds.SOPInstanceUID), group.key, count))
