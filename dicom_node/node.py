@@ -108,7 +108,7 @@ class Node:
             config.http_host,
             config.http_port,
             self.readiness,
-            liveness=self.liveness.check,
+            liveness=self.health,
             detail_from=config.health_detail,
         )
         self._pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="worker")
@@ -360,6 +360,26 @@ class Node:
         for state, n in counts.items():
             metrics.JOBS.labels(state=state).set(n)
         metrics.QUEUE_DEPTH.set(counts[JobState.QUEUED.value])
+
+    def health(self) -> dict[str, tuple[bool, str]]:
+        """The checks behind ``/healthz``: every loop made progress, no job outlived its lease.
+
+        A job ``running`` past its lease has a worker that hangs (inference that never returns,
+        an export socket stuck): the process is alive but that job has no live owner, so the
+        node says so and an orchestrator's restart gives the job back (``release_running``).
+        """
+        checks = self.liveness.check()
+        try:
+            overdue = self.store.overdue_running()
+        except Exception as exc:  # noqa: BLE001 (a failing job store is itself the answer)
+            checks["jobs"] = (False, f"job store unreadable: {type(exc).__name__}")
+        else:
+            checks["jobs"] = (
+                (False, f"{overdue} job(s) running past their lease")
+                if overdue
+                else (True, "no job past its lease")
+            )
+        return checks
 
     def readiness(self) -> dict[str, tuple[bool, str]]:
         """The checks behind ``/readyz``."""

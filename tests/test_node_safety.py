@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -188,3 +189,35 @@ def _non_loopback_address() -> str | None:
         except OSError:
             return None
     return None if addr.startswith("127.") else addr
+
+
+class TestJobsWithoutOwner:
+    def test_job_running_past_its_lease_makes_healthz_503(
+        self, tmp_path: Path, models_dir: Path, rules_dir: Path, node_factory: Any
+    ) -> None:
+        config = make_config(tmp_path, models_dir, rules_dir, free_port())
+        node = node_factory(config)
+        assert _get(config.http_port, "/healthz")[1]["checks"]["jobs"]["ok"]
+        # a hung worker: its job's lease ran out while the process lives
+        real = node.store.overdue_running
+        node.store.overdue_running = lambda now=None: 1  # type: ignore[method-assign]
+        try:
+            code, body = _get(config.http_port, "/healthz")
+        finally:
+            node.store.overdue_running = real  # type: ignore[method-assign]
+        assert code == 503
+        detail = "1 job(s) running past their lease"
+        assert body["checks"]["jobs"] == {"ok": False, "detail": detail}
+
+    def test_overdue_running_counts_only_expired_leases(self, tmp_path: Path) -> None:
+        from dicom_node.jobs.store import JobStore
+        from tests.test_jobstore import _running
+
+        store = JobStore.open(tmp_path)
+        try:
+            assert store.overdue_running() == 0
+            _running(store)  # claimed now, with the default lease
+            assert store.overdue_running() == 0
+            assert store.overdue_running(now=time.time() + 10_000) == 1
+        finally:
+            store.close()

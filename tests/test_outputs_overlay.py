@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from pydicom import Dataset
 
+from dicom_node.modelstore.manifest import DEFAULT_SEGMENT_COLORS, parse_manifest
 from dicom_node.outputs import (
     DISCLAIMER,
     OutputKind,
@@ -29,7 +30,7 @@ from dicom_node.outputs.overlay import contour, overlay_scale, window
 from dicom_node.routing.rules import OUTPUT_NAMES
 from dicom_node.seg import AlgorithmInfo, SegmentSpec, build_seg, output_uids, seg_uids
 from tests.helpers.dicom_factory import make_ct_series, make_nm, make_sc
-from tests.helpers.onnx_models import DEFAULT_SEGMENTS
+from tests.helpers.onnx_models import DEFAULT_SEGMENTS, manifest_dict
 from tests.helpers.peers import dciodvfy
 
 LOGGER = logging.getLogger(__name__)
@@ -251,3 +252,17 @@ class TestOutputNames:
             parse_outputs(["sr"])
         with pytest.raises(TypeError, match="outputs must be a list"):
             parse_outputs("seg")
+
+
+class TestManifestColors:
+    def test_segments_without_color_get_distinct_defaults(self) -> None:
+        data = manifest_dict()
+        for seg in data["segments"]:
+            seg.pop("color")
+        manifest = parse_manifest(data)
+        colors = [s.color for s in manifest.segments]
+        assert colors == list(DEFAULT_SEGMENT_COLORS[:2])
+        given = manifest_dict()
+        assert [tuple(s["color"]) for s in given["segments"]] == [
+            s.color for s in parse_manifest(given).segments
+        ]

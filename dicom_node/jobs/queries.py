@@ -115,6 +115,17 @@ def anything_due(engine: Engine, now: float) -> bool:
         return conn.execute(stmt).first() is not None
 
 
+def overdue_running(engine: Engine, now: float) -> int:
+    """Jobs ``running`` past their lease: claimed by a worker that has not finished in time."""
+    stmt = select(func.count()).where(
+        jobs.c.state == JobState.RUNNING.value,
+        jobs.c.lease_until.is_not(None),
+        jobs.c.lease_until < now,
+    )
+    with reading(engine) as conn:
+        return int(conn.execute(stmt).scalar_one())
+
+
 def series_info(engine: Engine, series_uid: str) -> Series | None:
     """The series as recorded so far, or None if no instance of it was recorded."""
     with reading(engine) as conn:

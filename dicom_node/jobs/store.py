@@ -16,6 +16,7 @@ Workers claim jobs with one atomic ``UPDATE ... RETURNING`` (never read-then-wri
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,10 @@ class JobStore:
     def release(self, job_id: int) -> bool:
         """Give back a job this process claimed but did not start (the node is stopping)."""
         return transitions.release(self.engine, job_id)
+
+    def overdue_running(self, now: float | None = None) -> int:
+        """Number of jobs ``running`` past their lease (a hung worker)."""
+        return queries.overdue_running(self.engine, time.time() if now is None else now)
 
     def release_running(self) -> int:
         """After a restart of the only node: give every interrupted job back to the queue."""

@@ -28,6 +28,17 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
+DEFAULT_SEGMENT_COLORS: tuple[tuple[int, int, int], ...] = (
+    (255, 96, 0),
+    (0, 160, 255),
+    (60, 200, 60),
+    (230, 40, 200),
+    (255, 220, 0),
+    (0, 220, 220),
+)
+"""Display colours of segments whose manifest entry has no ``color``, by position (cycled):
+distinct hues that stand out on a grey image (the overlay and presentation-state outlines)."""
+
 
 class ManifestError(ValueError):
     """A manifest is unreadable or invalid; the message names the file and the field path."""
@@ -238,6 +249,16 @@ class Manifest(_Strict):
             raise ValueError(
                 f"gate.min_dice: unknown segment key(s) {unknown}; segments are {keys}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _default_colors(self) -> Manifest:
+        # a segment without `color` gets the palette colour of its position, so that two
+        # segments never share the same default outline colour
+        for n, seg in enumerate(self.segments):
+            if "color" not in seg.model_fields_set:
+                color = DEFAULT_SEGMENT_COLORS[n % len(DEFAULT_SEGMENT_COLORS)]
+                self.segments[n] = seg.model_copy(update={"color": color})
         return self
 
     @property
