@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEBIAN_TOOLS := storescu:dcmtk echoscu:dcmtk storescp:dcmtk dciodvfy:dicom3tools Orthanc:orthanc gdcmscu:libgdcm-tools
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
 .PHONY: run test install test-deps lint bench clean
 
