@@ -56,8 +56,7 @@ class StorageLock:
             handle.close()
             raise StorageInUse(
                 f"storage {self.path.parent} is already used by {owner}; one storage folder has "
-                "one owner: stop that node, or give this one its own 'storage' (processes that "
-                "share work need a shared 'database', see README 'Scaling out')"
+                "one owner: stop that node, or give this one its own 'storage'"
             ) from None
         handle.seek(0)
         handle.truncate()
