@@ -1,310 +1,241 @@
-"""Ingest benchmark: DCMTK storescu into the node's SCP versus into DCMTK storescp.
+"""Ingest benchmark: DCMTK storescu into ``dicom-node serve`` versus into DCMTK storescp.
 
-Workload (issue 2): 600 NM 256x256 (16 bit) and 200 CT 512x512 (16 bit) instances, sent by DCMTK
-``storescu`` with ``TCP_NODELAY=1`` over one association per run (``--senders N``: N storescu at
-once, the files dealt round-robin; storescp then runs with ``--fork``), timed against DCMTK
-``storescp`` in the same run (storescp writes files, without fsync). The node's SCP runs in this
-process with its real durability (fsync before Success) and a callback that records the instance;
-``--jobstore`` adds the node's SQLite job store to the callback, as ``dicom-node serve`` has it.
+Workload (issue 15, item 1): two sets, each sent by one DCMTK ``storescu`` (``TCP_NODELAY=1``) over
+one association: **NM** = 600 NM 256x256 16-bit images, **CT** = 200 CT 512x512 16-bit slices.
 
-Run ``python bench/bench_ingest.py`` (``--quick`` for 60 NM + 20 CT and one round, as CI does).
-Rounds alternate the receivers so that load from other processes hits both alike; the ratio is
-DCMTK time / node time (1.0 = as fast as DCMTK), from medians and from best runs.
+- The node runs as an operator runs it: ``dicom-node serve`` as a subprocess (its default
+  durability: Success only after the file, its folder and the job-store row are on disk), started
+  once and waited on ``/readyz`` before anything is timed; no rules (nothing is routed, so no
+  inference competes with the receive path).
+- **New SOP Instance UIDs every round.** A duplicate is answered without a write, so every round
+  writes its own files (fresh Study/Series/SOP Instance UIDs, pydicom) before timing; the node's
+  ``/metrics`` must show every instance received and none duplicate, else the run fails.
+- **Rounds alternate** the receivers (storescp first in odd rounds, the node first in even ones),
+  storescp into a fresh folder each run; the median of the rounds gives the ratio per set
+  (DCMTK seconds / node seconds: 1.0 = as fast as DCMTK).
+- **Outputs are kept until the end** (nothing is deleted between runs): this root file system is
+  ext4 without a journal, where deleting many files slows every file creation for minutes
+  (DESIGN.md, pitfalls).
+- Before each timed run the node is left to go quiet (< 5% of a core over 0.5 s), and the load
+  average is recorded with every figure (other sessions share these two cores).
 
-Each receiver's output is deleted right after its run, so every run creates its files while the
-previous runs' files are freshly deleted. On ext4 *without a journal* (this build machine) that
-makes every file creation scan the recently freed inodes (``perf``: ``ext4_create`` ->
-``recently_deleted``), a cost that grows over the rounds for both receivers. ``--keep-outputs``
-deletes the outputs only at the end, which measures both receivers without that effect.
+Run ``python bench/bench_ingest.py`` (``--quick``: 60 NM + 20 CT, one round, as the suite does).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from common import (
+    REPO,
+    NodeServer,
+    command_line,
+    load,
+    machine,
+    node_config,
+    settle,
+)
+from pydicom import Dataset
+from pydicom.uid import generate_uid
 
-from dicom_node.config import NodeConfig  # noqa: E402
-from dicom_node.jobs.records import InstanceRecord  # noqa: E402
-from dicom_node.receive.scp import StorageSCP  # noqa: E402
-from dicom_node.receive.spool import Spool  # noqa: E402
-from tests.helpers.dicom_factory import make_ct_series, make_nm, write_series  # noqa: E402
-from tests.helpers.peers import StoreSCP, storescu  # noqa: E402
+from tests.helpers.dicom_factory import make_ct_series, make_nm
+from tests.helpers.onnx_models import make_store
+from tests.helpers.peers import StoreSCP, storescu
 
-LOGGER = logging.getLogger("bench_ingest")
-
-VARIANTS: dict[str, dict[str, Any]] = {
-    "node": {"fsync": True, "fsync_directory": True},
-    "node-1flush": {"fsync": True, "fsync_directory": False},
-    "node-nofsync": {"fsync": False, "fsync_directory": False},
-}
-"""Spool durability per variant: the default (two flushes per instance, strict POSIX), one flush
-(``spool.FSYNC_DIRECTORY = False``) and none (measures the receive path alone; never used by the
-node)."""
+RECEIVED = "dicom_node_instances_received_total"
+DUPLICATE = "dicom_node_instances_duplicate_total"
 
 
 @dataclass
-class Workload:
-    """The files sent each run."""
+class Run:
+    """One timed storescu run."""
 
-    n_nm: int
-    n_ct: int
-    folder: Path
-    n_files: int = 0
-    n_bytes: int = 0
-    senders: list[Path] = field(default_factory=list)
-
-    def build(self, senders: int = 1) -> None:
-        """Write the NM and CT files (deterministic UIDs), dealt round-robin to ``senders``
-        folders ``s0``, ``s1`` ... (one storescu each)."""
-        datasets = [
-            make_nm(256, 256, seed="bench-nm", instance_number=i + 1) for i in range(self.n_nm)
-        ]
-        if self.n_ct:
-            datasets += make_ct_series(n_slices=self.n_ct, rows=512, cols=512, seed="bench-ct")
-        for k in range(senders):
-            write_series(datasets[k::senders], self.folder / f"s{k}")
-        self.senders = [self.folder / f"s{k}" for k in range(senders)]
-        files = list(self.folder.rglob("*.dcm"))
-        self.n_files = len(files)
-        self.n_bytes = sum(p.stat().st_size for p in files)
+    seconds: float
+    load: str
 
 
 @dataclass
-class Result:
-    """Wall times of one receiver over the rounds."""
+class SetResult:
+    """All runs of one set: ``{receiver: [Run, ...]}``."""
 
     name: str
-    seconds: list[float] = field(default_factory=list)
+    n_files: int
+    n_bytes: int
+    runs: dict[str, list[Run]] = field(default_factory=lambda: {"dcmtk-storescp": [], "node": []})
 
-    def median(self) -> float:
-        return statistics.median(self.seconds)
-
-    def best(self) -> float:
-        return min(self.seconds)
+    def median(self, receiver: str) -> float:
+        return statistics.median(r.seconds for r in self.runs[receiver])
 
 
 class IngestBenchmark:
-    """storescu -> {DCMTK storescp, node SCP}, one association of ``n_nm + n_ct`` instances.
+    """storescu -> {DCMTK storescp, ``dicom-node serve``}, one association per set and run.
 
-    ``setup`` builds the workload once; each ``time_*`` call sends it to a fresh receiver
-    (fresh output folder / spool, so nothing is a duplicate) and returns the wall time.
+    ``setup`` builds the images once and starts the node; ``round`` gives every image fresh
+    UIDs, writes the files and times both receivers; ``teardown`` stops the node and removes
+    everything.
     """
 
-    def __init__(
-        self,
-        n_nm: int = 600,
-        n_ct: int = 200,
-        jobstore: bool = False,
-        senders: int = 1,
-        keep_outputs: bool = False,
-    ) -> None:
-        self.n_nm, self.n_ct, self.jobstore, self.senders = n_nm, n_ct, jobstore, senders
-        self.keep_outputs = keep_outputs
-        self.tmp: Path | None = None
-        self.workload: Workload | None = None
-        self._runs = 0
-
-    def _output(self, name: str) -> Path:
-        """A fresh output folder for one run (kept until teardown with ``keep_outputs``)."""
-        assert self.tmp is not None
-        self._runs += 1
-        return self.tmp / (f"{name}-{self._runs}" if self.keep_outputs else name)
-
-    def _discard(self, folder: Path) -> None:
-        if not self.keep_outputs:
-            shutil.rmtree(folder, ignore_errors=True)
+    def __init__(self, n_nm: int = 600, n_ct: int = 200) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+        self.sets: dict[str, list[Dataset]] = {}
+        self.n_nm, self.n_ct = n_nm, n_ct
+        self.node: NodeServer | None = None
+        self.results: dict[str, SetResult] = {}
 
     def setup(self) -> None:
-        """Create the tmp folder and the files to send."""
-        self.tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-        self.workload = Workload(self.n_nm, self.n_ct, self.tmp / "data")
-        self.workload.build(self.senders)
+        if self.n_nm:
+            self.sets["NM"] = [
+                make_nm(256, 256, seed="bench-nm", instance_number=i + 1) for i in range(self.n_nm)
+            ]
+        if self.n_ct:
+            self.sets["CT"] = make_ct_series(
+                n_slices=self.n_ct, rows=512, cols=512, seed="bench-ct"
+            )
+        shipped = REPO / "models" / "thyroid-seg"
+        models = REPO / "models" if (shipped / "aliases.yaml").exists() else None
+        if models is None:
+            models = make_store(self.tmp / "models", size=(256, 256))
+        (self.tmp / "rules").mkdir()
+        # no rules: nothing is routed, so the destination (the discard port) is never called
+        config = node_config(self.tmp / "node", models, self.tmp / "rules", pacs_port=9)
+        (self.tmp / "node").mkdir()
+        self.node = NodeServer(config, self.tmp / "node").__enter__()
 
     def teardown(self) -> None:
-        """Remove everything the benchmark wrote."""
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.node is not None:
+            self.node.__exit__(None, None, None)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def _send(self, port: int, called_ae: str) -> float:
-        """Send the workload with one storescu per sender folder, all at once; return seconds."""
-        assert self.workload is not None
-        results: list[Any] = [None] * len(self.workload.senders)
+    def _write(self, round_no: int, name: str) -> Path:
+        """Give the set fresh Study/Series/SOP Instance UIDs and write it; return its folder."""
+        folder = self.tmp / f"data-{round_no}" / name
+        folder.mkdir(parents=True)
+        study, series, frame = generate_uid(), generate_uid(), generate_uid()
+        for k, ds in enumerate(self.sets[name]):
+            sop = generate_uid()
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.SOPInstanceUID = sop
+            ds.file_meta.MediaStorageSOPInstanceUID = sop
+            if "FrameOfReferenceUID" in ds:
+                ds.FrameOfReferenceUID = frame
+            ds.save_as(folder / f"{k:05d}.dcm", enforce_file_format=True)
+        return folder
 
-        def send(k: int) -> None:
-            results[k] = storescu([self.workload.senders[k]], port, called_ae, timeout=900)
-
-        threads = [threading.Thread(target=send, args=(k,)) for k in range(len(results))]
-        start = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - start
-        for result in results:
-            if result is None or result.returncode != 0:
-                raise RuntimeError(f"storescu failed: {getattr(result, 'stderr', '')[-2000:]}")
-        return elapsed
-
-    def time_dcmtk_storescp(self) -> float:
-        """DCMTK storescp writing every file (no fsync): the reference."""
-        assert self.tmp is not None and self.workload is not None
-        out = self._output("storescp-out")
-        fork = ["--fork"] if self.senders > 1 else []  # one process per association
-        with StoreSCP(output_dir=out, extra_args=fork) as scp:
-            elapsed = self._send(scp.port, scp.aet)
+    def _time_storescp(self, folder: Path, out: Path, n: int) -> Run:
+        with StoreSCP(output_dir=out) as scp:
+            before = load()
+            start = time.perf_counter()
+            result = storescu([folder], scp.port, scp.aet, timeout=900)
+            elapsed = time.perf_counter() - start
             received = len(scp.received())
-        self._discard(out)
-        if received != self.workload.n_files:
-            raise RuntimeError(f"storescp stored {received} of {self.workload.n_files}")
-        return elapsed
+        if result.returncode != 0:
+            raise RuntimeError(f"storescu -> storescp failed: {result.stderr[-2000:]}")
+        if received != n:
+            raise RuntimeError(f"storescp stored {received} of {n}")
+        return Run(elapsed, before)
 
-    def time_node(self, variant: str = "node") -> float:
-        """The node's StorageSCP with the durability of ``variant`` (see :data:`VARIANTS`)."""
-        assert self.tmp is not None and self.workload is not None
-        storage = self._output(f"storage-{variant}")
-        config = NodeConfig(
-            ae_title="DICOMNODE",
-            host="127.0.0.1",
-            port=0,
-            storage=storage,
-            min_free_disk=0,
-            max_associations=max(16, self.senders),
-        )
-        spool = Spool(storage, **VARIANTS[variant])
-        records: list[InstanceRecord] = []
-        callback: Callable[[InstanceRecord], None] = records.append
-        store = None
-        if self.jobstore:
-            from dicom_node.jobs.store import JobStore
+    def _time_node(self, folder: Path, n: int) -> Run:
+        node = self.node
+        assert node is not None
+        settle(node.pid)
+        metrics = node.metrics()
+        before = load()
+        start = time.perf_counter()
+        result = storescu([folder], node.config.port, node.config.ae_title, timeout=900)
+        elapsed = time.perf_counter() - start
+        if result.returncode != 0:
+            raise RuntimeError(f"storescu -> node failed: {result.stderr[-2000:]}")
+        after = node.metrics()
+        received = after.get(RECEIVED, 0) - metrics.get(RECEIVED, 0)
+        duplicate = after.get(DUPLICATE, 0) - metrics.get(DUPLICATE, 0)
+        if received != n or duplicate:
+            raise RuntimeError(f"node received {received:.0f} of {n}, {duplicate:.0f} duplicate")
+        return Run(elapsed, before)
 
-            store = JobStore.open(storage)
-
-            def callback(record: InstanceRecord) -> None:
-                store.record_instance(record)
-                records.append(record)
-
-        scp = StorageSCP(config, spool, callback)
-        scp.start()
-        try:
-            elapsed = self._send(scp.port, "DICOMNODE")
-        finally:
-            scp.stop()
-            if store is not None:
-                store.close()
-        self._discard(storage)
-        if len(records) != self.workload.n_files:
-            raise RuntimeError(f"node recorded {len(records)} of {self.workload.n_files}")
-        return elapsed
-
-
-def run(
-    rounds: int,
-    n_nm: int,
-    n_ct: int,
-    variants: list[str],
-    jobstore: bool,
-    senders: int = 1,
-    keep_outputs: bool = False,
-) -> str:
-    """Run the benchmark and return a Markdown report."""
-    bench = IngestBenchmark(n_nm, n_ct, jobstore, senders, keep_outputs)
-    bench.setup()
-    try:
-        assert bench.workload is not None
-        results = {name: Result(name) for name in ["dcmtk-storescp", *variants]}
-        for round_no in range(rounds):
-            results["dcmtk-storescp"].seconds.append(bench.time_dcmtk_storescp())
-            for variant in variants:
-                results[variant].seconds.append(bench.time_node(variant))
-            LOGGER.info(
-                "round %d: %s",
-                round_no + 1,
-                ", ".join(f"{r.name} {r.seconds[-1]:.2f} s" for r in results.values()),
+    def round(self, round_no: int) -> None:
+        """Fresh UIDs for every set, then both receivers (order alternating by round)."""
+        for name in self.sets:
+            folder = self._write(round_no, name)
+            files = sorted(folder.iterdir())
+            result = self.results.setdefault(
+                name, SetResult(name, len(files), sum(p.stat().st_size for p in files))
             )
-        n, mb = bench.workload.n_files, bench.workload.n_bytes / 1e6
-    finally:
-        bench.teardown()
-    ref = results["dcmtk-storescp"]
+            order = ["dcmtk-storescp", "node"] if round_no % 2 else ["node", "dcmtk-storescp"]
+            for receiver in order:
+                if receiver == "node":
+                    run = self._time_node(folder, len(files))
+                else:
+                    out = self.tmp / f"storescp-{round_no}-{name}"
+                    assert self.node is not None
+                    settle(self.node.pid)
+                    run = self._time_storescp(folder, out, len(files))
+                result.runs[receiver].append(run)
+                print(
+                    f"  round {round_no} {name}: {receiver} {run.seconds:.2f} s ({run.load})",
+                    flush=True,
+                )
+
+
+def report(bench: IngestBenchmark, rounds: int, started: str) -> str:
+    """A Markdown report: the command, the conditions, per set the runs and the ratio."""
     lines = [
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: "
-        f"{platform.machine()}, {_cpu_count()} CPUs, {platform.python_implementation()} "
-        f"{platform.python_version()}, load average before: {_loadavg()}",
-        f"- workload: {n_nm} NM 256x256 + {n_ct} CT 512x512 = {n} files, {mb:.0f} MB, "
-        f"{senders} concurrent storescu association(s) (storescp "
-        f"{'--fork' if senders > 1 else 'single process'}), TCP_NODELAY=1; {rounds} round(s), "
-        "receivers "
-        "alternating; callback: "
-        + ("SQLite job store" if jobstore else "in-memory list")
-        + ("; outputs kept until the end" if keep_outputs else "; outputs deleted after each run"),
+        f"- command: `{command_line()}`",
+        f"- date: {started}; machine: {machine()}",
+        "- node: `dicom-node serve` subprocess, ready on /readyz before timing, default "
+        "durability, no rules; sender: DCMTK storescu, TCP_NODELAY=1, one association per set "
+        "and run",
+        f"- {rounds} round(s), new Study/Series/SOP Instance UIDs every round (node /metrics: "
+        "every instance received, 0 duplicates), receivers alternating (storescp first in odd "
+        "rounds), "
+        "storescp into a fresh folder per run; **outputs kept until the end** (no deletes during "
+        "the runs)",
         "",
-        "| receiver | median s | best s | images/s (median) | MB/s (median) | ratio median | "
-        "ratio best |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| set | files | MB | receiver | runs s (load 1/5/15 min before each) | median s | "
+        "images/s | ratio (DCMTK / node, medians) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for result in results.values():
-        med, best = result.median(), result.best()
-        lines.append(
-            f"| {result.name} | {med:.2f} | {best:.2f} | {n / med:.0f} | {mb / med:.0f} | "
-            f"{ref.median() / med:.2f} | {ref.best() / best:.2f} |"
-        )
+    for result in bench.results.values():
+        ref = result.median("dcmtk-storescp")
+        for receiver, runs in result.runs.items():
+            med = result.median(receiver)
+            detail = ", ".join(f"{r.seconds:.2f} ({r.load.removeprefix('load ')})" for r in runs)
+            lines.append(
+                f"| {result.name} | {result.n_files} | {result.n_bytes / 1e6:.0f} | {receiver} | "
+                f"{detail} | {med:.2f} | {result.n_files / med:.0f} | {ref / med:.2f} |"
+            )
+    lines.append("")
+    for result in bench.results.values():
+        ratio = result.median("dcmtk-storescp") / result.median("node")
+        lines.append(f"ratio {result.name}: {ratio:.2f}x DCMTK (target >= 0.5x)")
     return "\n".join(lines)
-
-
-def _cpu_count() -> int:
-    import os
-
-    return os.cpu_count() or 0
-
-
-def _loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "?"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="60 NM + 20 CT, one round")
+    parser.add_argument("--quick", action="store_true", help="60 NM + 20 CT, one round (CI)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--variants",
-        default="node,node-1flush,node-nofsync",
-        help=f"comma-separated, from {', '.join(VARIANTS)}",
-    )
-    parser.add_argument("--jobstore", action="store_true", help="record into the SQLite job store")
-    parser.add_argument("--senders", type=int, default=1, help="concurrent storescu processes")
-    parser.add_argument(
-        "--keep-outputs",
-        action="store_true",
-        help="delete received files only at the end (no freshly freed inodes during the runs)",
-    )
+    parser.add_argument("--nm", type=int, default=600, help="NM 256x256 images per round")
+    parser.add_argument("--ct", type=int, default=200, help="CT 512x512 slices per round")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("dicom_node").setLevel(logging.WARNING)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
-    n_nm, n_ct, rounds = (60, 20, 1) if args.quick else (600, 200, args.rounds)
-    print(run(rounds, n_nm, n_ct, variants, args.jobstore, max(1, args.senders), args.keep_outputs))
+    n_nm, n_ct, rounds = (60, 20, 1) if args.quick else (args.nm, args.ct, args.rounds)
+    print(f"$ {command_line()}", flush=True)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    bench = IngestBenchmark(n_nm, n_ct)
+    try:
+        bench.setup()
+        for round_no in range(1, rounds + 1):
+            bench.round(round_no)
+        print(report(bench, rounds, started))
+    finally:
+        bench.teardown()
     return 0
 
 

@@ -34,6 +34,41 @@ def machine() -> str:
     return f"{platform.node()}: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
 
 
+def load() -> str:
+    """The 1/5/15-minute load averages, to print beside every figure (other sessions share
+    these two cores)."""
+    one, five, fifteen = os.getloadavg()
+    return f"load {one:.2f}/{five:.2f}/{fifteen:.2f}"
+
+
+def command_line() -> str:
+    """The command that is running, as it would be typed from the repository root."""
+    script = Path(sys.argv[0])
+    try:
+        script = script.resolve().relative_to(REPO)
+    except ValueError:
+        pass
+    return " ".join(["python", str(script), *sys.argv[1:]])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def settle(pid: int, quiet: float = 0.05, window: float = 0.5, timeout: float = 30.0) -> float:
+    """Wait until ``pid`` uses less than ``quiet`` of a core over ``window`` seconds, so that work
+    left over from one run does not land in the next; return the seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        before = cpu_seconds(pid)
+        time.sleep(window)
+        if cpu_seconds(pid) - before < quiet * window:
+            break
+    return time.monotonic() - start
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process, from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -85,6 +120,26 @@ class NodeServer:
         wait_for_port(self.config.port, timeout=60)
         self._wait_ready()
         return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def metrics(self) -> dict[str, float]:
+        """The node's ``/metrics`` as ``{sample name with labels: value}`` (counters summed over
+        nothing: one entry per line)."""
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.config.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
         import urllib.request

@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_latency.py", "bench_ingest.py", "bench_inference.py", "bench_reconcile.py"]
+BENCHES = [
+    "bench_latency.py",
+    "bench_ingest.py",
+    "bench_inference.py",
+    "bench_reconcile.py",
+    "bench_capacity.py",
+]
 
 
 def main() -> int:
