@@ -288,25 +288,9 @@ def cleanup(config_path: Path | None, dry_run: bool) -> None:
         click.echo(f"  of which {report.leftover.files} file(s) of an interrupted earlier pass")
     if dry_run:
         return
-    audit = AuditLog(config.storage / "audit.log")
-    for purged in report.series:
-        audit.write(
-            "purged",
-            series=purged.series_uid,
-            jobs=[job_id for job_id, _ in purged.jobs],
-            states=sorted({state for _, state in purged.jobs}),
-            files=purged.files,
-            bytes=purged.bytes,
-        )
-    if report.series or report.freed.files:
-        audit.write(
-            "retention",
-            series=len(report.series),
-            jobs=report.jobs,
-            files=report.freed.files,
-            bytes=report.freed.bytes,
-            by="cli",
-        )
+    from dicom_node.node import audit_retention
+
+    audit_retention(AuditLog(config.storage / "audit.log"), report, by="cli")
 
 
 def _human_bytes(n: int) -> str:

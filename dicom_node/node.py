@@ -24,7 +24,7 @@ from dicom_node.http import HealthServer
 from dicom_node.infer.worker import Worker
 from dicom_node.jobs import TERMINAL, InstanceRecord, Job, JobState, JobStore
 from dicom_node.jobs.reconcile import reconcile_spool
-from dicom_node.jobs.retention import Freed
+from dicom_node.jobs.retention import Freed, RetentionReport
 from dicom_node.liveness import Liveness, install_thread_excepthook
 from dicom_node.modelstore import ModelRunner, ModelStore, ServingModels
 from dicom_node.ownership import StorageLock
@@ -330,23 +330,7 @@ class Node:
             metrics.LOOP_FAILURES.labels(loop="retention").inc()
             LOGGER.exception("retention pass failed")
             return
-        for purged in report.series:
-            self.audit.write(
-                "purged",
-                series=purged.series_uid,
-                jobs=[job_id for job_id, _ in purged.jobs],
-                states=sorted({state for _, state in purged.jobs}),
-                files=purged.files,
-                bytes=purged.bytes,
-            )
-        if report.series or report.freed.files:
-            self.audit.write(
-                "retention",
-                series=len(report.series),
-                jobs=report.jobs,
-                files=report.freed.files,
-                bytes=report.freed.bytes,
-            )
+        audit_retention(self.audit, report)
 
     def _audit_purge(self, freed: Freed) -> None:
         if freed.files or freed.kept:
@@ -433,6 +417,28 @@ class Node:
                 return True
             time.sleep(0.1)
         return False
+
+
+def audit_retention(audit: AuditLog, report: RetentionReport, **extra: Any) -> None:
+    """Audit lines of a retention pass: one ``purged`` per series, one ``retention`` in all."""
+    for purged in report.series:
+        audit.write(
+            "purged",
+            series=purged.series_uid,
+            jobs=[job_id for job_id, _ in purged.jobs],
+            states=sorted({state for _, state in purged.jobs}),
+            files=purged.files,
+            bytes=purged.bytes,
+        )
+    if report.series or report.freed.files:
+        audit.write(
+            "retention",
+            series=len(report.series),
+            jobs=report.jobs,
+            files=report.freed.files,
+            bytes=report.freed.bytes,
+            **extra,
+        )
 
 
 def _now() -> Any:

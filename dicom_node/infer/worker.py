@@ -65,7 +65,14 @@ from dicom_node.outputs import (
     measure,
     parse_outputs,
 )
-from dicom_node.seg import AlgorithmInfo, SegmentSpec, SourceGroup, build_seg, group_sources
+from dicom_node.seg import (
+    AlgorithmInfo,
+    SegmentSpec,
+    SourceGroup,
+    build_seg,
+    frame_count,
+    group_sources,
+)
 from dicom_node.seg import is_image as seg_is_image
 from dicom_node.send.dimse import client_tls_context, send_file
 
@@ -128,19 +135,13 @@ def _fsync_write(path: Path, ds: Dataset) -> None:
 
 
 def _frame_count(ds: Dataset, name: str) -> int:
-    value = ds.get("NumberOfFrames")
-    if value in (None, ""):
-        return 1
+    """:func:`dicom_node.seg.frame_count`, its refusal worded as a job error for ``name``."""
     try:
-        count = int(value)
-    except (TypeError, ValueError):
-        count = 0
-    if count < 1:
+        return frame_count(ds)
+    except ValueError as exc:
         raise JobError(
-            f"{name}: NumberOfFrames must be a positive integer, got {value!r}; "
-            "correct the header at the modality and resend the series"
-        )
-    return count
+            f"{name}: {exc}; correct the header at the modality and resend the series"
+        ) from None
 
 
 def _check_headers(images: Sequence[Dataset], names: Sequence[str]) -> None:

@@ -13,7 +13,7 @@ of the node.
 from dicom_node.seg.content import ARTIFICIAL_INTELLIGENCE, AlgorithmInfo, Code, SegmentSpec
 from dicom_node.seg.grouping import SourceGroup, group_sources
 from dicom_node.seg.sop import CONTENT_LABEL, build_seg
-from dicom_node.seg.sources import is_image
+from dicom_node.seg.sources import frame_count, is_image
 from dicom_node.seg.uids import OUTPUT_KINDS, ai_series_description, output_uids, seg_uids
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "ai_series_description",
     "build_seg",
     "group_sources",
+    "frame_count",
     "is_image",
     "output_uids",
     "seg_uids",
