@@ -236,9 +236,11 @@ class TestPerHostLimit:
         # (retried within 5 s only for a loaded machine: the hog holds its slots for 30 s)
         echo_within(port, seconds=5, source=OTHER_HOST)
         echo_within(port, seconds=5, source=OTHER_HOST)
-        # the hog's own next association is refused with A-ASSOCIATE-RJ, transient
-        ok, assoc = echo(port)
-        assert not ok and assoc.is_rejected
+        # the hog's own next association is refused by the limit (counted); the A-ASSOCIATE-RJ
+        # bytes themselves are asserted on a raw socket below: pynetdicom as the caller saw an
+        # abort instead of the reject once in a clean-clone CI run under full load
+        ok, _assoc = echo(port)
+        assert not ok
         assert counted("host_limit") == before + 3
 
     def test_refusal_is_an_association_reject_local_limit_exceeded(
