@@ -5,6 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEBIAN_TOOLS := storescu:dcmtk echoscu:dcmtk storescp:dcmtk dciodvfy:dicom3tools Orthanc:orthanc gdcmscu:libgdcm-tools
+# files (not commands) the tests need, as path:package; a path may be a glob. PostgreSQL's
+# server binaries are off PATH on Debian (/usr/lib/postgresql/<version>/bin): the tests start
+# their own throw-away servers with them (tests/helpers/postgres.py), never the package's cluster
+DEBIAN_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb \
+	/usr/lib/postgresql/*/bin/initdb:postgresql
 PYTEST_ARGS ?= -n 2
 
 .PHONY: run test install test-deps lint bench clean
@@ -32,6 +37,10 @@ test-deps:
 	@missing=""; for pair in $(DEBIAN_TOOLS); do \
 	  tool=$${pair%%:*}; pkg=$${pair##*:}; \
 	  if ! command -v $$tool >/dev/null && ! test -x /usr/sbin/$$tool; then missing="$$missing $$pkg"; fi; \
+	done; \
+	for pair in $(DEBIAN_FILES); do \
+	  file=$${pair%%:*}; pkg=$${pair##*:}; \
+	  if ! compgen -G "$$file" >/dev/null; then missing="$$missing $$pkg"; fi; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \

@@ -4,8 +4,9 @@ Workload: batch-1 inference on 256x256 single-channel inputs made by the node's 
 preprocessing from synthetic thyroid studies; a warm-up, then ``--repeat`` timed runs each.
 Also times the whole per-image path the node runs (Preprocess + ONNX Runtime + Postprocess).
 
-Model: the shipped ``models/thyroid-seg/1`` (ONNX) when present, else an untrained network of the
-default recipe's architecture exported on the fly (same speed, marked in the output). PyTorch
+Model: the shipped ``thyroid-seg@production`` of ``models/`` (ONNX; ``--model DIR`` for another
+version folder) when present, else an untrained network of the default recipe's architecture
+exported on the fly (same speed, marked in the output). PyTorch
 eager runs the same architecture (weights from the checkpoint when ``--checkpoint`` is given,
 otherwise random: speed does not depend on the weights).
 
@@ -47,9 +48,10 @@ def _machine() -> str:
 class InferenceSpeed:
     """Benchmark: ``setup``, ``time_onnxruntime``, ``time_torch_eager``, ``time_node_path``."""
 
-    def __init__(self, repeat: int, threads: int) -> None:
+    def __init__(self, repeat: int, threads: int, model: Path | None = None) -> None:
         self.repeat = repeat
         self.threads = threads
+        self.model = model
 
     def setup(self) -> None:
         import onnxruntime as ort
@@ -59,8 +61,11 @@ class InferenceSpeed:
         from training.unet import UNet
 
         torch.set_num_threads(self.threads)
-        version = REPO / "models" / "thyroid-seg" / "1"
+        version = self.model or _production()
         config = load_config(REPO / "training" / "configs" / "thyroid.yaml")
+        if (version / "manifest.yaml").exists():  # the eager network: the version's own recipe
+            recorded = load_manifest(version / "manifest.yaml").provenance.get("config")
+            config = recorded if isinstance(recorded, dict) else config
         net_cfg = config["network"]
         self.net = UNet(1, 2, int(net_cfg["depth"]), int(net_cfg["base_channels"])).eval()
         if (version / "manifest.yaml").exists():
@@ -132,13 +137,24 @@ class InferenceSpeed:
         self.session = None
 
 
+def _production() -> Path:
+    """The shipped production version folder of thyroid-seg (version 1 if unresolvable)."""
+    from dicom_node.modelstore import ModelStore
+
+    try:
+        return ModelStore(REPO / "models").resolve("thyroid-seg@production").path
+    except Exception:  # no store or alias here: fall back to the first version's folder
+        return REPO / "models" / "thyroid-seg" / "1"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats (CI)")
     parser.add_argument("--repeat", type=int, default=100)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--model", type=Path, default=None, help="version folder to time")
     args = parser.parse_args()
-    bench = InferenceSpeed(5 if args.quick else args.repeat, args.threads)
+    bench = InferenceSpeed(5 if args.quick else args.repeat, args.threads, args.model)
     bench.setup()
     try:
         results = {}

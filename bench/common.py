@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -117,7 +118,8 @@ class NodeServer:
             stderr=subprocess.STDOUT,
             cwd=REPO,
         )
-        wait_for_port(self.config.port, timeout=60)
+        if self.config.role != "worker":  # a worker has no DICOM port
+            wait_for_port(self.config.port, timeout=60)
         self._wait_ready()
         return self
 
@@ -138,6 +140,9 @@ class NodeServer:
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 name, _, value = line.rpartition(" ")
+                # every sample ends with the process's node label: keys stay as before it
+                name = re.sub(r'\{node="[^"]*"\}$', "", name)
+                name = re.sub(r',node="[^"]*"\}$', "}", name)
                 values[name] = float(value)
         return values
 

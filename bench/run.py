@@ -13,6 +13,7 @@ BENCHES = [
     "bench_inference.py",
     "bench_reconcile.py",
     "bench_capacity.py",
+    "bench_scaleout.py",
 ]
 
 

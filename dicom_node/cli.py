@@ -1,4 +1,5 @@
-"""``dicom-node``: serve, demo, jobs, retry, status, and the ``rules`` and ``models`` groups.
+"""``dicom-node``: serve, demo, jobs, retry, rerun, release, discard, status, migrate, and the
+``rules`` and ``models`` groups.
 
 Every verb takes ``--config FILE`` after the verb (default: the embedded defaults, then
 ``DICOM_NODE_<KEY>`` environment variables).
@@ -12,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,17 +68,28 @@ def main() -> None:
 
 @main.command()
 @config_option
-def serve(config_path: Path | None) -> None:
+@click.option(
+    "--role",
+    type=click.Choice(["all", "receiver", "worker"]),
+    default=None,
+    help="What this process runs: receiver (DICOM listener, spool, routing), worker (claims "
+    "jobs: inference, results, export) or all (default: the config's 'role', else all). "
+    'Several processes need a server database (README "Scaling out").',
+)
+def serve(config_path: Path | None, role: str | None) -> None:
     """Run the node in the foreground until SIGTERM/SIGINT (graceful stop)."""
     config = get_config(config_path)
+    if role is not None:
+        config = config.model_copy(update={"role": role})
     setup_logging(config.log_level)
+    from dicom_node.jobs.schema import StoreError
     from dicom_node.node import Node
     from dicom_node.ownership import StorageInUse
 
     try:
         node = Node(config)
         node.start()
-    except StorageInUse as exc:
+    except (StorageInUse, StoreError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot start the node: {exc}") from exc
@@ -121,13 +134,17 @@ def demo(config_path: Path | None, size: str, seed: int, out: Path | None) -> No
 
 
 def _open_store(config: NodeConfig) -> JobStore:
+    from dicom_node.jobs.schema import StoreError
     from dicom_node.jobs.store import JobStore
 
-    if not (config.storage / "jobs.db").exists():
+    if config.database is None and not (config.storage / "jobs.db").exists():
         raise click.ClickException(
             f"no job store at {config.storage / 'jobs.db'}: has a node run with this storage?"
         )
-    return JobStore.open(config.storage)
+    try:
+        return JobStore.for_config(config)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _when(ts: float | None) -> str:
@@ -221,11 +238,173 @@ def retry(config_path: Path | None, job_id: int) -> None:
 
 @main.command()
 @config_option
+@click.argument("job_id", type=int, required=False)
+@click.option("--series", "series_uid", default=None, help="Re-run every job of this series.")
+@click.option(
+    "--version",
+    "version",
+    default=None,
+    help="Model version to run (default: resolve the job's model reference again, i.e. the "
+    "rule's alias - the current production).",
+)
+def rerun(
+    config_path: Path | None, job_id: int | None, series_uid: str | None, version: str | None
+) -> None:
+    """Process a finished job's stored instances again: JOB_ID, or --series UID.
+
+    With --version V that version runs: a version other than the one that made the result gives
+    a SEG with new UIDs, which the PACS stores beside the earlier one; the same version gives the
+    same UIDs, so the PACS replaces it. Without --version the job's model reference is resolved
+    again (the rule's alias: the current production). Refused (exit 1) when the job is in
+    flight, the version does not exist, or the instances are gone (retention deleted them):
+    resend the study then.
+    """
+    from dicom_node.audit import AuditLog
+
+    if (job_id is None) == (series_uid is None):
+        raise click.UsageError("give a JOB_ID or --series UID (one of them)")
+    config = get_config(config_path)
+    store = _open_store(config)
+    try:
+        if job_id is not None:
+            job = store.get(job_id)
+            if job is None:
+                raise click.ClickException(
+                    f"no job with id {job_id} (finished jobs are deleted with their instances "
+                    f"after the retention period; dicom-node jobs lists the current ones)"
+                )
+            targets = [job]
+        else:
+            targets = store.jobs_for_series(str(series_uid))
+            if not targets:
+                raise click.ClickException(
+                    f"no job for series {series_uid}: never received here, or deleted with its "
+                    f"instances after the retention period; resend the study from the PACS"
+                )
+        _check_rerun_inputs(config, store, targets[0].series_uid)
+        done = []
+        for job in targets:
+            name = job.model_name or _model_of(job.model_ref)
+            if version is not None:
+                _check_version(config, name, version)
+            try:
+                done.append(store.rerun(job.id, name, version))
+            except ValueError as exc:
+                raise click.ClickException(str(exc)) from exc
+    finally:
+        store.close()
+    audit = AuditLog(config.storage / "audit.log")
+    for job in done:
+        audit.write("rerun", job=job.id, rule=job.rule, by="cli", outcome=job.outcome)
+        click.echo(f"job {job.id} queued: {job.outcome}; a running node picks it up")
+
+
+def _model_of(ref: str | None) -> str:
+    from dicom_node.modelstore import ModelRefError, parse_model_ref
+
+    try:
+        return parse_model_ref(ref or "").name
+    except ModelRefError as exc:
+        raise click.ClickException(f"the job has no usable model reference ({exc})") from exc
+
+
+def _check_version(config: NodeConfig, name: str, version: str) -> None:
+    """Exit 1 unless ``name:version`` is in the model store."""
+    from dicom_node.modelstore import ModelStore, ModelStoreError
+
+    store = ModelStore(config.models)
+    try:
+        store.resolve(f"{name}:{version}")
+    except ModelStoreError as exc:
+        known = ", ".join(store.versions(name)) or "none"
+        raise click.ClickException(
+            f"cannot re-run with {name}:{version}: {exc} (versions of {name}: {known})"
+        ) from exc
+
+
+def _check_rerun_inputs(config: NodeConfig, store: JobStore, series_uid: str) -> None:
+    """Exit 1 unless every stored instance of the series is still on disk."""
+    rows = store.series_instances(series_uid)
+    gone = [r for r in rows if not (config.storage / r.path).is_file()]
+    if not rows or gone:
+        raise click.ClickException(
+            f"the instances of this series are gone ({len(gone) if rows else 'all'} of "
+            f"{len(rows)} missing from {config.storage}; retention deletes them after "
+            f"retention.done_after): resend the study from the PACS instead"
+        )
+
+
+def _decide_held(config_path: Path | None, job_id: int, verb: str) -> Any:
+    """Release or discard a held job, with its audit line; exit 1 with the reason otherwise."""
+    from dicom_node.audit import AuditLog
+
+    config = get_config(config_path)
+    store = _open_store(config)
+    try:
+        job = store.release_held(job_id) if verb == "release" else store.discard_held(job_id)
+    except KeyError as exc:
+        raise click.ClickException(str(exc.args[0])) from exc
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        store.close()
+    event = "released" if verb == "release" else "discarded"
+    AuditLog(config.storage / "audit.log").write(
+        event, job=job_id, rule=job.rule, by="cli", outcome=job.outcome
+    )
+    return job
+
+
+@main.command()
+@config_option
+@click.argument("job_id", type=int)
+def release(config_path: Path | None, job_id: int) -> None:
+    """Export a held job's results after all (a rule's on_low_confidence: hold kept them back).
+
+    The results are sent as built, still flagged LOW CONFIDENCE in every output. Exit code 0,
+    or 1 when the job does not exist or is not held (dicom-node jobs --state held lists them).
+    """
+    job = _decide_held(config_path, job_id, "release")
+    click.echo(f"job {job_id} released: {job.state.value}; a running node sends its results")
+
+
+@main.command()
+@config_option
+@click.argument("job_id", type=int)
+def discard(config_path: Path | None, job_id: int) -> None:
+    """Drop a held job's results: nothing is exported, the job ends skipped saying why.
+
+    Exit code 0, or 1 when the job does not exist or is not held.
+    """
+    job = _decide_held(config_path, job_id, "discard")
+    click.echo(f"job {job_id} {job.state.value}: {job.outcome}")
+
+
+@main.command()
+@config_option
 @click.option("--json", "as_json", is_flag=True)
 def status(config_path: Path | None, as_json: bool) -> None:
-    """Jobs by state, and the running node's readiness if it answers on http_port."""
+    """Jobs by state, the processes on the job store, and the local node's readiness.
+
+    Processes: every ``dicom-node serve`` registered on this job store (receivers and workers
+    of every host), with its role, host, pid, the age of its last heartbeat and its state:
+    ``alive`` (heartbeat within ``process_lease``), ``dead`` (silent longer: the jobs it held
+    are taken back by another process) or ``stopped`` (stopped gracefully).
+    """
     config = get_config(config_path)
-    counts = _open_store(config).counts() if (config.storage / "jobs.db").exists() else {}
+    counts: dict[str, int] = {}
+    procs: list[dict[str, Any]] = []
+    held: list[Any] = []
+    if config.database is not None or (config.storage / "jobs.db").exists():
+        store = _open_store(config)
+        try:
+            counts = store.counts()
+            held = store.list_jobs(["held"], limit=20) if counts.get("held") else []
+            now = time.time()
+            lease = config.process_lease
+            procs = [p.to_dict(now, lease) for p in store.list_processes()]
+        finally:
+            store.close()
     ready: Any
     try:
         url = f"http://127.0.0.1:{config.http_port}/readyz"
@@ -236,7 +415,12 @@ def status(config_path: Path | None, as_json: bool) -> None:
     except OSError:
         ready = None
     if as_json:
-        click.echo(json.dumps({"jobs": counts, "node": ready}, indent=1))
+        waiting = [{"id": j.id, "rule": j.rule, "outcome": j.outcome} for j in held]
+        click.echo(
+            json.dumps(
+                {"jobs": counts, "held": waiting, "processes": procs, "node": ready}, indent=1
+            )
+        )
         return
     console = Console()
     if ready is None:
@@ -252,6 +436,80 @@ def status(config_path: Path | None, as_json: bool) -> None:
     for state, n in counts.items():
         table.add_row(state, str(n))
     console.print(table)
+    if held:  # a person has to decide on these: say which and why
+        console.print("held (dicom-node release JOB_ID / dicom-node discard JOB_ID):")
+        for job in held:
+            console.print(f"  job {job.id} ({job.rule}): {job.outcome}", markup=False)
+    console.print(_processes_table(procs))
+
+
+_PROCESS_STATE_STYLE = {"alive": "green", "dead": "red", "stopped": "dim"}
+
+
+def _processes_table(procs: list[dict[str, Any]]) -> Table:
+    """``dicom-node status``: one row per registered process, newest first."""
+    table = Table(title=f"processes ({len(procs)})")
+    for col in ("id", "node", "role", "host", "pid", "heartbeat", "state", "version"):
+        table.add_column(col, overflow="fold")
+    for p in procs:
+        style = _PROCESS_STATE_STYLE.get(p["state"], "")
+        table.add_row(
+            p["id"],
+            str((p["details"] or {}).get("node", "")),
+            p["role"],
+            p["host"],
+            str(p["pid"]),
+            f"{p['heartbeat_age']:.1f} s ago",
+            f"[{style}]{p['state']}[/]" if style else p["state"],
+            p["version"] or "",
+        )
+    return table
+
+
+@main.command()
+@config_option
+@click.option(
+    "--dry-run", is_flag=True, help="Only say which revision the store is at and would reach."
+)
+@click.option("--sql", "as_sql", is_flag=True, help="Print the SQL of the upgrade; change nothing.")
+def migrate(config_path: Path | None, dry_run: bool, as_sql: bool) -> None:
+    """Upgrade the job store (``database:``, else ``storage/jobs.db``) to this version's schema.
+
+    A node does this itself at start unless the config says ``migrate: never``. Stop every
+    process on the store and back the database up first; concurrent starts wait for the upgrade.
+    """
+    from dicom_node.jobs import migrations
+    from dicom_node.jobs.schema import StoreError, engine_for, safe_url
+
+    config = get_config(config_path)
+    setup_logging("WARNING")
+    target = config.database or str(config.storage / "jobs.db")
+    if config.database is None and not (config.storage / "jobs.db").exists():
+        raise click.ClickException(
+            f"no job store at {target}: nothing to migrate (a node creates it at the head)"
+        )
+    engine = engine_for(target)
+    where = safe_url(str(engine.url))
+    try:
+        if as_sql:
+            click.echo(migrations.sql(engine) or f"-- {where} is at the head already")
+            return
+        if dry_run:
+            with migrations.locked(engine) as conn:
+                at = migrations.state(conn)
+            if at.revision is not None and not at.known:
+                migrations.prepare(engine, "never")  # raises the newer-version refusal
+            click.echo(f"{where}: schema revision {at.revision or '(empty)'} -> {at.head}")
+            return
+        before, after = migrations.upgrade(engine)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        engine.dispose()
+    if before.revision == after:
+        click.echo(f"{where}: schema revision {after} (up to date)")
+    else:
+        click.echo(f"{where}: schema revision {before.revision or '(empty)'} -> {after}")
 
 
 @main.command()

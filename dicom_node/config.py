@@ -11,12 +11,15 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -120,13 +123,123 @@ class RetentionConfig(_Strict):
 
 
 class Destination(_Strict):
-    """A DICOM peer the node sends results to (C-STORE SCU)."""
+    """A DICOM peer the node sends results to (C-STORE SCU); ``type: dimse``, the default."""
 
+    type: Literal["dimse"] = "dimse"
     ae_title: str = Field(min_length=1, max_length=16)
     host: str
     port: int = Field(ge=1, le=65535)
     tls: bool = False
     """Send over TLS using ``tls.ca`` to verify the peer and ``tls.cert``/``tls.key`` if set."""
+
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+class DicomwebAuth(_Strict):
+    """How the node authenticates to a DICOMweb service (``auth:`` of a ``dicomweb`` destination).
+
+    The secret itself is never in the configuration: it is read, at each send, from an
+    environment variable (``password_env`` / ``token_env``) or a file (``password_file`` /
+    ``token_file``, first line), so that the configuration can be shown and logged.
+    """
+
+    type: Literal["basic", "bearer"]
+    """``basic``: HTTP Basic with ``username`` and a password; ``bearer``: an OAuth token."""
+    username: str | None = Field(default=None, min_length=1, max_length=256)
+    password_env: str | None = None
+    password_file: Path | None = None
+    token_env: str | None = None
+    token_file: Path | None = None
+
+    @field_validator("password_env", "token_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME_RE.match(value):
+            raise ValueError(
+                f"must name an environment variable (letters, digits, '_'), got {value[:80]!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> DicomwebAuth:
+        if self.type == "basic":
+            given, wrong = ("password_env", "password_file"), ("token_env", "token_file")
+            if self.username is None:
+                raise ValueError("auth type basic needs 'username'")
+        else:
+            given, wrong = ("token_env", "token_file"), ("password_env", "password_file")
+            if self.username is not None:
+                raise ValueError("auth type bearer takes no 'username'")
+        misplaced = [k for k in wrong if getattr(self, k) is not None]
+        if misplaced:
+            raise ValueError(f"auth type {self.type} takes {' or '.join(given)}, not {misplaced}")
+        if sum(getattr(self, k) is not None for k in given) != 1:
+            raise ValueError(f"auth type {self.type} needs exactly one of {' or '.join(given)}")
+        return self
+
+
+class DicomwebDestination(_Strict):
+    """A DICOMweb service the node sends results to with STOW-RS (``type: dicomweb``).
+
+    ``url`` is the service's base, the part before ``/studies``
+    (``http://pacs:8042/dicom-web`` for Orthanc's DICOMweb plugin).
+    """
+
+    type: Literal["dicomweb"]
+    url: str = Field(min_length=1, max_length=2048)
+    auth: DicomwebAuth | None = None
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds allowed to connect and between bytes of the answer; ``None``: ``export_timeout``."""
+    verify: bool = True
+    """Verify the server's TLS certificate (``https``); false only for a test service."""
+    ca: Path | None = None
+    """CA bundle (PEM) to verify the server with instead of the system's CAs."""
+    max_instances_per_request: int = Field(default=32, ge=1, le=1000)
+    """Instances sent in one STOW-RS request at most (the overlay of a long series is many)."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"url must be http(s)://host[:port]/path of the DICOMweb service "
+                f"(e.g. http://pacs:8042/dicom-web), got {value[:120]!r}"
+            )
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("url must not hold credentials; put them in 'auth:' (env or file)")
+        if parts.query or parts.fragment:
+            raise ValueError(f"url must have no query or fragment, got {value[:120]!r}")
+        return value.strip().rstrip("/")
+
+    def anchored(self, base: Path) -> DicomwebDestination:
+        """A copy whose relative file paths (``ca``, secret files) are anchored at ``base``."""
+        update: dict[str, Any] = {}
+        if self.ca is not None:
+            update["ca"] = (base / self.ca).resolve()
+        if self.auth is not None:
+            files = {
+                k: (base / v).resolve()
+                for k in ("password_file", "token_file")
+                if (v := getattr(self.auth, k)) is not None
+            }
+            if files:
+                update["auth"] = self.auth.model_copy(update=files)
+        return self.model_copy(update=update) if update else self
+
+
+def _destination_type(value: Any) -> str:
+    """The tag of a destination: its ``type``, ``dimse`` when it has none."""
+    found = value.get("type", "dimse") if isinstance(value, dict) else getattr(value, "type", None)
+    return str(found)
+
+
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("dimse")] | Annotated[DicomwebDestination, Tag("dicomweb")],
+    Discriminator(_destination_type),
+]
+"""A destination of either type (``type: dimse``, the default, or ``type: dicomweb``)."""
 
 
 class TLSConfig(_Strict):
@@ -242,6 +355,49 @@ class CallerEntry(_Strict):
         return cls(ae_title=ae.strip(), host=host.strip() if sep else None)
 
 
+DATABASE_DIALECTS = ("sqlite", "postgresql")
+"""Databases the job store runs on (``database:``)."""
+
+
+def check_database_url(value: str) -> str:
+    """Validate a ``database:`` URL; return it with PostgreSQL's driver made explicit.
+
+    ``postgresql://`` means ``postgresql+psycopg://`` (psycopg 3, the driver dicom-node ships).
+    The messages never repeat the URL: it may hold a password.
+
+    Raises
+    ------
+    ValueError
+        Not a URL SQLAlchemy can parse, another database, or another PostgreSQL driver.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(value.strip())
+    except (ArgumentError, ValueError):
+        raise ValueError(
+            "must be a database URL such as postgresql+psycopg://user:password@host:5432/dbname "
+            "or sqlite:///path/jobs.db"
+        ) from None
+    dialect, _, driver = url.drivername.partition("+")
+    if dialect not in DATABASE_DIALECTS:
+        raise ValueError(
+            f"database {dialect!r} is not supported: use postgresql+psycopg:// or sqlite:///"
+        )
+    if dialect == "postgresql":
+        if driver not in ("", "psycopg"):
+            raise ValueError(
+                f"PostgreSQL driver {driver!r} is not shipped: use postgresql+psycopg://"
+            )
+        url = url.set(drivername="postgresql+psycopg")
+    elif driver not in ("", "pysqlite"):
+        raise ValueError(f"SQLite driver {driver!r} is not shipped: use sqlite:///path")
+    elif not url.database or url.database == ":memory:":
+        raise ValueError("an SQLite job store needs a file: sqlite:///path/jobs.db")
+    return url.render_as_string(hide_password=False)
+
+
 class NodeConfig(_Strict):
     """Every setting of a node. See ``dicom_node/defaults/node.yaml`` for the defaults."""
 
@@ -256,10 +412,19 @@ class NodeConfig(_Strict):
     storage: Path = Path("./var")
     rules: Path = Path("./rules")
     models: Path = Path("./models")
+    database: str | None = Field(None, min_length=1, max_length=2048)
+    """The job store: a SQLAlchemy URL (``postgresql+psycopg://user:password@host/db``, or
+    ``sqlite:///path``); None: the embedded SQLite ``jobs.db`` under ``storage``. Several
+    processes on one store need PostgreSQL. Its password is never logged or shown."""
+    migrate: Literal["auto", "never"] = "auto"
+    """``auto``: a job store written by an older dicom-node is upgraded to this version's schema
+    at start; ``never``: such a store is refused (run ``dicom-node migrate``)."""
     allowed_callers: list[str | CallerEntry] = Field(default_factory=list)
     """``[]``: any caller. Else entries ``AE``, ``AE@host`` or
     ``{ae_title: AE, host: h, cert_subject: "CN=..."}`` (see :class:`CallerEntry`)."""
-    destinations: dict[str, Destination] = Field(default_factory=dict)
+    destinations: dict[str, AnyDestination] = Field(default_factory=dict)
+    """Where results go, by name: C-STORE peers (``{ae_title, host, port}``) or DICOMweb
+    services (``{type: dicomweb, url: ...}``, see :class:`DicomwebDestination`)."""
     max_associations: int = Field(16, ge=1)
     max_associations_per_host: int = Field(8, ge=1)
     """Connections one host (IP address) may hold at once, capped at ``max_associations``;
@@ -308,6 +473,32 @@ class NodeConfig(_Strict):
     reload_interval: float = Field(1.0, gt=0)
     """Seconds between checks for edited rule files and alias changes."""
     log_level: str = "INFO"
+    # -- several processes on one job store (README "Scaling out") --
+    role: Literal["all", "receiver", "worker"] = "all"
+    """What this process runs: ``receiver`` (DICOM listener, spool, routing), ``worker`` (claims
+    jobs: inference, results, export) or ``all`` (both); ``dicom-node serve --role`` overrides."""
+    node_name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    """The ``node`` label of this process's metrics; default ``<hostname>-<role>``."""
+    heartbeat_interval: float = Field(5.0, gt=0)
+    """Seconds between this process's heartbeats in the job store (renewing its jobs' leases)."""
+    process_lease: float = Field(30.0, gt=0)
+    """Seconds without a heartbeat after which a process counts as dead and the jobs it claimed
+    are taken back by another process; at least 3 heartbeats."""
+
+    @model_validator(mode="after")
+    def _lease_spans_heartbeats(self) -> NodeConfig:
+        if self.process_lease < 3 * self.heartbeat_interval:
+            raise ValueError(
+                f"process_lease ({self.process_lease:g} s) must be at least 3 heartbeat_interval "
+                f"({3 * self.heartbeat_interval:g} s): one late heartbeat must not make a live "
+                "process look dead"
+            )
+        return self
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, value: str | None) -> str | None:
+        return None if value is None else check_database_url(value)
 
     @field_validator("min_free_disk", mode="before")
     @classmethod
@@ -374,8 +565,29 @@ class NodeConfig(_Strict):
 
     def resolve(self, base: Path) -> NodeConfig:
         """Return a copy whose relative paths are anchored at ``base``."""
-        paths = {k: (base / getattr(self, k)).resolve() for k in ("storage", "rules", "models")}
+        paths: dict[str, Any] = {
+            k: (base / getattr(self, k)).resolve() for k in ("storage", "rules", "models")
+        }
+        paths["destinations"] = {
+            name: dest.anchored(base) if isinstance(dest, DicomwebDestination) else dest
+            for name, dest in self.destinations.items()
+        }
+        if self.database is not None:
+            paths["database"] = _anchored_sqlite(self.database, base)
         return self.model_copy(update=paths)
+
+
+def _anchored_sqlite(database: str, base: Path) -> str:
+    """An ``sqlite:///relative/path`` URL anchored at ``base``; other URLs unchanged."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database)
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return database
+    path = Path(url.database)
+    if path.is_absolute():
+        return database
+    return url.set(database=str((base / path).resolve())).render_as_string(hide_password=False)
 
 
 # -- bounded YAML (node.yaml here; rule and rule-test files in dicom_node/routing) ----------------
@@ -516,6 +728,14 @@ def yaml_problem(exc: BaseException, syntax: str = "YAML syntax error") -> tuple
     return line, f"{syntax}: {reason}"
 
 
+def _untagged(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An error location without the destination type pydantic puts in it
+    (``destinations.pacs.dimse.port`` is ``destinations.pacs.port`` to a user)."""
+    if len(loc) > 2 and loc[0] == "destinations" and loc[2] in ("dimse", "dicomweb"):
+        return loc[:2] + loc[3:]
+    return loc
+
+
 def _plain(message: str) -> str:
     """A pydantic message without its ``Value error, `` prefix."""
     return message.removeprefix("Value error, ")
@@ -600,7 +820,7 @@ def load_config(
         return NodeConfig(**data).resolve(base)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {_plain(err['msg'])}"
+            f"{'.'.join(str(p) for p in _untagged(err['loc'])) or '(top)'}: {_plain(err['msg'])}"
             for err in exc.errors()
         )
         raise ConfigError(f"{source}: {problems}") from exc

@@ -6,6 +6,8 @@ rules are loaded, every production model is loaded, and the SCP is listening; ot
 the JSON body says which check failed (including the last rule reload error), so an operator does
 not have to read logs to know why. The checks' details (model versions, rule errors) are shown to
 loopback callers only unless ``health_detail: any``: a hospital network need not learn them.
+Every ``/metrics`` sample carries the process's ``node`` label
+(:func:`dicom_node.metrics.node_registry`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from dicom_node.metrics import REGISTRY
+from dicom_node.metrics import REGISTRY, node_registry
 
 LOGGER = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+            self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             self._checks("alive", self.server.liveness())
         elif path == "/readyz":
@@ -89,10 +91,12 @@ class _Server(ThreadingHTTPServer):
         readiness: ReadinessCheck,
         liveness: LivenessCheck,
         detail_from: str,
+        registry: CollectorRegistry,
     ) -> None:
         self.readiness = readiness
         self.liveness = liveness
         self.detail_from = detail_from
+        self.registry = registry
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -113,6 +117,9 @@ class HealthServer:
         Called on each ``/healthz``; none: always alive.
     detail_from:
         ``loopback`` (check details to loopback callers only) or ``any``.
+    node:
+        The ``node`` label of every metric served (:func:`dicom_node.metrics.node_registry`);
+        None serves the metrics without it.
     """
 
     def __init__(
@@ -122,8 +129,12 @@ class HealthServer:
         readiness: ReadinessCheck,
         liveness: LivenessCheck | None = None,
         detail_from: str = "loopback",
+        node: str | None = None,
     ) -> None:
-        self._server = _Server((host, port), readiness, liveness or _always_alive, detail_from)
+        registry = node_registry(node) if node else REGISTRY
+        self._server = _Server(
+            (host, port), readiness, liveness or _always_alive, detail_from, registry
+        )
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 
     @property

@@ -2,11 +2,21 @@
 
 Names follow Triton's where they mean the same thing (``inference_request_success`` ...).
 Labels carry model names, versions, destinations and states only: never patient data or UIDs.
+
+Every sample also carries a ``node`` label (config ``node_name``, default
+``<hostname>-<role>``), added when ``/metrics`` is served (:func:`node_registry`), so that several
+processes exporting the same series (two workers, two receivers) stay apart in Prometheus. The
+job-store gauges (``dicom_node_jobs``, ``dicom_node_queue_depth``, ``dicom_node_processes``)
+describe the shared store: every process reports the same numbers, so aggregate them with
+``max by (state)``, not ``sum``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 """The node's own registry, so that tests can run several nodes in one process without clashes."""
@@ -86,6 +96,14 @@ INFERENCE_DURATION = Histogram(
     registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+LOW_CONFIDENCE = Counter(
+    "low_confidence_results",
+    "Results flagged low confidence (uncertainty above the manifest's threshold or an input "
+    "outside the training data), whatever the rule then did with them",
+    ["model", "version"],
+    namespace=_NS,
+    registry=REGISTRY,
+)
 EXPORT_SUCCESS = Counter(
     "export_success",
     "SEGs delivered to a destination",
@@ -152,3 +170,56 @@ LOOP_FAILURES = Counter(
     namespace=_NS,
     registry=REGISTRY,
 )
+PROCESSES = Gauge(
+    "processes",
+    "Processes registered on the job store, by role and state (alive, dead, stopped)",
+    ["role", "state"],
+    namespace=_NS,
+    registry=REGISTRY,
+)
+JOBS_TAKEN_BACK = Counter(
+    "jobs_taken_back",
+    "Claimed jobs this process gave back because their owner stopped heartbeating",
+    namespace=_NS,
+    registry=REGISTRY,
+)
+
+NODE_LABEL = "node"
+"""The label every served sample carries (see the module docstring)."""
+
+
+class _NodeLabelled:
+    """A collector serving ``source``'s samples with ``node=<name>`` added to each."""
+
+    def __init__(self, source: CollectorRegistry, node: str) -> None:
+        self._source = source
+        self._node = node
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._source.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                out.add_sample(
+                    s.name,
+                    {**s.labels, NODE_LABEL: self._node},
+                    s.value,
+                    s.timestamp,
+                    s.exemplar,
+                    s.native_histogram,
+                )
+            yield out
+
+
+def node_registry(node: str, source: CollectorRegistry = REGISTRY) -> CollectorRegistry:
+    """A registry to serve: ``source``'s metrics, every sample labelled ``node=<node>``.
+
+    Raises
+    ------
+    ValueError
+        ``node`` is empty.
+    """
+    if not node:
+        raise ValueError("`node` must be a non-empty metric label value")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_NodeLabelled(source, node))
+    return registry

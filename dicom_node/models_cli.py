@@ -209,14 +209,19 @@ SHADOW_RUNS = 1000
 def _shadow_summary(config_path: Path | None, name: str) -> list[str]:
     """Mean Dice agreement per shadow version and segment from the node's job store, if any."""
     try:
-        storage = _config(config_path).storage
+        config = _config(config_path)
     except click.ClickException:
         return []
-    if not (storage / "jobs.db").is_file():
+    storage = config.storage
+    if config.database is None and not (storage / "jobs.db").is_file():
         return []
     from dicom_node.jobs.store import JobStore
 
-    store = JobStore.open(storage)
+    try:
+        store = JobStore.for_config(config)
+    except Exception as exc:  # unreachable or refused: the summary is optional
+        LOGGER.debug("no shadow summary: %s", exc)
+        return []
     try:
         runs = store.shadow_results(model=name, limit=SHADOW_RUNS)
     except Exception as exc:  # an old or foreign database: the summary is optional

@@ -5,11 +5,21 @@ a second process on the same job store would not fight over it. The passes thems
 driver thread, woken by that clock, by every instance the SCP records and by every worker that
 frees, so a job starts right after its series completes instead of up to a poll interval later.
 Workers are a bounded thread pool fed by atomic claims from the store.
+
+Roles (``role`` / ``serve --role``): a ``receiver`` runs the DICOM listener and the spool, a
+``worker`` claims jobs (inference, results, export), ``all`` runs both. Assembly and routing run
+in every role: each step is a guarded ``UPDATE`` in the job store (``received -> routed``,
+``routed -> queued``), so however many processes try, one wins and the others see zero rows.
+Each process registers in the job store and heartbeats there (:mod:`dicom_node.jobs.processes`);
+the same heartbeat renews the leases of the jobs it holds and takes back those of dead owners.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,12 +27,13 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_node import metrics
+from dicom_node import __version__, metrics
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
 from dicom_node.http import HealthServer
 from dicom_node.infer.worker import Worker
 from dicom_node.jobs import TERMINAL, InstanceRecord, Job, JobState, JobStore
+from dicom_node.jobs.processes import HUNG_AFTER
 from dicom_node.jobs.reconcile import reconcile_spool
 from dicom_node.jobs.retention import Freed, RetentionReport
 from dicom_node.liveness import Liveness, install_thread_excepthook
@@ -50,6 +61,30 @@ which ``/healthz`` reports the node as not alive."""
 STOP_JOIN_SECONDS = 10.0
 """How long :meth:`Node.stop` waits for the driver thread to finish its current pass."""
 
+RECONCILE_GRACE = 120.0
+"""Seconds a spooled file must be old before the start-up reconciliation of a process that
+shares ``storage`` (server database) records it: younger ones may be a live receiver's that it
+records itself a moment later (see :func:`dicom_node.jobs.reconcile.reconcile_spool`)."""
+
+TESTHOOK_HOLD_JOB = "DICOM_NODE_TESTHOOK_HOLD_JOB"
+"""Test hook, inert unless set: seconds a worker holds each job it claimed before working on it
+(the multi-process tests kill a worker while it holds one). Not a configuration key; never set it
+in production."""
+
+RECEIVER_ROLES = frozenset({"all", "receiver"})
+WORKER_ROLES = frozenset({"all", "worker"})
+
+
+def server_database(config: NodeConfig) -> bool:
+    """Whether the job store is a server database (several processes may share ``storage``)
+    rather than the embedded SQLite file (one process per ``storage``)."""
+    return config.database is not None and not config.database.startswith("sqlite")
+
+
+def node_name(config: NodeConfig) -> str:
+    """The ``node`` label of this process's metrics: ``node_name`` or ``<hostname>-<role>``."""
+    return config.node_name or f"{socket.gethostname()}-{config.role}"
+
 
 class Node:
     """A running dicom-node. ``start()`` returns once it listens; ``stop()`` is graceful.
@@ -62,9 +97,13 @@ class Node:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
+        self.role = config.role
+        self.name = node_name(config)
         config.storage.mkdir(parents=True, exist_ok=True)
-        # one owner per storage, before anything in it is read (raises StorageInUse)
-        self._storage_lock = StorageLock(config.storage)
+        # before anything in storage is read (raises StorageInUse): SQLite, one process per
+        # storage (then this process is alone on its job store); server database: shared
+        self._shared = server_database(config)
+        self._storage_lock = StorageLock(config.storage, shared=self._shared)
         self._storage_lock.acquire()
         try:
             self._wire(config)
@@ -76,9 +115,11 @@ class Node:
         """Build every stage (after the storage lock is held)."""
         install_thread_excepthook()
         self.liveness = Liveness()
-        self.store = JobStore.open(config.storage)
+        self.store = JobStore.for_config(config)  # database:, migrate: (StoreError)
         self.audit = AuditLog(config.storage / "audit.log")
-        self.spool = Spool(config.storage)
+        self.process_id: str | None = None
+        # shared storage: staged files younger than the grace may be a live receiver's
+        self.spool = Spool(config.storage, recover_min_age=RECONCILE_GRACE if self._shared else 0.0)
         self.model_store = ModelStore(config.models)
         self.models = ServingModels(
             self.model_store,
@@ -101,7 +142,12 @@ class Node:
             self.audit,
         )
         self.worker = Worker(
-            config, self.store, self.models, self.audit, outputs_for=self._rule_outputs
+            config,
+            self.store,
+            self.models,
+            self.audit,
+            outputs_for=self._rule_outputs,
+            on_low_confidence_for=self._rule_on_low_confidence,
         )
         self.scp = StorageSCP(config, self.spool, self._on_instance)
         self.http = HealthServer(
@@ -110,6 +156,7 @@ class Node:
             self.readiness,
             liveness=self.health,
             detail_from=config.health_detail,
+            node=self.name,
         )
         self._pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="worker")
         self._slots = threading.BoundedSemaphore(config.workers)
@@ -117,25 +164,59 @@ class Node:
         self._stopping = threading.Event()
         self._wake_event = threading.Event()
         self._models_signature: tuple[tuple[str, int], ...] = ()
+        self._held: dict[int, float] = {}  # job id -> monotonic time of its claim
+        self._test_hold = float(os.environ.get(TESTHOOK_HOLD_JOB) or 0.0)
+        self._held_lock = threading.Lock()
         self._driver = threading.Thread(target=self._drive, name="pipeline-driver", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def receives(self) -> bool:
+        """Whether this process runs the DICOM listener (role ``all`` or ``receiver``)."""
+        return self.role in RECEIVER_ROLES
+
+    @property
+    def works(self) -> bool:
+        """Whether this process claims jobs (role ``all`` or ``worker``)."""
+        return self.role in WORKER_ROLES
+
     def start(self) -> None:
         """Load rules and models, resume unfinished jobs, then listen for DICOM and HTTP."""
         # files of a retention pass a crash interrupted go first: their rows are already gone,
         # and reconciliation would record them again (jobs/retention.py)
         self._audit_purge(self.store.finish_purges(self.config.storage, self.spool.remove))
-        reconcile_spool(self.store, self.config.storage, SPOOL_DIR)
-        resumed = self.store.release_running()
+        if self.receives:
+            grace = RECONCILE_GRACE if self._shared else 0.0
+            reconcile_spool(self.store, self.config.storage, SPOOL_DIR, min_age=grace)
+        self.process_id = self.store.register_process(
+            self.role, __version__, details={"node": self.name, "ae_title": self.config.ae_title}
+        )
+        self.audit.process = self.process_id
+        # alone on the embedded store (exclusive lock): every held job is an interrupted one;
+        # on a shared store only those of dead owners, once their lease ran out
+        resumed = self.store.take_back(self.config.process_lease, alone=not self._shared)
         if resumed:
-            LOGGER.info("resuming %d interrupted job(s)", resumed)
+            self.audit.write("taken_back", jobs=resumed, at="start")
+        if not self._shared:
+            counts = self.store.counts()
+            waiting = counts[JobState.QUEUED.value] + counts[JobState.EXPORTING.value]
+            if waiting:
+                LOGGER.info(
+                    "resuming %d unfinished job(s), %d of them interrupted", waiting, len(resumed)
+                )
+        elif resumed:
+            LOGGER.info("took back %d job(s) of stopped processes", len(resumed))
+        LOGGER.info("process %s registered (role %s)", self.process_id, self.role)
         self.rules_watcher.start()
-        self.models.start()
+        if self.works:
+            self.models.start()
         self.http.start()
         interval = self.config.poll_interval
         self.liveness.register(
             "driver", max(DRIVER_MAX_SILENCE, 20 * interval), alive=self._driver.is_alive
         )
+        # silent for a lease: the other processes count this one as dead and take its jobs
+        self.liveness.register("heartbeat", self.config.process_lease)
         self._driver.start()
         self._scheduler.add_job(
             self._wake,
@@ -172,12 +253,26 @@ class Node:
             coalesce=True,
             next_run_time=_now(),  # one pass at start, then every retention.interval
         )
+        self._scheduler.add_job(
+            self._heartbeat,
+            "interval",
+            seconds=self.config.heartbeat_interval,
+            id="heartbeat",
+            max_instances=1,
+            coalesce=True,
+        )
         self._scheduler.start()
-        self.scp.start()
+        if self.receives:
+            self.scp.start()
+        # what start-up loaded (libraries, models, rules) lives as long as the process: the
+        # collector need not walk it again (a full collection took 40-110 ms with it and held
+        # every thread; issue 15)
+        gc.freeze()
         LOGGER.info(
-            "dicom-node %s listening on DICOM port %d, HTTP port %d",
+            "dicom-node %s (%s) %s, HTTP port %d",
             self.config.ae_title,
-            self.scp.port,
+            self.role,
+            f"listening on DICOM port {self.scp.port}" if self.receives else "not listening",
             self.http.port,
         )
 
@@ -202,6 +297,10 @@ class Node:
         pending = sum(n for state, n in self.store.counts().items() if state not in TERMINAL)
         if pending:
             LOGGER.info("%d unfinished job(s) kept in the job store for the next start", pending)
+        try:
+            self.store.mark_stopped()
+        except Exception:  # noqa: BLE001 (a stop must finish; the heartbeat goes stale anyway)
+            LOGGER.exception("could not record this process as stopped")
         self.rules_watcher.stop()
         self.models.stop()
         self.http.stop()
@@ -230,6 +329,12 @@ class Node:
         rules = self.rules.current
         rule = rules.get(name) if rules is not None else None
         return rule.outputs if rule is not None else None
+
+    def _rule_on_low_confidence(self, name: str) -> str | None:
+        """The ``on_low_confidence`` of the rule called ``name`` in force (None: unknown)."""
+        rules = self.rules.current
+        rule = rules.get(name) if rules is not None else None
+        return rule.on_low_confidence if rule is not None else None
 
     def _model_store_signature(self) -> tuple[tuple[str, int], ...]:
         """Names and mtimes of the model store's alias files and version folders."""
@@ -303,22 +408,69 @@ class Node:
         self.liveness.beat("driver")
 
     def _dispatch(self) -> None:
+        if not self.works:
+            return
         while not self._stopping.is_set() and self._slots.acquire(blocking=False):
-            job = self.store.claim()
+            job = self.store.claim(lease=self.config.process_lease)
             if job is None:
                 self._slots.release()
                 return
+            with self._held_lock:
+                self._held[job.id] = time.monotonic()
+            self.audit.write("claimed", job=job.id, state=job.state.value, attempt=job.attempts)
             self._pool.submit(self._run, job)
 
     def _run(self, job: Job) -> None:
         try:
+            if self._test_hold > 0:
+                LOGGER.warning("test hook %s: holding job %s", TESTHOOK_HOLD_JOB, job.id)
+                self._stopping.wait(self._test_hold)
             if self._stopping.is_set():  # claimed, but the node stops: leave it for the next start
                 self.store.release(job.id)
                 return
             self.worker.process(job)
         finally:
+            with self._held_lock:
+                self._held.pop(job.id, None)
             self._slots.release()
             self._wake()  # a slot is free: the next due job need not wait for the clock
+
+    def _renewable(self) -> list[int]:
+        """Jobs this process holds whose leases its heartbeat still renews (not hung)."""
+        now = time.monotonic()
+        with self._held_lock:
+            return [job_id for job_id, t in self._held.items() if now - t < HUNG_AFTER]
+
+    def _heartbeat(self) -> None:
+        """Scheduler: renew this process's heartbeat and leases; take back dead owners' jobs."""
+        lease = self.config.process_lease
+        try:
+            if not self.store.heartbeat(lease, self._renewable()):
+                # our row was marked stopped or removed: register anew; jobs we hold under the
+                # old id can no longer be moved by us (held_by), whoever has them now
+                LOGGER.warning(
+                    "process %s is no longer registered; registering again", self.process_id
+                )
+                self.process_id = self.store.register_process(
+                    self.role, __version__, details={"node": self.name}
+                )
+                self.audit.process = self.process_id
+            taken = self.store.take_back(lease)
+        except Exception as exc:  # noqa: BLE001 (the next beat tries again; /healthz tells)
+            metrics.LOOP_FAILURES.labels(loop="heartbeat").inc()
+            self.liveness.trouble("heartbeat", type(exc).__name__)
+            LOGGER.exception("heartbeat failed")
+            return
+        self.liveness.beat("heartbeat")
+        if taken:
+            metrics.JOBS_TAKEN_BACK.inc(len(taken))
+            self.audit.write("taken_back", jobs=taken, lease=lease)
+            LOGGER.warning(
+                "took back %d job(s) of process(es) that stopped heartbeating: %s",
+                len(taken),
+                ", ".join(map(str, taken)),
+            )
+            self._wake()
 
     def _retention(self) -> None:
         """One retention pass (scheduler thread): purge finished series past their age."""
@@ -326,6 +478,7 @@ class Node:
             report = self.store.purge_expired(
                 self.config.storage, self.config.retention, remove_spooled=self.spool.remove
             )
+            self.store.prune_processes(self.config.process_lease)  # gone for KEEP_GONE
         except Exception:  # the next pass tries again; nothing is half-done (see retention)
             metrics.LOOP_FAILURES.labels(loop="retention").inc()
             LOGGER.exception("retention pass failed")
@@ -344,6 +497,14 @@ class Node:
         for state, n in counts.items():
             metrics.JOBS.labels(state=state).set(n)
         metrics.QUEUE_DEPTH.set(counts[JobState.QUEUED.value])
+        now = time.time()
+        by_role: dict[tuple[str, str], int] = {}
+        for proc in self.store.list_processes():
+            key = (proc.role, proc.state(now, self.config.process_lease))
+            by_role[key] = by_role.get(key, 0) + 1
+        for role in ("all", "receiver", "worker"):
+            for state in ("alive", "dead", "stopped"):
+                metrics.PROCESSES.labels(role=role, state=state).set(by_role.get((role, state), 0))
 
     def health(self) -> dict[str, tuple[bool, str]]:
         """The checks behind ``/healthz``: every loop made progress, no job outlived its lease.
@@ -353,6 +514,7 @@ class Node:
         node says so and an orchestrator's restart gives the job back (``release_running``).
         """
         checks = self.liveness.check()
+        checks["process"] = (True, f"{self.process_id} (role {self.role}, node {self.name})")
         try:
             overdue = self.store.overdue_running()
         except Exception as exc:  # noqa: BLE001 (a failing job store is itself the answer)
@@ -379,13 +541,14 @@ class Node:
             models_ok, models_detail = self.models.ready(refs)
         if models_ok:
             models_detail = _describe_served(self.models.served()) or "no models in the store"
-        listening = bool(self.scp.listening) and not self._stopping.is_set()
-        return {
-            "rules": (rules is not None, rules_detail),
-            "models": (models_ok, models_detail),
-            "scp": (listening, f"port {self.scp.port}" if listening else "not listening"),
-            "disk": self._disk_check(),
-        }
+        checks = {"rules": (rules is not None, rules_detail)}
+        if self.works:
+            checks["models"] = (models_ok, models_detail)
+        if self.receives:
+            listening = bool(self.scp.listening) and not self._stopping.is_set()
+            checks["scp"] = (listening, f"port {self.scp.port}" if listening else "not listening")
+        checks["disk"] = self._disk_check()
+        return checks
 
     def _disk_check(self) -> tuple[bool, str]:
         """Free bytes and inodes under ``storage`` against ``min_free_disk``/``min_free_inodes``

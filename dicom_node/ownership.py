@@ -1,11 +1,22 @@
-"""One owner per storage folder: an exclusive lock taken before anything in it is read.
+"""One owner per storage folder on SQLite, shared by design on a server database.
 
-Two ``dicom-node serve`` processes on the same ``storage`` with the embedded SQLite job store would
-both reset "running" jobs at start and both process and export the same work. That is an accident
-(a second unit file, a container started twice), not a deployment, so the second process refuses
-to start and names the first. The lock is ``fcntl.flock`` on ``<storage>/node.lock``: the kernel
-drops it when the owner dies, even by kill -9, so a stale file never blocks a restart. The file's
-content (pid, host, start time) is only there to name the owner in the error.
+The rule (README "Scaling out"):
+
+* **Embedded SQLite job store** (``database: null`` or an ``sqlite://`` URL): one process per
+  storage folder, any role. It takes an *exclusive* lock. Two processes on one SQLite store are
+  an accident (a second unit file, a container started twice), and SQLite on a shared volume is
+  not safe across hosts anyway, so the second process refuses to start and names the first.
+  Holding the exclusive lock also tells the process that it is alone on its job store: at start
+  it takes back every interrupted job at once, without waiting for a lease.
+* **Server database** (PostgreSQL): any number of processes share ``storage`` (one shared
+  volume for receivers and workers); each takes a *shared* lock. Coordination is the job store's
+  (claims, heartbeats, leases: :mod:`dicom_node.jobs.processes`); the shared lock only keeps an
+  SQLite node from starting on a storage folder that server-database processes use, and the
+  other way round.
+
+The lock is ``fcntl.flock`` on ``<storage>/node.lock``: the kernel drops it when the owner dies,
+even by kill -9, so a stale file never blocks a restart. The file's content (pid, host, start
+time) names the exclusive owner in the error; shared holders leave it alone.
 """
 
 from __future__ import annotations
@@ -27,44 +38,60 @@ class StorageInUse(RuntimeError):
 
 
 class StorageLock:
-    """An exclusive, process-lifetime lock on a storage folder.
+    """A process-lifetime lock on a storage folder: exclusive (SQLite) or shared (server DB).
 
     Parameters
     ----------
     storage:
         The node's storage folder (created if missing).
+    shared:
+        Take a shared lock (processes on a server database); default exclusive.
 
     Raises
     ------
     StorageInUse
-        From :meth:`acquire`, when another process holds the lock; the message names it.
+        From :meth:`acquire`, when another process holds the lock in the other mode (or, for
+        an exclusive lock, at all); the message names it.
     """
 
-    def __init__(self, storage: Path) -> None:
+    def __init__(self, storage: Path, shared: bool = False) -> None:
         self.path = Path(storage) / LOCK_FILE
+        self.shared = shared
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`StorageInUse` at once (never waits)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the process)
+        mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle.fileno(), mode | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             owner = _describe(handle.read())
             handle.close()
+            if self.shared:
+                raise StorageInUse(
+                    f"storage {self.path.parent} is used by {owner} with the embedded SQLite "
+                    "job store; processes on a server database cannot share it: stop that node "
+                    "or give it the same 'database'"
+                ) from None
             raise StorageInUse(
-                f"storage {self.path.parent} is already used by {owner}; one storage folder has "
-                "one owner: stop that node, or give this one its own 'storage'"
+                f"storage {self.path.parent} is already used by {owner}; with the embedded "
+                "SQLite job store one storage folder has one process: stop that node, give "
+                "this one its own 'storage', or run several processes on a server database "
+                "('database: postgresql+psycopg://...', README \"Scaling out\")"
             ) from None
+        self._file = handle
+        if self.shared:  # no exclusive owner now: whatever the file names is gone
+            handle.truncate(0)
+            return
         handle.seek(0)
         handle.truncate()
         handle.write(
             json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
         )
         handle.flush()
-        self._file = handle
 
     def release(self) -> None:
         """Drop the lock (the kernel also drops it when the process ends)."""
@@ -84,4 +111,4 @@ def _describe(content: str) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
         return f"process {int(info['pid'])} on {info['host']} (since {since})"
     except (ValueError, KeyError, TypeError):
-        return "another process"
+        return "other processes"

@@ -183,4 +183,46 @@ def node_process() -> Iterator[Callable[[NodeConfig, Path], NodeProcess]]:
         proc.kill9()
 
 
+# -- PostgreSQL (tests/helpers/postgres.py): one throw-away server per pytest(-xdist) worker ------
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A PostgreSQL server of Debian's binaries on a free loopback port, stopped at session end.
+
+    Fails (never skips) when the binaries are missing: ``make test`` installs them.
+    """
+    from tests.helpers.postgres import PostgresMissing, PostgresServer
+
+    try:
+        server = PostgresServer()
+    except PostgresMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server: Any) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test (dropped after): its SQLAlchemy URL,
+    with the password of the node's login role in it."""
+    name, url = postgres_server.create_database()
+    try:
+        yield url
+    finally:
+        postgres_server.drop_database(name)
+
+
+DATABASES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=DATABASES)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The job store's database, once per kind: an SQLite file, then a PostgreSQL database."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("pg_url"))
+    return f"sqlite:///{tmp_path / 'jobs.db'}"
+
+
 __all__ = ["load_config", "make_config", "write_rules", "config_file", "THYROID_RULE"]

@@ -6,13 +6,15 @@ series: anything that contradicts what the store holds raises IdentityConflict, 
 
 from __future__ import annotations
 
-import sqlite3
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, insert, select
 
-from dicom_node.jobs import IdentityConflict, Instance, JobStore
+from dicom_node.jobs import IdentityConflict, Instance, JobStore, schema
 from dicom_node.jobs.records import patient_key
 
 STUDY_A, STUDY_B = "1.2.826.0.1.3680043.8.498.10", "1.2.826.0.1.3680043.8.498.20"
@@ -41,8 +43,9 @@ def inst(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> JobStore:
-    s = JobStore.open(tmp_path)
+def store(tmp_path: Path, store_url: str) -> Iterator[JobStore]:
+    """The job store on SQLite, then on PostgreSQL (``store_url`` of tests/conftest.py)."""
+    s = JobStore.open(tmp_path, store_url)
     yield s
     s.close()
 
@@ -96,34 +99,86 @@ class TestIdentity:
 
     def test_no_patient_data_in_the_database(self, store: JobStore, tmp_path: Path) -> None:
         store.record_instance(inst("1.1"))
-        raw = (tmp_path / "jobs.db").read_bytes() + (tmp_path / "jobs.db-wal").read_bytes()
+        with store.engine.connect() as conn:  # every value of every table, on either database
+            rows = [conn.execute(select(t)).all() for t in schema.metadata.sorted_tables]
+        raw = repr(rows).encode()
+        if store.engine.dialect.name == "sqlite":  # and the file's bytes, free pages included
+            raw += (tmp_path / "jobs.db").read_bytes() + (tmp_path / "jobs.db-wal").read_bytes()
+        assert b"1.2.826.0.1.3680043.8.498.10" in raw  # the dump holds the rows
         for value in (b"DOE^ANNA", b"19700101"):
             assert value not in raw
 
 
 class TestCompatibility:
-    def test_a_store_without_the_studies_table_opens_and_gains_it(self, tmp_path: Path) -> None:
-        store = JobStore.open(tmp_path)
-        store.record_instance(inst("1.1"))
-        store.close()
-        with sqlite3.connect(tmp_path / "jobs.db") as db:  # as written before identities
-            db.execute("DROP TABLE studies")
-        store = JobStore.open(tmp_path)
+    def test_a_store_of_the_first_release_gains_patient_identities(
+        self, tmp_path: Path, store_url: str
+    ) -> None:
+        """A store written before ``studies`` existed: its studies get their patient from their
+        next instance, and a contradicting one is refused from then on."""
+        from tests.helpers import schema_v1
+
+        engine = create_engine(store_url)
+        schema_v1.metadata.create_all(engine)  # as the first release wrote it
+        with engine.begin() as conn:
+            row = inst("1.1").as_row()
+            conn.execute(insert(schema_v1.instances).values(row))
+            conn.execute(
+                insert(schema_v1.series).values(
+                    series_uid=SERIES_X,
+                    study_uid=STUDY_A,
+                    n_instances=1,
+                    first_received=row["received_at"],
+                    last_received=row["received_at"],
+                )
+            )
+        engine.dispose()
+        store = JobStore.open(tmp_path, store_url)
         try:
             assert store.record_instance(inst("1.2"))
             with pytest.raises(IdentityConflict, match="study_of_other_patient"):
                 store.record_instance(inst("1.3", patient=("B", "ROE^BEN", None)))
+            assert store.series_info(SERIES_X).n_instances == 2
         finally:
             store.close()
 
 
+class TestConcurrency:
+    def test_racing_associations_of_one_new_study_all_succeed_once(self, store: JobStore) -> None:
+        """Threads (associations, or receivers on PostgreSQL) recording the first instances of
+        one new study and series at once, each instance twice: every instance is recorded once,
+        the series has one job, nobody gets an error."""
+        barrier = threading.Barrier(8)
+        errors: list[BaseException] = []
+        recorded: list[bool] = []
+
+        def send(k: int) -> None:
+            barrier.wait()
+            try:
+                for sop in (f"2.{k}", f"2.{(k + 1) % 8}"):
+                    recorded.append(store.record_instance(inst(sop)))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        assert sorted(recorded) == [False] * 8 + [True] * 8
+        assert store.series_info(SERIES_X).n_instances == 8
+        assert len(store.list_jobs()) == 1
+
+
 class TestHotPathCost:
-    def test_record_instance_stays_fast(self, store: JobStore) -> None:
-        """Known series, new instances: the plain-SQL path (see bench/RESULTS.md for figures)."""
+    def test_record_instance_stays_fast(self, tmp_path: Path) -> None:
+        """Known series, new instances: SQLite's plain-SQL path (bench/RESULTS.md has figures)."""
+        store = JobStore.open(tmp_path)
         store.record_instance(inst("1.0"))
         n = 500
         start = time.perf_counter()
         for k in range(1, n + 1):
             store.record_instance(inst(f"1.{k}"))
         per_instance = (time.perf_counter() - start) / n
+        store.close()
         assert per_instance < 0.005, f"{per_instance * 1e3:.2f} ms per instance"

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert
 
 from dicom_node.jobs import (
     TERMINAL,
@@ -49,8 +49,9 @@ ROUTE = Route(rule="r", model_ref="m@production", destinations=("pacs",), comple
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[JobStore]:
-    s = JobStore.open(tmp_path)
+def store(tmp_path: Path, store_url: str) -> Iterator[JobStore]:
+    """The job store on SQLite, then on PostgreSQL (``store_url`` of tests/conftest.py)."""
+    s = JobStore.open(tmp_path, store_url)
     yield s
     s.close()
 
@@ -359,40 +360,13 @@ class TestShadowResults:
             store.add_shadow_result(job_id, "m", "2", {"thyroid": -0.1})
         assert store.shadow_results() == []
 
-    def test_old_shadow_jobs_move_to_shadow_results(self, tmp_path: Path) -> None:
-        store = JobStore.open(tmp_path)
-        job_id = _running(store)
-        parent = store.get(job_id)
-        assert parent is not None
-        _seed(
-            store,
-            JobState.DONE,
-            series_uid=parent.series_uid,
-            kind="shadow",
-            model_name="m",
-            model_version="2",
-            finished_at=5.0,
-            details={"agreement": {"thyroid": 0.8}, "production_version": "1"},
-        )
-        store.close()
-        store = JobStore.open(tmp_path)  # the migration runs when the store opens
-        try:
-            (run,) = store.shadow_results()
-            assert (run.job_id, run.version, run.production_version, run.created_at) == (
-                job_id,
-                "2",
-                "1",
-                5.0,
-            )
-            with store.engine.connect() as conn:
-                kinds = conn.execute(select(schema.jobs.c.kind)).scalars().all()
-            assert kinds == ["production"]
-        finally:
-            store.close()
+    # shadow runs of the first release (kind = 'shadow' jobs): tests/test_migrations.py
 
 
 class TestReconcile:
-    def test_spooled_instance_without_row_is_recovered(self, tmp_path: Path) -> None:
+    def test_spooled_instance_without_row_is_recovered(
+        self, tmp_path: Path, store_url: str
+    ) -> None:
         from dicom_node.jobs.reconcile import reconcile_spool
         from tests.helpers.dicom_factory import make_nm
 
@@ -401,7 +375,7 @@ class TestReconcile:
         folder.mkdir(parents=True)
         ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
         (folder / f".tmp-{ds.SOPInstanceUID}.123").write_bytes(b"half written")
-        store = JobStore.open(tmp_path)
+        store = JobStore.open(tmp_path, store_url)
         try:
             assert reconcile_spool(store, tmp_path, "spool") == 1
             assert reconcile_spool(store, tmp_path, "spool") == 0

@@ -89,12 +89,13 @@ class TestGate:
         np.savez(reference / "case001" / "truth.npz", thyroid=np.zeros((3, 3), bool))
         with pytest.raises(
             GateError,
-            match=r"case001: truth 'thyroid' has shape \(1, 3, 3\), images are \(1, 64, 64\)",
+            match=r"case001: truth.npz\['thyroid'\] has shape \(1, 3, 3\) but the images are "
+            r"\(1, 64, 64\)",
         ):
             load_reference_cases(reference)
         (reference / "case002" / "truth.npz").unlink()
         (reference / "case001" / "truth.npz").unlink()
-        with pytest.raises(GateError, match=r"case001: no truth.npz"):
+        with pytest.raises(GateError, match=r"case001: no mask \(expected truth.npz, a DICOM SEG"):
             load_reference_cases(reference)
         with pytest.raises(GateError, match=r"reference data .*missing is not a folder"):
             load_reference_cases(tmp_path / "missing")
@@ -225,7 +226,7 @@ class TestPromoteCommand:
         assert result.exit_code == 1, result.output
         assert (
             "thyroid: mean Dice 0.0000 over 3 case(s); floor 0.1000 (default for a first "
-            "version) -> refused"
+            "version); 3-D IoU 0.0000, HD95 n/a -> refused"
         ) in result.output
         assert "refused by the gate: " in result.output
         assert "thyroid: mean Dice 0.0000 < floor 0.1000" in result.output

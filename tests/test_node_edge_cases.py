@@ -24,6 +24,7 @@ from dicom_node.jobs import InstanceRecord, JobState, JobStore, Route
 from dicom_node.modelstore import ModelStore
 from tests.conftest import make_config, write_rules
 from tests.helpers.dicom_factory import make_nm, write_series
+from tests.helpers.metrics import value
 from tests.helpers.onnx_models import make_store
 from tests.helpers.peers import Orthanc, StoreSCP, storescu
 from tests.helpers.ports import free_port
@@ -359,7 +360,7 @@ class TestFanOut:
             assert failed.delivered == ("pacs",)
             assert len(pacs.received()) == 1, "the reachable PACS got it once, not per attempt"
             _, body = _get(config.http_port, "/metrics")
-            assert 'dicom_node_export_failure_total{destination="backup"} 3.0' in body
+            assert value(body, "dicom_node_export_failure_total", destination="backup") == 3.0
 
             backup = StoreSCP(aet="BACKUP")
             backup.port = backup_port
@@ -429,15 +430,16 @@ class TestGaugesAndReadiness:
             body = wait_until(
                 lambda: (
                     (b := gauges())
-                    and 'dicom_node_jobs{state="queued"} 2.0' in b
-                    and 'dicom_node_jobs{state="exporting"} 1.0' in b
+                    and value(b, "dicom_node_jobs", state="queued") == 2.0
+                    and value(b, "dicom_node_jobs", state="exporting") == 1.0
                     and b
                 ),
                 timeout=5,
                 what="the gauges to show the store",
             )
-            assert "dicom_node_queue_depth 2.0" in body
-            assert 'dicom_node_jobs{state="done"} 0.0' in body
+            assert value(body, "dicom_node_queue_depth") == 2.0
+            assert value(body, "dicom_node_jobs", state="done") == 0.0
+            assert 'node="' in body, "every sample names the process that serves it"
 
     def test_readyz_is_503_with_a_reason_until_the_production_model_exists(
         self, tmp_path: Path, rules_dir: Path, node_factory: Any

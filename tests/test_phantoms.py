@@ -8,7 +8,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from dicom_node.demo import phantoms_alt
 from dicom_node.demo.phantoms import NM_IMAGE_STORAGE, make_case, plan_cases, write_cases
+from dicom_node.modelstore.scoring import surface
 from tests.helpers.peers import dciodvfy
 
 
@@ -38,8 +40,37 @@ class TestMakeCase:
         cases = [make_case(seed, 256) for seed in range(12)]
         totals = [c.meta["total_counts"] for c in cases]
         spacings = {float(c.dataset.PixelSpacing[0]) for c in cases}
-        assert all(4e4 < t < 7e5 for t in totals)
+        assert all(1.5e4 < t < 1.2e6 for t in totals)  # total counts 2e4-1e6, log-uniform
         assert len(spacings) == 12
+
+    def test_the_generator_covers_the_documented_variety(self) -> None:
+        """Edge, pole and lobe-filling nodules, both collimators, blur up to 7 mm, one lobe."""
+        metas, on_edge, big = [], 0, 0
+        for seed in range(60):
+            case = make_case(seed, 128)
+            metas.append(case.meta)
+            thyroid, nodule = case.truth["thyroid"], case.truth["nodule"]
+            on_edge += int((nodule & surface(thyroid)).any())
+            big += int(any(n["lobe_fill"] > 0.8 for n in case.meta["cold_nodules"]))
+        locations = {n["location"] for m in metas for n in m["cold_nodules"]}
+        assert locations == {"inside", "edge", "pole"}
+        assert any(n["bulge"] for m in metas for n in m["cold_nodules"])
+        assert on_edge >= 10, "nodules must reach the gland's outline"
+        assert big >= 3, "some nodules fill most of a lobe"
+        assert {m["geometry"] for m in metas} == {"pinhole", "parallel"}
+        fwhm = [m["fwhm_mm"] for m in metas]
+        assert 0.5 <= min(fwhm) < 2.0 and 5.5 < max(fwhm) <= 7.0
+        assert any(m["hot_nodules"] for m in metas)
+        assert any(m["salivary_glands"] for m in metas) and any(m["marker_mm"] for m in metas)
+        assert any(make_case(s, 64).meta["single_lobe"] for s in range(200))
+
+    def test_hot_nodules_are_gland_and_never_nodule(self) -> None:
+        seed = next(s for s in range(100) if make_case(s, 64).meta["hot_nodules"])
+        case = make_case(seed, 128)
+        assert (
+            case.truth["thyroid"].any()
+            and not (case.truth["nodule"] & ~case.truth["thyroid"]).any()
+        )
 
     def test_headers_are_nm_thyroid_scintigraphy(self) -> None:
         ds = make_case(3, 256).dataset
@@ -92,3 +123,34 @@ class TestWriteCases:
     def test_zero_cases_is_refused(self, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="n must be at least 1"):
             write_cases(tmp_path, 0, seed=1)
+
+
+class TestFamilyB:
+    """The independent held-out style: same contract, other models and header."""
+
+    def test_same_seed_same_study_and_truth_contract(self) -> None:
+        a, b = phantoms_alt.make_case(3, 128), phantoms_alt.make_case(3, 128)
+        assert a.dataset.PixelData == b.dataset.PixelData
+        for seed in range(10):
+            case = phantoms_alt.make_case(seed, 128)
+            thyroid, nodule = case.truth["thyroid"], case.truth["nodule"]
+            assert thyroid.shape == (128, 128) and thyroid.sum() > 30
+            assert not (nodule & ~thyroid).any()
+
+    def test_header_style_differs_from_family_a(self) -> None:
+        a, b = make_case(4, 256).dataset, phantoms_alt.make_case(4, 256).dataset
+        assert a.Manufacturer != b.Manufacturer and a.SeriesDescription != b.SeriesDescription
+        assert b.Modality == "NM" and b.SOPClassUID == NM_IMAGE_STORAGE
+        assert {phantoms_alt.make_case(s, 64).dataset.BitsAllocated for s in range(12)} == {8, 16}
+
+    @pytest.mark.parametrize("seed", [1, 6])
+    def test_dciodvfy_finds_no_error(self, tmp_path: Path, seed: int) -> None:
+        path = tmp_path / "nm.dcm"
+        phantoms_alt.make_case(seed, 128).dataset.save_as(path, enforce_file_format=True)
+        assert dciodvfy(path).errors == []
+
+    def test_write_cases_family_b_and_unknown_family(self, tmp_path: Path) -> None:
+        folders = write_cases(tmp_path / "b", 3, seed=2, size=64, family="B")
+        assert pydicom.dcmread(folders[0] / "image.dcm").Manufacturer == "AltGamma Medical"
+        with pytest.raises(ValueError, match="family must be"):
+            write_cases(tmp_path / "c", 1, seed=1, family="C")

@@ -160,9 +160,12 @@ class TestPreparedFiles:
         folder = root / "spool" / INCOMING_DIR
         return sorted(folder.iterdir()) if folder.is_dir() else []
 
-    def ready(self, root: Path) -> list[Path]:
+    def ready(self, root: Path, spool: Spool | None = None) -> list[Path]:
         wait_until(
-            lambda: len(self.incoming(root)) >= PREPARED_TARGET,
+            lambda: (
+                len(self.incoming(root)) >= PREPARED_TARGET
+                and (spool is None or spool.prepared_files() >= PREPARED_TARGET)
+            ),
             timeout=10,
             what=f"{PREPARED_TARGET} prepared files",
         )
@@ -173,7 +176,7 @@ class TestPreparedFiles:
     ) -> None:
         spool = Spool(tmp_path, prepare_ahead=True)
         first = spool.store(STUDY, SERIES, SOP, [b"first ", b"instance"])  # none prepared yet
-        prepared = {p.stat().st_ino for p in self.ready(tmp_path)}
+        prepared = {p.stat().st_ino for p in self.ready(tmp_path, spool)}
         assert all(p.name.startswith(".tmp-") for p in self.incoming(tmp_path))
         payload = [b"\x00" * 128, b"DICM", bytes(range(256)) * 40]
         second = spool.store(STUDY, SERIES, "1.2.3.4", payload)
@@ -215,3 +218,91 @@ class TestPreparedFiles:
         assert stored.created
         assert (tmp_path / stored.path).read_bytes() == b"after the clean-up"
         assert not list((tmp_path / "spool" / STUDY).rglob(".tmp-*"))
+
+
+def _instance_bytes(sop: str, series: str = SERIES) -> list[bytes]:
+    """File Meta + an Explicit VR Little Endian data set, as the C-STORE handler spools them."""
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    from dicom_node.receive.header import encode_file_meta
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.20"
+    ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID = STUDY
+    ds.SeriesInstanceUID = series
+    ds.Modality = "NM"
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    meta = encode_file_meta(ds.SOPClassUID, sop, "1.2.840.10008.1.2.1", "PACS")
+    return [meta, buf.getvalue()]
+
+
+class TestOneFlushRecovery:
+    """One flush per instance: until the background thread has flushed the final folder, the
+    staged file (durable name, checksum attribute) is the record a restart publishes from."""
+
+    @staticmethod
+    def unsettled_store(tmp_path: Path, sop: str) -> tuple[Spool, Path, Path, bytes]:
+        """Store one instance through a prepared file and stop before the folder flush: the
+        state a power cut right after Success leaves (the final name perhaps not on disk)."""
+        spool = Spool(tmp_path, prepare_ahead=True)
+        spool.store(STUDY, SERIES, SOP, [b"first"])  # starts the preparer
+        TestPreparedFiles().ready(tmp_path, spool)
+        spool._settle = lambda: None  # type: ignore[method-assign]  # the flush never comes
+        payload = _instance_bytes(sop)
+        stored = spool.store(STUDY, SERIES, sop, payload)
+        final = tmp_path / stored.path
+        staged = [
+            p
+            for p in (tmp_path / "spool" / INCOMING_DIR).iterdir()
+            if p.stat().st_ino == final.stat().st_ino
+        ]
+        assert stored.created and len(staged) == 1
+        return spool, final, staged[0], b"".join(payload)
+
+    def test_lost_final_name_is_recovered_from_the_staged_file(self, tmp_path: Path) -> None:
+        _spool, final, _staged, data = self.unsettled_store(tmp_path, "1.2.3.10")
+        final.unlink()  # the folder's new entry never reached the disk
+        restarted = Spool(tmp_path)
+        assert final.read_bytes() == data
+        assert not list((tmp_path / "spool").rglob(".tmp-*"))
+        assert restarted.bytes_used() == len(data) + len(b"first")
+
+    def test_published_staged_file_is_removed_and_the_instance_kept(self, tmp_path: Path) -> None:
+        """kill -9 after Success: the final name is there, the staging name is just removed."""
+        _spool, final, staged, data = self.unsettled_store(tmp_path, "1.2.3.11")
+        Spool(tmp_path)
+        assert final.read_bytes() == data and final.stat().st_nlink == 1
+        assert not staged.exists()
+
+    def test_torn_staged_file_is_never_published(self, tmp_path: Path) -> None:
+        """A crash before the fsync returned (never acknowledged) can leave bytes that do not
+        match the checksum: the restart removes them instead of taking them for the instance."""
+        _spool, final, staged, data = self.unsettled_store(tmp_path, "1.2.3.12")
+        final.unlink()
+        with staged.open("r+b") as fh:
+            fh.seek(len(data) - 3)
+            fh.write(b"\x00\x00\x00")
+        Spool(tmp_path)
+        assert not final.exists()
+        assert not staged.exists()
+
+    def test_young_staged_files_of_another_receiver_are_left_alone(self, tmp_path: Path) -> None:
+        _spool, final, staged, _data = self.unsettled_store(tmp_path, "1.2.3.13")
+        final.unlink()
+        Spool(tmp_path, recover_min_age=120.0)  # a second receiver starting on shared storage
+        assert staged.exists() and not final.exists()
+
+    def test_settled_store_leaves_no_staging_name(self, tmp_path: Path) -> None:
+        spool = Spool(tmp_path, prepare_ahead=True)
+        spool.store(STUDY, SERIES, SOP, [b"first"])
+        TestPreparedFiles().ready(tmp_path, spool)
+        stored = spool.store(STUDY, "1.2.3.99", "1.2.3.14", _instance_bytes("1.2.3.14", "1.2.3.99"))
+        final = tmp_path / stored.path
+        spool.prepare()
+        wait_until(lambda: final.stat().st_nlink == 1, timeout=10, what="staging name removed")
+        assert spool._unsynced_dirs == set()

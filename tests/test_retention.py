@@ -42,9 +42,10 @@ def _counter(name: str) -> float:
 class Storage:
     """A storage folder with a job store and spooled files written as the receiver writes them."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, database: str | None = None) -> None:
         self.root = root
-        self.store = JobStore.open(root)
+        self.database = database
+        self.store = JobStore.open(root, database)
         self._n = 0
 
     def add(
@@ -96,8 +97,10 @@ class Storage:
 
 
 @pytest.fixture
-def storage(tmp_path: Path) -> Iterator[Storage]:
-    s = Storage(tmp_path / "var")
+def storage(tmp_path: Path, store_url: str) -> Iterator[Storage]:
+    """A storage folder whose job store is SQLite, then PostgreSQL (``store_url``)."""
+    database = None if store_url.startswith("sqlite") else store_url
+    s = Storage(tmp_path / "var", database)
     yield s
     s.store.close()
 
@@ -214,7 +217,7 @@ class TestCrashSafety:
         ] == ["9.1"]
         assert all(storage.exists(f) for f in files)
         storage.store.close()
-        storage.store = JobStore.open(storage.root)  # restart
+        storage.store = JobStore.open(storage.root, storage.database)  # restart
         # reconciliation must not record the tombstoned files again (that would re-run the job
         # and send its SEG to the PACS a second time)
         assert reconcile_spool(storage.store, storage.root, "spool") == 0
@@ -370,7 +373,7 @@ class TestCleanupCommand:
         files = storage.add("9.1", n=2, size=1000)
         storage.finish("9.1", "done", 2 * DAY)
         keep = storage.add("9.2")
-        config = NodeConfig(storage=storage.root, min_free_disk=0)
+        config = NodeConfig(storage=storage.root, min_free_disk=0, database=storage.database)
         path = config_file(config, tmp_path / "node.yaml")
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -145,7 +145,8 @@ class TestBadData:
         np.savez(
             folder / "truth.npz", thyroid=np.zeros((32, 32), bool), nodule=np.zeros((32, 32), bool)
         )
-        with pytest.raises(DataError, match=r"case case5: mask shape \(1, 32, 32\) does not match"):
+        expected = r"case case5: truth.npz\['thyroid'\] has shape \(1, 32, 32\) but the images"
+        with pytest.raises(DataError, match=expected + r" are \(1, 64, 64\)"):
             load_case(folder, REFS)
 
     def test_unreadable_dicom_names_the_case(self, tmp_path: Path) -> None:

@@ -89,14 +89,16 @@ class TestComponents:
 
     def test_detection_counts_found_missed_and_false_nodules(self) -> None:
         truth = np.zeros((10, 10), bool)
-        truth[1:3, 1:3] = True  # found
+        truth[1:3, 1:3] = True  # found: half of it covered
         truth[6:8, 6:8] = True  # missed
+        truth[6:9, 0:3] = True  # touched (1 of 9 pixels): not found, not a false positive either
         pred = np.zeros((10, 10), bool)
-        pred[2:4, 2:4] = True  # overlaps the first
+        pred[2:4, 1:3] = True  # covers half of the first
         pred[0, 9] = True  # false positive
+        pred[8, 2] = True  # touches the third
         assert detection(pred, truth) == {
-            "truth": 2,
+            "truth": 3,
             "detected": 1,
-            "predicted": 2,
+            "predicted": 3,
             "false_positives": 1,
         }

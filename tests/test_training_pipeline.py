@@ -36,6 +36,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "run": root / "run",
         "model": root / "export" / "2",
         "eval": root / "eval",
+        "testB": root / "testB",  # the independent held-out style (phantoms_alt)
+        "evalB": root / "evalB",
         "store": root / "models",
     }
     _run(
@@ -51,6 +53,18 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "48",
     )
     _run("phantoms", str(paths["test"]), "--n", "4", "--seed", "202", "--size", "64")
+    _run(
+        "phantoms",
+        str(paths["testB"]),
+        "--n",
+        "4",
+        "--seed",
+        "303",
+        "--size",
+        "64",
+        "--family",
+        "B",
+    )
     _run("train", "--config", str(TINY), "--data", str(paths["train"]), "--out", str(paths["run"]))
     _run("export", "--checkpoint", str(paths["run"] / "best.pt"), "--out", str(paths["model"]))
     _run(
@@ -61,6 +75,15 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         str(paths["test"]),
         "--out",
         str(paths["eval"]),
+    )
+    _run(
+        "evaluate",
+        "--model",
+        str(paths["model"]),
+        "--data",
+        str(paths["testB"]),
+        "--out",
+        str(paths["evalB"]),
     )
     return paths
 
@@ -128,7 +151,7 @@ class TestExport:
     ) -> None:
         empty = tmp_path / "no-cases"
         empty.mkdir()
-        with pytest.raises(ValueError, match="has no case with image.dcm"):
+        with pytest.raises(ValueError, match="has no case folder"):
             export_model(pipeline["run"] / "best.pt", tmp_path / "6", reference=empty)
         assert list(tmp_path.iterdir()) == [empty]  # no orphan model.onnx, no temporary folder
         export_model(pipeline["run"] / "best.pt", tmp_path / "6", reference=pipeline["test"])
@@ -155,10 +178,46 @@ class TestExport:
         )
         manifest = load_manifest(tmp_path / "5" / "manifest.yaml")
         assert manifest.reference_data == "reference"
-        cases = sorted(p.name for p in (tmp_path / "5" / "reference").iterdir())
+        cases = sorted(p.name for p in (tmp_path / "5" / "reference").iterdir() if p.is_dir())
         assert cases == ["case0000", "case0001"]
+        labels = (tmp_path / "5" / "reference" / "labels.yaml").read_text()
+        assert "nodule: [2]" in labels  # the config's nifti_labels, for label maps
         added = ModelStore(tmp_path / "models").add(tmp_path / "5")
         assert (added.path / "reference" / "case0001" / "truth.npz").is_file()
+
+
+class TestBothFamilies:
+    """Training style and the independent style are both evaluated; the manifest keeps both."""
+
+    def test_reports_have_strata_and_highlights(self, pipeline: dict[str, Path]) -> None:
+        for name in ("eval", "evalB"):
+            report = json.loads((pipeline[name] / "report.json").read_text())
+            strata = report["strata"]["nodule"]
+            assert set(strata) == {"location", "size", "counts"}
+            assert {"inside", "touching", "edge", "reaching the edge"} == set(strata["location"])
+            assert set(report["highlights"]) == {
+                "clear fails",
+                "surprising successes",
+                "borderline",
+            }
+            lesions = [les for r in report["cases"] for les in r["nodule"]["lesions"]]
+            assert sum(r["nodule"]["truth"] for r in report["cases"]) == len(lesions)
+            found = sum(1 for les in lesions if les["coverage"] >= 0.5)
+            assert report["detection"]["nodule"]["detected"] == found  # >= 50 % coverage
+            text = (pipeline[name] / "report.md").read_text()
+            assert "strata (found = at least 50% of the lesion covered)" in text
+            assert "### clear fails" in text and "highlight-clear-fails.png" in text
+
+    def test_manifest_records_both_evaluations(
+        self, pipeline: dict[str, Path], tmp_path: Path
+    ) -> None:
+        reports = [pipeline["eval"] / "report.json", pipeline["evalB"] / "report.json"]
+        export_model(pipeline["run"] / "best.pt", tmp_path / "7", report=reports)
+        metrics = load_manifest(tmp_path / "7" / "manifest.yaml").metrics
+        assert set(metrics["evaluations"]) == {"eval", "evalB"}
+        assert metrics["evaluations"]["evalB"]["evaluated_on"] == str(pipeline["testB"])
+        assert metrics["thyroid"] == metrics["evaluations"]["eval"]["thyroid"]
+        assert "location: reaching the edge" in metrics["evaluations"]["evalB"]["strata"]["nodule"]
 
 
 class TestEvaluate:

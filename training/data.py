@@ -15,8 +15,13 @@ Folder layout (one folder per case; any folder names)::
         nodule.nii.gz
         # ... or labels.nii.gz, a label map decoded with the config's ``nifti_labels``
 
-NIfTI masks must be on the image's pixel grid in array order (rows, columns), i.e. what
-``SimpleITK.GetArrayFromImage`` returns for a file written from the image's pixel array.
+NIfTI masks must be on the image's pixel grid in array order (slices, rows, columns), i.e. what
+``SimpleITK.GetArrayFromImage`` returns for a file written from the image stack; a mask in another
+order is refused naming the file and both shapes. The readers are the model store's
+(:mod:`dicom_node.modelstore.cases`), so a promotion-gate reference set can be any case folder.
+
+**A multi-slice series is one case**: ``Case.frames`` is the whole (F, H, W) stack with each
+slice's position (``Case.positions``), so evaluation reports 3-D figures per series.
 
 **Frames are read by the node's own reader**
 (:func:`dicom_node.modelstore.frames.read_case_folder`): the same frame order (along the slice
@@ -40,32 +45,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 
-from dicom_node.modelstore.frames import SeriesFrames, SeriesReadError, read_case_folder
+from dicom_node.modelstore.cases import CaseError, SegmentRef, read_labelled_case
+
+__all__ = [
+    "Case",
+    "DataError",
+    "FrameDataset",
+    "SegmentRef",
+    "dataset_hash",
+    "find_cases",
+    "load_case",
+    "load_dataset",
+    "patient_split",
+]
 
 LOGGER = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-LABEL_MAP_NAMES = ("labels", "mask", "label")
-
-
-class DataError(ValueError):
-    """A case cannot be used; the message names the case and the reason."""
-
-    def __init__(self, case: str, reason: str) -> None:
-        super().__init__(f"case {case}: {reason}")
-        self.case = case
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class SegmentRef:
-    """How to find one segment in the mask files: its key, label and SNOMED type code."""
-
-    key: str
-    label: str = ""
-    type_code: str = ""
+DataError = CaseError
+"""A case cannot be used; the message names the case and the reason (``.case``, ``.reason``)."""
 
 
 @dataclass
@@ -90,6 +88,9 @@ class Case:
         The image files read.
     modality : str
         Modality of the first image (``""`` when absent): evaluation windows overlays by it.
+    positions : tuple of float
+        Each frame's position along the slice normal in mm, from the series geometry (3-D
+        metrics of a multi-slice series; :func:`dicom_node.modelstore.scoring.slice_positions`).
     """
 
     name: str
@@ -100,6 +101,7 @@ class Case:
     mask_format: str
     files: list[Path] = field(default_factory=list)
     modality: str = ""
+    positions: tuple[float, ...] = ()
 
 
 def find_cases(root: Path | str) -> list[Path]:
@@ -111,117 +113,6 @@ def find_cases(root: Path | str) -> list[Path]:
     if subs:
         return subs
     return [root] if any(root.iterdir()) else []
-
-
-def _masks_from_npz(path: Path, keys: Sequence[str], shape: tuple[int, int, int]) -> np.ndarray:
-    with np.load(path) as data:
-        missing = [k for k in keys if k not in data.files]
-        if missing:
-            raise ValueError(f"{path.name} has no array for {missing} (has {sorted(data.files)})")
-        arrays = [np.asarray(data[k]).astype(bool) for k in keys]
-    return np.stack([a.reshape((1, *a.shape)) if a.ndim == 2 else a for a in arrays])
-
-
-def _masks_from_seg(
-    seg: pydicom.Dataset,
-    series: SeriesFrames,
-    segments: Sequence[SegmentRef],
-    shape: tuple[int, int, int],
-) -> np.ndarray:
-    """Decode a (binary or fractional) SEG into (K, F, H, W) on the images' frames."""
-    number_for: dict[str, int] = {}
-    for item in seg.SegmentSequence:
-        label = str(item.get("SegmentLabel", "")).lower()
-        code = ""
-        if "SegmentedPropertyTypeCodeSequence" in item:
-            code = str(item.SegmentedPropertyTypeCodeSequence[0].CodeValue)
-        for ref in segments:
-            if ref.key in number_for:
-                continue
-            if label in (ref.key.lower(), ref.label.lower()) or (
-                ref.type_code and code == ref.type_code
-            ):
-                number_for[ref.key] = int(item.SegmentNumber)
-                break
-    missing = [ref.key for ref in segments if ref.key not in number_for]
-    if missing:
-        labels = [str(i.get("SegmentLabel", "")) for i in seg.SegmentSequence]
-        raise ValueError(f"SEG has no segment for {missing} (segments: {labels})")
-    # frame index of each source (SOP instance UID, frame number)
-    index = {
-        (str(series.sources[source].SOPInstanceUID), number): f
-        for f, (source, number) in enumerate(series.origins)
-    }
-    pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
-    if str(seg.get("SegmentationType", "BINARY")) == "FRACTIONAL":
-        pixels = pixels >= float(seg.get("MaximumFractionalValue", 255)) / 2
-    out = np.zeros((len(segments), *shape), dtype=bool)
-    per_frame = seg.PerFrameFunctionalGroupsSequence
-    key_of = {num: i for i, num in enumerate(number_for[ref.key] for ref in segments)}
-    for n, item in enumerate(per_frame):
-        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        if number not in key_of:
-            continue
-        target = _seg_frame_target(item, index)
-        if target is None:
-            if len(index) == 1:
-                target = 0
-            else:
-                raise ValueError(f"SEG frame {n + 1} references no known source frame")
-        out[key_of[number], target] |= pixels[n].astype(bool)
-    return out
-
-
-def _seg_frame_target(item: pydicom.Dataset, index: dict[tuple[str, int], int]) -> int | None:
-    for deriv in item.get("DerivationImageSequence", []):
-        for src in deriv.get("SourceImageSequence", []):
-            uid = str(src.ReferencedSOPInstanceUID)
-            frames = src.get("ReferencedFrameNumber", 1)
-            frame = int(frames[0] if isinstance(frames, Sequence) else frames)
-            if (uid, frame) in index:
-                return index[(uid, frame)]
-            if (uid, 1) in index:
-                return index[(uid, 1)]
-    return None
-
-
-def _read_nifti(path: Path) -> np.ndarray:
-    import SimpleITK as sitk
-
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def _masks_from_nifti(
-    folder: Path,
-    keys: Sequence[str],
-    shape: tuple[int, int, int],
-    nifti_labels: Mapping[str, Sequence[int]] | None,
-) -> np.ndarray:
-    per_key = {}
-    for key in keys:
-        for suffix in NIFTI_SUFFIXES:
-            if (folder / f"{key}{suffix}").exists():
-                per_key[key] = _read_nifti(folder / f"{key}{suffix}") > 0
-    if len(per_key) == len(keys):
-        arrays = [per_key[k] for k in keys]
-    else:
-        label_file = next(
-            (
-                folder / f"{n}{s}"
-                for n in LABEL_MAP_NAMES
-                for s in NIFTI_SUFFIXES
-                if (folder / f"{n}{s}").exists()
-            ),
-            None,
-        )
-        if label_file is None:
-            missing = [k for k in keys if k not in per_key]
-            raise ValueError(f"no NIfTI mask for {missing} and no labels.nii.gz label map")
-        if not nifti_labels:
-            raise ValueError(f"{label_file.name} is a label map but the config has no nifti_labels")
-        labels = _read_nifti(label_file)
-        arrays = [np.isin(labels, list(nifti_labels.get(k, []))) for k in keys]
-    return np.stack([a.reshape((1, *a.shape)) if a.ndim == 2 else a for a in arrays])
 
 
 def load_case(
@@ -250,52 +141,25 @@ def load_case(
         No image, no mask, unreadable file, missing segment or a mask whose shape differs from
         the image's; the message names the case.
     """
-    folder = Path(folder)
-    name = folder.name
-    keys = [s.key for s in segments]
-    try:
-        read = read_case_folder(folder)
-    except SeriesReadError as exc:
-        raise DataError(name, str(exc)) from exc
-    except OSError as exc:
-        raise DataError(name, f"unreadable folder ({exc})") from exc
-    series, segs, files = read.series, read.segs, read.files
-    if any(f.ndim != 2 for f in series.frames):
-        samples = series.sources[0].get("SamplesPerPixel")
-        raise DataError(name, f"only grey images are supported, SamplesPerPixel={samples}")
-    try:
-        frames = series.stack()
-    except ValueError as exc:
-        raise DataError(name, f"cannot stack the frames ({exc})") from exc
-    shape = frames.shape
-    has_nifti = any(p.name.endswith(NIFTI_SUFFIXES) for p in folder.iterdir())
-    try:
-        if (folder / "truth.npz").exists():
-            fmt, masks = "npz", _masks_from_npz(folder / "truth.npz", keys, shape)
-        elif segs:
-            fmt, masks = "seg", _masks_from_seg(segs[0], series, segments, shape)
-        elif has_nifti:
-            fmt, masks = "nifti", _masks_from_nifti(folder, keys, shape, nifti_labels)
-        else:
-            raise DataError(name, "no mask (expected truth.npz, a DICOM SEG or NIfTI files)")
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(name, f"cannot read the mask ({exc})") from exc
-    if masks.shape[1:] != shape:
+    read = read_labelled_case(folder, segments, nifti_labels)
+    if read.missing:
+        found = sorted(read.masks) or "none"
         raise DataError(
-            name, f"mask shape {tuple(masks.shape[1:])} does not match image shape {shape}"
+            read.name,
+            f"the {read.mask_format} mask has no segment {list(read.missing)} (found: {found})",
         )
-    patient = str(series.sources[0].get("PatientID", "") or "") or name
+    series = read.series
+    patient = str(series.sources[0].get("PatientID", "") or "") or read.name
     return Case(
-        name=name,
+        name=read.name,
         patient_id=patient,
-        frames=frames,
-        masks=masks,
+        frames=read.frames,
+        masks=np.stack([read.masks[s.key] for s in segments]),
         spacing=series.spacing,
-        mask_format=fmt,
-        files=files,
+        mask_format=read.mask_format,
+        files=read.files,
         modality=str(series.sources[0].get("Modality", "") or "").upper(),
+        positions=read.positions,
     )
 
 
@@ -306,8 +170,9 @@ def load_dataset(
     skip_bad: bool = False,
     nifti_labels: Mapping[str, Sequence[int]] | None = None,
     progress: Callable[[int], None] | None = None,
+    folders: Sequence[Path] | None = None,
 ) -> tuple[list[Case], list[DataError]]:
-    """Load every case folder under ``root``.
+    """Load every case folder under ``root`` (or only ``folders``: no other file is opened).
 
     Returns
     -------
@@ -325,7 +190,7 @@ def load_dataset(
     """
     cases: list[Case] = []
     skipped: list[DataError] = []
-    folders = find_cases(root)
+    folders = list(folders) if folders is not None else find_cases(root)
     for i, folder in enumerate(folders):
         try:
             cases.append(load_case(folder, segments, nifti_labels))

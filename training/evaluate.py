@@ -14,8 +14,12 @@ time approximation.
      "detection": {"nodule": {"truth_lesions", "detected", "sensitivity", "false_positives",
                               "fp_per_image", "images_without_lesion_with_fp"}},
      "by_size": {"256": {same keys}, "128": {...}},
+     "mean_3d": {"thyroid": {"dice", "iou", "hd95_mm", "n"}, ...},   # per series, 3-D
+     "volumes": [{"case", "frames", "thyroid": {...}, ...}, ...],      # training/volumes.py
      "cases": [{"case", "frame", "size", "spacing_mm", "thyroid": {...}, "nodule": {...,
-                "truth", "detected", "false_positives"}}, ...],
+                "truth", "detected", "false_positives"}, "confidence": {...}}, ...],
+     "confidence": {"worst": {"n", "flagged", "recall"}, "good": {"n", "flagged", ...},
+                    "precision", ...},          # with a manifest confidence: block
      "skipped": [...], "conventions": "..."}
 
 Averages: Dice and IoU over the images whose truth holds the segment (images without a lesion
@@ -39,13 +43,17 @@ from typing import Any
 import numpy as np
 
 from dicom_node.modelstore import (
+    Confidence,
+    ConfidentRun,
     Manifest,
     ModelRunner,
+    Prediction,
     ResolvedVersion,
     load_manifest,
     sha256_file,
 )
-from training import schema
+from dicom_node.modelstore.processing import slice_spacing
+from training import confidence_eval, schema, strata, volumes
 from training.data import Case, SegmentRef, load_dataset
 from training.export import HISTORY_FILE
 from training.metrics import case_metrics, detection
@@ -55,8 +63,12 @@ LOGGER = logging.getLogger(__name__)
 CONVENTIONS = (
     "Dice/IoU averaged over images whose truth contains the segment; HD95 (mm) over images where "
     "both masks are non-empty; lesion detection (segments declared lesion: true): a truth lesion "
-    "is found when a predicted component overlaps it, a predicted component overlapping no truth "
-    "lesion is a false positive."
+    "(8-connected component) is found when the prediction covers at least 50% of its pixels, a "
+    "predicted component overlapping no truth lesion is a false positive; strata: location by the "
+    "share of the lesion's outline on the organ's edge (inside 0, touching < 1/3, edge >= 1/3), "
+    "size and counts by terciles of this data set. Per series (3-D): Dice/IoU over the voxels of "
+    "the whole series, HD95 (mm) between 6-connected surfaces using pixel spacing and slice "
+    "positions, averaged over the series whose truth holds the segment."
 )
 
 DEFAULT_DISPLAY: dict[str, dict[str, Any]] = {
@@ -176,11 +188,37 @@ def version_of(model_dir: Path | str) -> ResolvedVersion:
     )
 
 
+def case_geometry(case: Any) -> dict[str, Any]:
+    """The geometry the runner's ``postprocess:`` steps get for ``case``, as the worker passes
+    it for a series: the frame reader's pixel spacing, the slice spacing from the frames'
+    positions, and the case as one volume."""
+    positions = getattr(case, "positions", None) or None
+    return {"spacing": tuple(case.spacing), "slice_spacing": slice_spacing(positions)}
+
+
 def predict_case(
     runner: ModelRunner, resolved: ResolvedVersion, case: Case
 ) -> list[dict[str, np.ndarray]]:
-    """Masks per frame of ``case``, by the node's runner: what the worker would return."""
-    return runner.run(resolved, list(case.frames))
+    """Masks per frame of ``case``, by the node's runner: what the worker would return
+    (the manifest's ``tta:`` and ``postprocess:`` included)."""
+    return runner.run(resolved, list(case.frames), **case_geometry(case))
+
+
+def predict_case_confident(
+    runner: ModelRunner, resolved: ResolvedVersion, case: Case
+) -> ConfidentRun:
+    """:func:`predict_case` and the manifest's confidence verdict on the case, judged by the
+    runner exactly as the worker judges a series (:func:`training.confidence_eval.case_summary`
+    is the worker's input summary)."""
+    summary = confidence_eval.case_summary(case)
+    return runner.run_confident(resolved, list(case.frames), summary, **case_geometry(case))
+
+
+def predict_case_details(runner: ModelRunner, resolved: ResolvedVersion, case: Case) -> Prediction:
+    """:func:`predict_case` with the probabilities and the masks before ``postprocess:``
+    (:class:`~dicom_node.modelstore.Prediction`): for choosing thresholds and post-processing
+    on validation data without running the model once per setting."""
+    return runner.predict(resolved, list(case.frames), **case_geometry(case))
 
 
 def evaluate(
@@ -194,6 +232,7 @@ def evaluate(
     figures: bool = True,
     progress: Callable[..., None] | None = None,
     config: dict[str, Any] | None = None,
+    folders: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Run the version in ``model_dir`` on every case of ``data_dir``; write the report.
 
@@ -210,7 +249,7 @@ def evaluate(
     skip_bad : bool
         Skip and list bad cases instead of stopping.
     nifti_labels : dict, optional
-        Label-map decoding for NIfTI masks.
+        Label-map decoding for NIfTI masks; default the config's ``data.nifti_labels``.
     figures : bool
         Write overlay and learning-curve PNGs.
     progress : callable, optional
@@ -218,6 +257,9 @@ def evaluate(
     config : dict, optional
         Training config whose ``train.segments`` (lesion flags) and ``display`` apply; default
         the one recorded in the manifest's provenance (:func:`evaluation_settings`).
+    folders : list of path, optional
+        Only these case folders of ``data_dir`` (a split's: ``evaluate --split``); no other
+        folder is opened.
 
     Returns
     -------
@@ -240,12 +282,21 @@ def evaluate(
     refs = [SegmentRef(s.key, s.label, s.type.value) for s in segments]
     keys = [s.key for s in segments]
     lesions, display = evaluation_settings(manifest, config)
-    cases, skipped = load_dataset(data_dir, refs, skip_bad=skip_bad, nifti_labels=nifti_labels)
+    if nifti_labels is None:  # label maps decode as in training: the config's nifti_labels
+        recorded = config if config is not None else manifest.provenance.get("config")
+        nifti_labels = ((recorded or {}).get("data") or {}).get("nifti_labels")
+    cases, skipped = load_dataset(
+        data_dir, refs, skip_bad=skip_bad, nifti_labels=nifti_labels, folders=folders
+    )
     runner = ModelRunner()
     records: list[dict[str, Any]] = []
     kept: list[tuple[Case, int, dict[str, np.ndarray]]] = []
+    verdicts: list[Confidence | None] = []
+    series_records: list[dict[str, Any]] = []
     for i, case in enumerate(cases):
-        for f, masks in enumerate(predict_case(runner, resolved, case)):
+        made = predict_case_confident(runner, resolved, case)
+        series_records.append(volumes.volume_record(case, made.masks, keys))
+        for f, masks in enumerate(made.masks):
             record: dict[str, Any] = {
                 "case": case.name,
                 "frame": f,
@@ -260,6 +311,11 @@ def evaluate(
                 if key in lesions:
                     stats.update(detection(masks[key], truth))
                 record[key] = stats
+            truths = {key: case.masks[k, f] for k, key in enumerate(keys)}
+            strata.annotate(record, case.frames[f], truths, masks, lesions, case.spacing)
+            if made.confidence is not None:  # one verdict per case, as per series in the node
+                record["confidence"] = made.confidence.to_dict()
+            verdicts.append(made.confidence)
             records.append(record)
             kept.append((case, f, masks))
         if progress:
@@ -275,9 +331,22 @@ def evaluate(
             str(size): summarise([r for r in records if r["size"] == size], keys, lesions)
             for size in sizes
         }
+    report["mean_3d"] = volumes.summarise_volumes(series_records, keys)
+    report["volumes"] = series_records
     report["cases"] = records
     report["skipped"] = [str(e) for e in skipped]
     report["conventions"] = CONVENTIONS
+    report["strata"] = strata.summarise(records, keys, lesions)
+    report["highlights"] = strata.highlights(records, keys, lesions)
+    flags = confidence_eval.flag_evaluation(
+        [f"{r['case']}/{r['frame']}" if r["frame"] else r["case"] for r in records],
+        [_score(r, keys) for r in records],
+        verdicts,
+    )
+    if flags is not None and manifest.confidence is not None:
+        spec = manifest.confidence.model_dump(mode="json", exclude={"ood"})
+        ood = manifest.confidence.ood is not None
+        report["confidence"] = {**flags, "spec": {**spec, "ood": ood}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(_jsonable(report), indent=1))
     history_path = Path(history) if history else model_dir / HISTORY_FILE
@@ -285,6 +354,17 @@ def evaluate(
     pictures: dict[str, str] = {}
     if figures:
         pictures = overlays(kept, records, manifest, keys, out, display)
+        pictures.update(
+            strata.draw(
+                kept,
+                report,
+                {s.key: np.array(s.color) / 255.0 for s in manifest.segments},
+                keys,
+                out,
+                lambda c, fr: display_image(c.frames[fr], getattr(c, "modality", ""), display),
+                _pyplot,
+            )
+        )
         if curves:
             pictures["learning curves"] = learning_curves(curves, out)
     (out / "report.md").write_text(render_markdown(report, pictures, curves))
@@ -340,7 +420,11 @@ def render_markdown(
             f"(sensitivity {_fmt(det['sensitivity'])}), "
             f"{det['false_positives']} false positives = {_fmt(det['fp_per_image'])} per image.",
         ]
+    lines += volumes.markdown(report)
+    lines += strata.markdown(report)
     lines += ["", f"Conventions: {report['conventions']}", ""]
+    block = report.get("confidence")
+    lines += confidence_eval.markdown(block, block.get("spec") if block else None)
     if report.get("skipped"):
         lines += ["Skipped cases:", *[f"- {s}" for s in report["skipped"]], ""]
     for title, path in pictures.items():

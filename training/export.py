@@ -13,6 +13,7 @@ batch sizes 1 and 3): a max absolute logit difference above ``PARITY_TOLERANCE``
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import io
 import json
@@ -32,7 +33,10 @@ from ruamel.yaml import YAML
 from dicom_node.modelstore.files import atomic_write, fsync_dir, sha256_file
 from dicom_node.modelstore.manifest import MANIFEST_FILE, InputSpec, parse_manifest
 from dicom_node.modelstore.processing import Preprocess
-from training.train import load_checkpoint
+from training.confidence_eval import confidence_block
+from training.data import load_dataset
+from training.schema import check_keys, inference_settings
+from training.train import load_checkpoint, segment_refs
 
 LOGGER = logging.getLogger(__name__)
 
@@ -47,28 +51,46 @@ REFERENCE_DIR = "reference"
 """Folder (inside the version folder) of the promotion gate's reference cases."""
 
 
-def copy_reference(source: Path, target: Path, n: int) -> list[Path]:
-    """Copy the first ``n`` case folders of ``source`` (image.dcm + truth.npz) to ``target``.
+def copy_reference(
+    source: Path, target: Path, n: int, nifti_labels: dict[str, list[int]] | None = None
+) -> list[Path]:
+    """Copy the first ``n`` case folders of ``source`` to ``target`` (the gate's reference set).
+
+    A case folder is any training case (:mod:`dicom_node.modelstore.cases`): one or more DICOM
+    files and ``truth.npz``, a SEG or NIfTI masks; its files are copied as they are (not its
+    sub-folders). ``nifti_labels`` (the config's) is written as ``labels.yaml`` so that the gate
+    decodes label maps as training did.
 
     Raises
     ------
     ValueError
-        ``source`` holds no case folder with both files.
+        ``source`` holds no case folder with files.
     """
     folders = [
         p
         for p in sorted(source.iterdir())
-        if p.is_dir() and (p / "image.dcm").is_file() and (p / "truth.npz").is_file()
+        if p.is_dir() and not p.name.startswith(".") and any(f.is_file() for f in p.iterdir())
     ][:n]
     if not folders:
-        raise ValueError(f"reference folder {source} has no case with image.dcm + truth.npz")
+        raise ValueError(
+            f"reference folder {source} has no case folder (DICOM images + truth.npz, a SEG or "
+            f"NIfTI masks)"
+        )
     copied = []
     for folder in folders:
         dest = target / folder.name
         dest.mkdir(parents=True, exist_ok=True)
-        for name in ("image.dcm", "truth.npz"):
-            shutil.copyfile(folder / name, dest / name)
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                shutil.copyfile(path, dest / path.name)
         copied.append(dest)
+    if nifti_labels:
+        lines = [f"{key}: {[int(v) for v in values]}" for key, values in nifti_labels.items()]
+        (target / "labels.yaml").write_text(
+            "# NIfTI label values per segment key (from the training config)\n"
+            + "\n".join(lines)
+            + "\n"
+        )
     return copied
 
 
@@ -102,6 +124,41 @@ def git_commit(cwd: Path | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+INFERENCE_FILE_KEYS = ("postprocess", "tta", "probabilities", "thresholds")
+"""Keys of ``export --inference FILE``: the training config's inference keys and thresholds."""
+
+
+def with_inference(config: dict[str, Any], inference: Any, source: str = "inference") -> dict:
+    """A copy of training ``config`` whose ``model`` takes the inference settings given.
+
+    ``inference``: ``postprocess``, ``tta``, ``probabilities`` (replacing the config's
+    ``model.`` keys) and ``thresholds: {segment key: value}`` (each segment's ``threshold``).
+
+    Raises
+    ------
+    ValueError
+        An unknown key (with "did you mean"), an unknown segment, or a value the manifest
+        would refuse.
+    """
+    settings = check_keys(inference or {}, INFERENCE_FILE_KEYS, source)
+    out = copy.deepcopy(config)
+    model = out["model"]
+    keys = [str(seg.get("key")) for seg in model.get("segments") or []]
+    thresholds = check_keys(settings.pop("thresholds", None) or {}, keys, f"{source}: thresholds")
+    model.update(settings)
+    inference_settings(model, keys, source)
+    for seg in model.get("segments") or []:
+        if seg.get("key") in thresholds:
+            value = thresholds[seg["key"]]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+                raise ValueError(
+                    f"{source}: thresholds.{seg['key']} must be a number between 0 and 1, "
+                    f"got {value!r}"
+                )
+            seg["threshold"] = float(value)
+    return out
 
 
 def probe_inputs(input_spec: InputSpec) -> list[np.ndarray]:
@@ -157,9 +214,56 @@ def report_metrics(report: dict[str, Any]) -> dict[str, Any]:
             }
             for size, part in report["by_size"].items()
         }
+    flags = report.get("confidence")
+    if flags:  # does the low-confidence flag catch the worst results (training.confidence_eval)
+        metrics["confidence"] = {
+            "worst_fraction": flags["worst_fraction"],
+            "worst_images": flags["worst"]["n"],
+            "worst_flagged": flags["worst"]["flagged"],
+            "worst_recall": _round(flags["worst"]["recall"]),
+            "other_images": flags["good"]["n"],
+            "other_flagged": flags["good"]["flagged"],
+            "other_false_alarm_rate": _round(flags["good"]["false_alarm_rate"]),
+            "precision": _round(flags["precision"]),
+        }
+    if report.get("strata"):  # lesion sensitivity per location / size / counts stratum
+        metrics["strata"] = {
+            key: {
+                f"{group}: {name}": {
+                    "lesions": row["lesions"],
+                    "sensitivity": _round(row["sensitivity"]),
+                }
+                for group, rows in groups.items()
+                for name, row in rows.items()
+            }
+            for key, groups in report["strata"].items()
+        }
     if report.get("data"):
         metrics["evaluated_on"] = report["data"]
     return metrics
+
+
+def training_confidence(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``confidence:`` block of a checkpoint: the config's ``model.confidence``
+    (default: entropy) with the ``ood`` ranges measured on the training data (the
+    checkpoint's ``data_dir``; without it, no ``ood`` block and a warning)."""
+    config = ckpt["config"]
+    wanted = config["model"].get("confidence")
+    root = Path(str(ckpt.get("data_dir") or ""))
+    cases: list[Any] = []
+    if wanted is None or wanted.get("ood", True):
+        try:
+            cases, _ = load_dataset(
+                root,
+                segment_refs(config),
+                skip_bad=True,
+                nifti_labels=config["data"].get("nifti_labels"),
+            )
+        except (OSError, ValueError) as exc:  # moved or deleted since training
+            LOGGER.warning("no input provenance in the manifest: training data %s: %s", root, exc)
+    if not cases:
+        wanted = {**(wanted or {}), "ood": False}
+    return confidence_block(wanted, cases)
 
 
 def _round(value: Any) -> Any:
@@ -196,10 +300,11 @@ def export_model(
     *,
     name: str | None = None,
     version: str | None = None,
-    report: Path | str | None = None,
+    report: Path | str | list[Path | str] | None = None,
     opset: int = 17,
     reference: Path | str | None = None,
     reference_n: int = 12,
+    inference: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Export ``checkpoint`` to ``out/model.onnx`` + ``out/manifest.yaml``.
 
@@ -213,16 +318,25 @@ def export_model(
         Model name; default the config's ``model.name``.
     version : str, optional
         Version string; default ``out``'s folder name.
-    report : path, optional
-        ``report.json`` from ``evaluate``; its figures become the manifest's ``metrics``.
+    report : path or list of paths, optional
+        ``report.json`` from ``evaluate``; its figures become the manifest's ``metrics``. With
+        several, the first gives the top-level figures and every one is also recorded under
+        ``metrics.evaluations.<name of the report's folder>`` (e.g. the training style's and an
+        independent style's held-out test, :mod:`dicom_node.demo.phantoms_alt`).
     opset : int
         ONNX opset, at least 17.
     reference : path, optional
-        Case folders (``image.dcm`` + ``truth.npz``); the first ``reference_n`` are copied into
+        Case folders (any training case: :func:`copy_reference`); the first ``reference_n`` are
+        copied into
         ``out/reference`` and named as the manifest's ``reference_data``, the set the promotion
         gate (``dicom-node models promote``) compares versions on.
     reference_n : int
         How many reference cases to copy.
+    inference : dict, optional
+        ``postprocess``, ``tta``, ``probabilities`` and ``thresholds`` (``{segment key:
+        threshold}``) chosen after training on validation data (:func:`with_inference`):
+        they replace the training config's ``model.`` keys in the manifest and in the
+        recorded config.
 
     Returns
     -------
@@ -249,6 +363,8 @@ def export_model(
             f"{out} already exists and is not empty; versions are immutable, pick a new folder"
         )
     net, ckpt = load_checkpoint(checkpoint)
+    if inference is not None:
+        ckpt = {**ckpt, "config": with_inference(ckpt["config"], inference)}
     config = ckpt["config"]
     model_cfg = config["model"]
     input_spec = InputSpec(**model_cfg["input"])
@@ -296,7 +412,7 @@ def _write_version(
     diff: float,
     name: str | None,
     version: str | None,
-    report: Path | str | None,
+    report: Path | str | list[Path | str] | None,
     opset: int,
     reference: Path | str | None,
     reference_n: int,
@@ -308,8 +424,13 @@ def _write_version(
     atomic_write(work / "model.onnx", onnx_bytes)
     digest = sha256_file(work / "model.onnx")
     metrics: dict[str, Any] = {}
-    if report is not None:
-        metrics = report_metrics(json.loads(Path(report).read_text()))
+    reports = [report] if isinstance(report, str | Path) else list(report or [])
+    if reports:
+        metrics = report_metrics(json.loads(Path(reports[0]).read_text()))
+    if len(reports) > 1:
+        metrics["evaluations"] = {
+            Path(r).parent.name: report_metrics(json.loads(Path(r).read_text())) for r in reports
+        }
     validation = ckpt.get("validation") or {}
     manifest = {
         "name": name or model_cfg["name"],
@@ -322,6 +443,9 @@ def _write_version(
         "output": model_cfg["output"],
         "segments": model_cfg["segments"],
         "reference_data": REFERENCE_DIR if reference is not None else None,
+        "confidence": training_confidence(ckpt),
+        # how the node and evaluate run it (model.postprocess / tta / probabilities), if set
+        **inference_settings(model_cfg, [str(s.get("key")) for s in model_cfg["segments"]]),
         "provenance": {
             "data_hash": ckpt.get("data_hash"),
             "data_dir": ckpt.get("data_dir"),
@@ -346,7 +470,12 @@ def _write_version(
     }
     parse_manifest(json.loads(json.dumps(manifest)), source=str(out / MANIFEST_FILE))
     if reference is not None:
-        copy_reference(Path(reference), work / REFERENCE_DIR, reference_n)
+        copy_reference(
+            Path(reference),
+            work / REFERENCE_DIR,
+            reference_n,
+            (config.get("data") or {}).get("nifti_labels"),
+        )
     yaml = YAML()
     yaml.default_flow_style = None
     yaml.width = 100

@@ -15,21 +15,38 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from dicom_node.modelstore.manifest import InputSpec, OutputSpec, Segment
+from dicom_node.modelstore.manifest import (
+    POSTPROCESS_STEPS,
+    TTA_OPS,
+    InputSpec,
+    OutputSpec,
+    PostprocessStep,
+    Segment,
+    format_validation_error,
+)
+from training.confidence_eval import CONFIG_KEYS as CONFIDENCE_KEYS
 
 LOGGER = logging.getLogger(__name__)
 
 TOP_KEYS = ("seed", "model", "network", "data", "augment", "train", "display")
 """Top-level sections (``model``, ``network``, ``data`` and ``train`` are required)."""
 
-MODEL_KEYS = ("name", "description", "input", "output", "segments")
+MODEL_KEYS = ("name", "description", "input", "output", "segments", "confidence") + (
+    "postprocess",
+    "tta",
+    "probabilities",
+)
 """``model:`` keys: what export writes into the manifest."""
+
+INFERENCE_KEYS = ("postprocess", "tta", "probabilities")
+"""``model:`` keys export copies into the manifest as they are (how the node and ``evaluate``
+run the model: :func:`inference_settings`)."""
 
 SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "network": ("depth", "base_channels"),
-    "data": ("train", "val_fraction", "nifti_labels"),
+    "data": ("train", "val_fraction", "nifti_labels", "split"),
     "augment": ("counts", "blur", "flip_lr", "affine"),
     "train": (
         "epochs",
@@ -111,6 +128,8 @@ def check_config(data: Mapping[str, Any], source: str = "config") -> None:
         check_keys(model["output"], _fields(OutputSpec), f"{source}: model.output")
     for i, seg in enumerate(model.get("segments") or []):
         check_keys(seg, _fields(Segment), f"{source}: model.segments[{i}]")
+    if model.get("confidence") is not None:  # export measures its ood ranges on the data
+        check_keys(model["confidence"], CONFIDENCE_KEYS, f"{source}: model.confidence")
     for section, keys in SECTION_KEYS.items():
         if data.get(section) is not None:
             check_keys(data[section], keys, f"{source}: {section}")
@@ -118,8 +137,83 @@ def check_config(data: Mapping[str, Any], source: str = "config") -> None:
         if name in AUGMENT_KEYS and value:
             check_keys(value, AUGMENT_KEYS[name], f"{source}: augment.{name}")
     seg_keys = [str(s.get("key")) for s in model.get("segments") or []]
+    inference_settings(model, seg_keys, source)
     train_segments(data, seg_keys, source)
     display_settings(data, source)
+
+
+def inference_settings(
+    model: Mapping[str, Any], seg_keys: list[str], source: str = "config"
+) -> dict[str, Any]:
+    """``model.postprocess`` / ``tta`` / ``probabilities`` checked as the manifest checks them.
+
+    Returns
+    -------
+    dict
+        The keys that are set, as export writes them into the manifest.
+
+    Raises
+    ------
+    ValueError
+        An unknown op or step key ("did you mean"), a bad value, a step naming a segment the
+        model does not have, an unknown augmentation, or ``probabilities`` not true/false.
+    """
+    out: dict[str, Any] = {}
+    steps = model.get("postprocess")
+    if steps is not None:
+        if not isinstance(steps, list):
+            raise ValueError(
+                f"{source}: model.postprocess must be a list of steps such as "
+                f"{{op: min_size, segment: KEY, pixels: 10}}, got {steps!r}"
+            )
+        for n, step in enumerate(steps):
+            where = f"{source}: model.postprocess[{n}]"
+            if not isinstance(step, Mapping):
+                raise ValueError(
+                    f"{where} must be a mapping such as {{op: min_size, segment: KEY, pixels: "
+                    f"10}}, got {step!r}"
+                )
+            op = step.get("op")
+            if op not in POSTPROCESS_STEPS:
+                close = difflib.get_close_matches(str(op), list(POSTPROCESS_STEPS), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"{where}: unknown op {op!r}{hint} (ops: {', '.join(POSTPROCESS_STEPS)})"
+                )
+            check_keys(step, _fields(POSTPROCESS_STEPS[op]), f"{where} ({op})")
+            for field in ("segment", "where", "of"):
+                name = step.get(field)
+                if name is not None and name not in seg_keys:
+                    close = difflib.get_close_matches(str(name), seg_keys, n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise ValueError(
+                        f"{where}.{field}: unknown segment {name!r}{hint}; segments are {seg_keys}"
+                    )
+        try:
+            TypeAdapter(list[PostprocessStep]).validate_python(steps)
+        except ValidationError as exc:
+            raise ValueError(format_validation_error(f"{source}: model.postprocess", exc)) from None
+        out["postprocess"] = [dict(step) for step in steps]
+    tta = model.get("tta")
+    if tta is not None:
+        if (
+            not isinstance(tta, list)
+            or any(t not in TTA_OPS for t in tta)
+            or len(set(tta)) < len(tta)
+        ):
+            raise ValueError(
+                f"{source}: model.tta must be a list of distinct augmentations from "
+                f"{list(TTA_OPS)}, got {tta!r}"
+            )
+        out["tta"] = list(tta)
+    probabilities = model.get("probabilities")
+    if probabilities is not None:
+        if not isinstance(probabilities, bool):
+            raise ValueError(
+                f"{source}: model.probabilities must be true or false, got {probabilities!r}"
+            )
+        out["probabilities"] = probabilities
+    return out
 
 
 def train_segments(

@@ -7,7 +7,8 @@
 - ``last.pt``: the last epoch's weights;
 - ``history.csv`` and ``history.json``: the learning curve (loss, validation Dice per segment,
   learning rate, seconds per epoch);
-- ``split.json``: which cases and patients went to training and validation;
+- ``split.json``: which cases and patients went to training and validation (and the split file
+  and fold when one was given: :mod:`training.splits`);
 - ``run.json``: config, data hash, package versions, git commit, how the run stopped
   (:mod:`training.runrecord`);
 - ``resume.pt``: the state after the last finished epoch, for ``train --resume RUN_DIR``.
@@ -41,7 +42,16 @@ from ruamel.yaml import YAML
 from dicom_node.modelstore.files import atomic_write
 from dicom_node.modelstore.manifest import InputSpec
 from training import runrecord, schema
-from training.data import Case, FrameDataset, SegmentRef, dataset_hash, load_dataset, patient_split
+from training.data import (
+    Case,
+    DataError,
+    FrameDataset,
+    SegmentRef,
+    dataset_hash,
+    load_dataset,
+    patient_split,
+)
+from training.splits import Split, SplitError, read_split, select_folders
 from training.transforms import Compose, RandCrop, Randomizable, ToNetworkInput, build_augmentation
 from training.unet import build_unet, count_parameters
 
@@ -201,6 +211,8 @@ def train(
     config_path: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     resume: bool = False,
+    split: Path | str | Split | None = None,
+    fold: int | None = None,
 ) -> TrainResult:
     """Train a U-Net as ``config`` says and write checkpoints and the learning curve.
 
@@ -220,6 +232,12 @@ def train(
         ``progress(stage, done, total)`` for a progress bar (stages ``load``, ``epoch N``).
     resume : bool
         Continue the run in ``out_dir`` from its ``resume.pt`` (see :func:`resume_run`).
+    split : path or Split, optional
+        A split file (:mod:`training.splits`; default the config's ``data.split``): only the
+        folders of its training and validation patients are opened, never the test split's.
+    fold : int, optional
+        Cross-validation fold (1-based) of the split file: validate on that fold, train on the
+        others.
 
     Returns
     -------
@@ -230,8 +248,9 @@ def train(
     DataError
         A bad case (without ``skip_bad``).
     ValueError
-        No usable case, or fewer than two patients for a validation split; with ``resume``, the
-        data changed since the run started, or the run has already finished.
+        No usable case, or fewer than two patients for a validation split; a split file that
+        is invalid or does not fit the data (:class:`~training.splits.SplitError`); with
+        ``resume``, the data changed since the run started, or the run has already finished.
     FileNotFoundError
         With ``resume``: ``out_dir`` has no ``resume.pt``.
     """
@@ -248,22 +267,13 @@ def train(
     input_spec = InputSpec(**config["model"]["input"])
 
     root = Path(data_dir or config["data"]["train"])
-    cases, skipped = load_dataset(
-        root,
-        refs,
-        skip_bad=skip_bad,
-        nifti_labels=config["data"].get("nifti_labels"),
-        progress=(lambda n: progress("load", n, 0)) if progress else None,
+    split = split if split is not None else config["data"].get("split")
+    split_file = split if isinstance(split, Split) or split is None else read_split(split)
+    train_cases, val_cases, skipped = _load_splits(
+        root, refs, config, split_file, fold, seed, skip_bad, progress
     )
-    train_cases, val_cases = patient_split(
-        cases, float(config["data"].get("val_fraction", 0.15)), seed
-    )
-    if not val_cases:
-        raise ValueError(
-            f"validation split is empty: {len(cases)} case(s) from "
-            f"{len({c.patient_id for c in cases})} patient(s); need at least two patients"
-        )
-    _write_split(out / "split.json", train_cases, val_cases)
+    cases = [*train_cases, *val_cases]
+    _write_split(out / "split.json", train_cases, val_cases, split_file, fold)
     LOGGER.info(
         "%d training frames, %d validation frames (%d skipped)",
         sum(c.frames.shape[0] for c in train_cases),
@@ -354,6 +364,7 @@ def train(
         "device": str(device),
         "threads": int(threads),
         "budget_minutes": max_minutes,
+        "split": _split_record(split_file, fold),
     }
     generators: list[Randomizable] = [
         cast("Randomizable", t) for t in augment.transforms if isinstance(t, Randomizable)
@@ -549,18 +560,78 @@ def _write_history(out: Path, history: list[dict[str, float]]) -> None:
         writer.writerows(history)
 
 
-def _write_split(path: Path, train_cases: list[Case], val_cases: list[Case]) -> None:
-    path.write_text(
-        json.dumps(
-            {
-                "train": sorted(c.name for c in train_cases),
-                "val": sorted(c.name for c in val_cases),
-                "train_patients": len({c.patient_id for c in train_cases}),
-                "val_patients": len({c.patient_id for c in val_cases}),
-            },
-            indent=1,
+def _load_splits(
+    root: Path,
+    refs: list[SegmentRef],
+    config: dict[str, Any],
+    split: Split | None,
+    fold: int | None,
+    seed: int,
+    skip_bad: bool,
+    progress: Callable[[str, int, int], None] | None,
+) -> tuple[list[Case], list[Case], list[DataError]]:
+    """(training cases, validation cases, skipped): by the split file, else by val_fraction."""
+    labels = config["data"].get("nifti_labels")
+    report = (lambda n: progress("load", n, 0)) if progress else None
+    if split is None:
+        if fold is not None:
+            raise SplitError(
+                f"--fold {fold} needs a split file with folds (--split FILE or data.split; "
+                f"python -m training split DATA --folds N writes one)"
+            )
+        cases, skipped = load_dataset(
+            root, refs, skip_bad=skip_bad, nifti_labels=labels, progress=report
         )
+        train_cases, val_cases = patient_split(
+            cases, float(config["data"].get("val_fraction", 0.15)), seed
+        )
+        if not val_cases:
+            raise ValueError(
+                f"validation split is empty: {len(cases)} case(s) from "
+                f"{len({c.patient_id for c in cases})} patient(s); need at least two patients"
+            )
+        return train_cases, val_cases, skipped
+    # only the listed training and validation folders are opened: the test split stays unread
+    train_folders, val_folders, owner = select_folders(split, root, fold)
+    train_cases, skipped = load_dataset(
+        root, refs, skip_bad=skip_bad, nifti_labels=labels, progress=report, folders=train_folders
     )
+    val_cases, skipped_val = load_dataset(
+        root, refs, skip_bad=skip_bad, nifti_labels=labels, folders=val_folders
+    )
+    for case in [*train_cases, *val_cases]:
+        expected = owner[case.name]
+        if case.patient_id not in (expected, case.name):
+            raise SplitError(
+                f"{split.path}: case folder {case.name!r} is listed for patient {expected!r} "
+                f"but its images have another PatientID; fix the split file (python -m "
+                f"training split writes it from the headers)"
+            )
+    return train_cases, val_cases, [*skipped, *skipped_val]
+
+
+def _split_record(split: Split | None, fold: int | None) -> dict[str, Any] | None:
+    if split is None:
+        return None
+    return {"file": str(split.path), "sha256": split.sha256, "fold": fold}
+
+
+def _write_split(
+    path: Path,
+    train_cases: list[Case],
+    val_cases: list[Case],
+    split: Split | None = None,
+    fold: int | None = None,
+) -> None:
+    data: dict[str, Any] = {
+        "train": sorted(c.name for c in train_cases),
+        "val": sorted(c.name for c in val_cases),
+        "train_patients": len({c.patient_id for c in train_cases}),
+        "val_patients": len({c.patient_id for c in val_cases}),
+    }
+    if split is not None:
+        data.update(split_file=str(split.path), fold=fold, test_patients=len(split.test))
+    path.write_text(json.dumps(data, indent=1))
 
 
 def load_checkpoint(path: Path | str) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -114,29 +114,64 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale_px: fl
 
 
 # --------------------------------------------------------------------------- the phantom
+# Every range below is documented in training/README.md ("Phantom family A"); change both together.
+GEOMETRIES = ("pinhole", "parallel")
+"""Collimators drawn per study: pinhole (magnified, sharper) or parallel-hole (wide field, blur)."""
+
+NODULE_LOCATIONS = ("inside", "edge", "pole")
+"""Where a nodule sits in its lobe: well inside, on the lateral/medial outline, at a pole."""
+
+
 def _anatomy(rng: np.random.Generator) -> dict[str, Any]:
     """Patient-specific anatomy (shared by several studies of one patient)."""
-    length = rng.uniform(35.0, 60.0)
+    length = rng.uniform(30.0, 65.0)
+    single = bool(rng.random() < 0.08)  # hemithyroidectomy: one lobe, no isthmus
     return {
-        "lobe_length_mm": [length * rng.uniform(0.85, 1.0), length * rng.uniform(0.85, 1.0)],
-        "lobe_width_ratio": [rng.uniform(0.32, 0.5), rng.uniform(0.32, 0.5)],
-        "lobe_tilt_deg": [rng.uniform(-8, 20), rng.uniform(-8, 20)],
-        "gap_mm": rng.uniform(2.0, 20.0),
+        "lobe_length_mm": [length * rng.uniform(0.65, 1.0), length * rng.uniform(0.65, 1.0)],
+        "lobe_width_ratio": [rng.uniform(0.25, 0.65), rng.uniform(0.25, 0.65)],
+        "lobe_tilt_deg": [rng.uniform(-10, 25), rng.uniform(-10, 25)],
+        "lobe_shift": rng.uniform(-0.15, 0.15),  # vertical offset between the lobes / length
+        "gap_mm": rng.uniform(0.0, 22.0),
+        "outline_amplitude": rng.uniform(0.02, 0.15),
         # projected-thickness profile of the lobes: floor + (1 - floor) * t**power, so edges
         # range from soft (ellipsoid) to a sharp step
-        "edge_floor": float(rng.choice([0.0, rng.uniform(0.0, 0.5)])),
-        "edge_power": rng.uniform(0.5, 1.5),
+        "edge_floor": float(rng.choice([0.0, rng.uniform(0.0, 0.6)])),
+        "edge_power": rng.uniform(0.4, 2.0),
         "nodule_edge": rng.uniform(1.2, 8.0),  # 1.2 = soft rim, 8 = sharp
-        "uptake_ratio": float(rng.uniform(0.5, 1.0)),  # weaker lobe / stronger lobe
+        "uptake_ratio": float(rng.uniform(0.4, 1.0)),  # weaker lobe / stronger lobe
         "weaker_lobe": int(rng.integers(0, 2)),
-        "isthmus": bool(rng.random() < 0.7),
-        "isthmus_height_mm": rng.uniform(5.0, 12.0),
-        "isthmus_uptake": rng.uniform(0.25, 0.7),
-        "pyramidal": bool(rng.random() < 0.25),
-        "n_cold": int(rng.choice([0, 1, 1, 1, 2, 2, 3])),
-        "n_hot": int(rng.choice([0, 0, 0, 1])),
+        "missing_lobe": int(rng.integers(0, 2)) if single else None,
+        "isthmus": bool(rng.random() < 0.75) and not single,
+        "isthmus_height_mm": rng.uniform(3.0, 25.0),
+        "isthmus_uptake": rng.uniform(0.15, 1.0),
+        "isthmus_level": rng.uniform(-0.05, 0.3),
+        "pyramidal": bool(rng.random() < 0.2) and not single,
+        "n_cold": int(rng.choice([0, 0, 1, 1, 1, 2, 2, 3, 4])),
+        "n_hot": int(rng.choice([0, 0, 0, 0, 1, 1, 2])),
         "shape_seed": int(rng.integers(0, 2**31)),
     }
+
+
+def _place_nodule(
+    rng: np.random.Generator, lobe: dict[str, Any], diam: float, location: str
+) -> tuple[float, float]:
+    """Centre (lobe-local u along the length, v across) of a nodule at ``location``."""
+    a, b, r = lobe["length"] / 2.0, lobe["width"] / 2.0, diam / 2.0
+    if location == "inside":
+        return (
+            rng.uniform(-0.8, 0.8) * max(a - r, 0.0),
+            rng.uniform(-0.8, 0.8) * max(b - r, 0.0),
+        )
+    if location == "pole":
+        phi = rng.uniform(-0.35, 0.35) + float(rng.choice([0.0, np.pi]))
+        depth = r * rng.uniform(0.2, 1.0)
+    else:  # edge: anywhere on the outline, centre from just outside to well inside it
+        phi = rng.uniform(0.0, 2.0 * np.pi)
+        depth = r * rng.uniform(-0.3, 0.9)
+    px, py = a * np.cos(phi), b * np.sin(phi)
+    nx, ny = b * np.cos(phi), a * np.sin(phi)  # outward normal of the ellipse at phi
+    norm = float(np.hypot(nx, ny)) or 1.0
+    return px - depth * nx / norm, py - depth * ny / norm
 
 
 def _render(
@@ -144,26 +179,27 @@ def _render(
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
     """Expected counts (before noise), truth masks and generation metadata."""
     shape_rng = np.random.default_rng(anatomy["shape_seed"])
+    present = [s for s in range(2) if s != anatomy["missing_lobe"]]
     lengths = list(anatomy["lobe_length_mm"])
     widths = [lengths[i] * anatomy["lobe_width_ratio"][i] for i in range(2)]
-    cold_diams = [float(shape_rng.uniform(5.0, 30.0)) for _ in range(anatomy["n_cold"])]
-    # a large nodule enlarges its lobe
-    for i, d in enumerate(cold_diams):
-        side = i % 2
-        widths[side] = max(widths[side], d * 1.3)
-        lengths[side] = max(lengths[side], d * 1.5)
-    # pinhole magnification: the longer lobe spans 25-55% of the field
-    fraction = rng.uniform(0.25, 0.55)
-    spacing = max(lengths) / (fraction * size)  # mm per pixel
-    # ... but the whole gland (both lobes and the gap) stays within 80% of the field width
-    spacing = max(spacing, (sum(widths) + anatomy["gap_mm"]) * 1.15 / (0.8 * size))
+    geometry = GEOMETRIES[0] if rng.random() < 0.65 else GEOMETRIES[1]
+    extent = (sum(widths) + anatomy["gap_mm"]) * 1.3
+    if geometry == "pinhole":
+        # magnification: the longer lobe spans 22-60% of the field
+        spacing = max(lengths) / (rng.uniform(0.22, 0.6) * size)
+        fwhm_mm = rng.uniform(0.5, 6.0)
+    else:
+        spacing = rng.uniform(120.0, 300.0) / size  # field of view 120-300 mm
+        fwhm_mm = rng.uniform(2.5, 7.0)
+    # ... but the whole gland stays within 80% of the field width
+    spacing = max(spacing, extent / (0.8 * size), max(lengths) * 1.4 / (0.8 * size))
     half = size * spacing / 2.0
     coords = (np.arange(size) + 0.5) * spacing - half
     x, y = np.meshgrid(coords, coords)  # x: image columns (patient right on the left), y: down
 
     gx = rng.uniform(-0.12, 0.12) * half
-    gy = rng.uniform(-0.1, 0.15) * half
-    gland_angle = np.deg2rad(rng.uniform(-10, 10))
+    gy = rng.uniform(-0.12, 0.15) * half
+    gland_angle = np.deg2rad(rng.uniform(-15, 15))
     ca, sa = np.cos(gland_angle), np.sin(gland_angle)
 
     def to_image(px: float, py: float) -> tuple[float, float]:
@@ -172,26 +208,33 @@ def _render(
     thyroid = np.zeros((size, size), bool)
     thick = np.zeros((size, size))
     uptake = np.zeros((size, size))
-    lobes = []
+    lobes: dict[int, dict[str, Any]] = {}
+    floor, power = anatomy["edge_floor"], anatomy["edge_power"]
     for side in range(2):
+        radius = _smooth_radius(shape_rng, anatomy["outline_amplitude"])
+        if side not in present:
+            continue
         sign = -1.0 if side == 0 else 1.0
-        length = lengths[side]
-        width = widths[side]
-        cx, cy = to_image(sign * (anatomy["gap_mm"] / 2 + width / 2), -length * 0.12)
+        length, width = lengths[side], widths[side]
+        shift = sign * anatomy["lobe_shift"] * length / 2
+        cx, cy = to_image(sign * (anatomy["gap_mm"] / 2 + width / 2), -length * 0.12 + shift)
         tilt = sign * np.deg2rad(anatomy["lobe_tilt_deg"][side])
         angle = np.pi / 2 + gland_angle - tilt
-        radius = _smooth_radius(shape_rng, 0.08)
         mask, t = _ellipsoid(x, y, (cx, cy), (length / 2, width / 2), angle, radius)
-        floor = anatomy["edge_floor"]
-        t = np.where(mask, floor + (1.0 - floor) * t ** anatomy["edge_power"], 0.0)
+        t = np.where(mask, floor + (1.0 - floor) * t**power, 0.0)
         level = anatomy["uptake_ratio"] if side == anatomy["weaker_lobe"] else 1.0
         thyroid |= mask
-        better = t > thick
-        uptake = np.where(better, level, uptake)
+        uptake = np.where(t > thick, level, uptake)
         thick = np.maximum(thick, t)
-        lobes.append({"centre": (cx, cy), "angle": angle, "length": length, "width": width})
+        lobes[side] = {
+            "centre": (cx, cy),
+            "angle": angle,
+            "length": length,
+            "width": width,
+            "level": level,
+        }
     if anatomy["isthmus"]:
-        cx, cy = to_image(0.0, min(lengths) * 0.12)
+        cx, cy = to_image(0.0, min(lengths) * anatomy["isthmus_level"])
         span = anatomy["gap_mm"] + widths[0] / 2 + widths[1] / 2
         mask, t = _ellipsoid(
             x, y, (cx, cy), (span / 2, anatomy["isthmus_height_mm"] / 2), gland_angle
@@ -202,41 +245,50 @@ def _render(
         thick = np.maximum(thick, t)
     if anatomy["pyramidal"]:
         off = shape_rng.uniform(-0.5, 0.5) * anatomy["gap_mm"]
-        plen = shape_rng.uniform(0.35, 0.6) * max(lengths)
+        plen = shape_rng.uniform(0.3, 0.7) * max(lengths)
         cx, cy = to_image(off, -plen / 2 + min(lengths) * 0.05)
         mask, t = _ellipsoid(
-            x, y, (cx, cy), (plen / 2, shape_rng.uniform(2.0, 3.5)), np.pi / 2 + gland_angle
+            x, y, (cx, cy), (plen / 2, shape_rng.uniform(2.0, 5.0)), np.pi / 2 + gland_angle
         )
-        t = t * shape_rng.uniform(0.25, 0.55)
+        t = t * shape_rng.uniform(0.2, 0.7)
         thyroid |= mask
         uptake = np.where(t > thick, 1.0, uptake)
         thick = np.maximum(thick, t)
 
     activity = thick * uptake
-    # mild heterogeneity of the parenchyma
-    activity *= 1.0 + 0.08 * _smooth_field(rng, (size, size), 4.0 / spacing)
+    # heterogeneity of the parenchyma, from none to coarse
+    activity *= 1.0 + rng.uniform(0.0, 0.2) * _smooth_field(
+        rng, (size, size), rng.uniform(2.0, 8.0) / spacing
+    )
     activity = np.clip(activity, 0.0, None)
 
     nodule = np.zeros((size, size), bool)
     nodules = []
-    for i, diam in enumerate(cold_diams):
-        lobe = lobes[i % 2]
-        u = shape_rng.uniform(-0.8, 0.8) * max(lobe["length"] / 2 - diam / 2, 0.0)
-        v = shape_rng.uniform(-0.6, 0.6) * max(lobe["width"] / 2 - diam / 2, 0.0)
+    sides = sorted(lobes)
+    for i in range(anatomy["n_cold"]):
+        lobe = lobes[sides[i % len(sides)]]
+        top = max(8.0, min(1.15 * lobe["width"], 0.85 * lobe["length"]))
+        diam = float(shape_rng.uniform(5.0, top))  # small to lobe-filling
+        location = str(shape_rng.choice(NODULE_LOCATIONS, p=[0.45, 0.35, 0.2]))
+        bulge = location != "inside" and bool(shape_rng.random() < 0.6)
+        u, v = _place_nodule(shape_rng, lobe, diam, location)
         ca2, sa2 = np.cos(lobe["angle"]), np.sin(lobe["angle"])
         ncx = lobe["centre"][0] + u * ca2 - v * sa2
         ncy = lobe["centre"][1] + u * sa2 + v * ca2
-        ratio = shape_rng.uniform(0.65, 1.0)
         mask, t = _ellipsoid(
             x,
             y,
             (ncx, ncy),
-            (diam / 2, diam / 2 * ratio),
+            (diam / 2, diam / 2 * shape_rng.uniform(0.6, 1.0)),
             shape_rng.uniform(0, np.pi),
-            _smooth_radius(shape_rng, 0.05, 3),
+            _smooth_radius(shape_rng, shape_rng.uniform(0.0, 0.1), 3),
         )
+        residual = float(rng.uniform(0.0, 0.6))
+        if bulge:  # the nodule pushes the outline out: its own (faint) tissue is gland too
+            outside = mask & ~thyroid
+            activity = np.where(outside, lobe["level"] * residual * t, activity)
+            thyroid |= mask
         mask &= thyroid
-        residual = float(rng.uniform(0.05, 0.5))
         # the nodule replaces functioning tissue over (most of) the gland depth
         depth = np.clip(t * anatomy["nodule_edge"], 0.0, 1.0)
         activity = activity * (1.0 - (1.0 - residual) * depth * mask)
@@ -245,77 +297,137 @@ def _render(
             {
                 "diameter_mm": round(diam, 2),
                 "residual": round(residual, 3),
+                "location": location,
+                "bulge": bulge,
+                "lobe_fill": round(diam / lobe["width"], 3),  # > 0.8: as wide as the lobe
                 "centre_mm": [round(float(ncx), 2), round(float(ncy), 2)],
                 "pixels": int(mask.sum()),
             }
         )
     hot = []
+    peak_gland = float(activity.max()) or 1.0
     for _ in range(anatomy["n_hot"]):
-        lobe = lobes[int(shape_rng.integers(0, 2))]
-        diam = float(shape_rng.uniform(6.0, 20.0))
-        u = shape_rng.uniform(-0.25, 0.25) * lobe["length"]
-        hcx = lobe["centre"][0] + u * np.cos(lobe["angle"])
-        hcy = lobe["centre"][1] + u * np.sin(lobe["angle"])
+        lobe = lobes[sides[int(shape_rng.integers(0, len(sides)))]]
+        diam = float(shape_rng.uniform(5.0, max(6.0, min(25.0, lobe["width"]))))
+        location = str(shape_rng.choice(NODULE_LOCATIONS[:2], p=[0.6, 0.4]))
+        u, v = _place_nodule(shape_rng, lobe, diam, location)
+        ca2, sa2 = np.cos(lobe["angle"]), np.sin(lobe["angle"])
+        hcx = lobe["centre"][0] + u * ca2 - v * sa2
+        hcy = lobe["centre"][1] + u * sa2 + v * ca2
         mask, t = _ellipsoid(x, y, (hcx, hcy), (diam / 2, diam / 2), 0.0)
-        mask &= thyroid & ~nodule
-        gain = float(rng.uniform(1.5, 3.0))
-        activity = activity + (gain - 1.0) * t * mask * activity.max() * 0.8
-        hot.append({"diameter_mm": round(diam, 2), "gain": round(gain, 2)})
+        mask &= ~nodule
+        if location == "inside":
+            mask &= thyroid
+        thyroid |= mask  # a hot nodule is gland, never `nodule` (cold only)
+        gain = float(rng.uniform(1.3, 4.0))
+        activity = activity + (gain - 1.0) * t * mask * peak_gland * 0.8
+        hot.append({"diameter_mm": round(diam, 2), "gain": round(gain, 2), "location": location})
 
     peak = float(np.percentile(activity[thyroid], 95)) if thyroid.any() else 1.0
-    # salivary glands (submandibular, sometimes parotid) near the top of the field
-    extra = np.zeros((size, size))
-    top = gy - max(lengths) * 0.5
-    for sign in (-1.0, 1.0):
-        sx = gx + sign * rng.uniform(25.0, 45.0)
-        sy = top - rng.uniform(15.0, 40.0)
-        _, t = _ellipsoid(
-            x, y, (sx, sy), (rng.uniform(8, 16), rng.uniform(6, 11)), rng.uniform(-0.5, 0.5)
-        )
-        extra += t * rng.uniform(0.1, 0.7) * peak
-        if rng.random() < 0.4:
-            _, t = _ellipsoid(
-                x,
-                y,
-                (sx + sign * rng.uniform(10, 25), sy - rng.uniform(20, 40)),
-                (rng.uniform(10, 18), rng.uniform(14, 22)),
-                0.0,
-            )
-            extra += t * rng.uniform(0.1, 0.5) * peak
-    marker = None
-    if rng.random() < 0.7:
-        mx = gx + rng.uniform(-0.2, 0.2) * half
-        my = gy + max(lengths) * rng.uniform(0.55, 0.9)
-        if rng.random() < 0.3:  # on the chin or at the side instead of the sternal notch
-            mx = gx + rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 0.85) * half
-            my = gy + rng.uniform(-0.6, 0.6) * half
-        _, t = _ellipsoid(x, y, (mx, my), (1.5, 1.5), 0.0)
-        extra += t * rng.uniform(1.0, 6.0) * peak
-        marker = [round(float(mx), 2), round(float(my), 2)]
-    # soft-tissue background: neck outline with a gradient, blood pool
-    neck_w = rng.uniform(45.0, 70.0)
-    neck = 1.0 / (1.0 + np.exp((np.abs(x - gx) - neck_w) / 4.0))
-    gradient = 1.0 + rng.uniform(-0.4, 0.4) * y / half
-    background_level = float(np.exp(rng.uniform(np.log(0.005), np.log(0.2))))
+    extra = _hard_negatives(rng, x, y, thyroid, (gx, gy), max(lengths), half, peak)
+    marker = extra.pop("marker")
+    # soft-tissue background: neck outline with a gradient, sometimes the jugular blood pool
+    neck_w = rng.uniform(35.0, 80.0)
+    neck = 1.0 / (1.0 + np.exp((np.abs(x - gx) - neck_w) / rng.uniform(2.0, 8.0)))
+    gradient = 1.0 + rng.uniform(-0.5, 0.5) * y / half
+    background_level = float(np.exp(rng.uniform(np.log(0.003), np.log(0.3))))
     bg = neck * gradient * background_level * peak
     bg *= 1.0 + 0.15 * _smooth_field(rng, (size, size), 10.0 / spacing)
-    expected = activity + extra + np.clip(bg, 0.0, None) + 0.002 * peak
+    if rng.random() < 0.3:
+        for sign in (-1.0, 1.0):
+            vx = gx + sign * (anatomy["gap_mm"] / 2 + max(widths) + rng.uniform(3.0, 15.0))
+            vessel = np.exp(-0.5 * ((x - vx) / rng.uniform(2.0, 4.0)) ** 2)
+            bg += vessel * rng.uniform(0.02, 0.15) * peak
+    expected = extra["image"] + activity + np.clip(bg, 0.0, None) + 0.002 * peak
 
-    fwhm_mm = rng.uniform(0.5, 5.0)
     sigma_px = fwhm_mm / 2.3548 / spacing
     expected = _gaussian_blur(expected, sigma_px)
     meta = {
+        "family": "A",
+        "geometry": geometry,
         "pixel_spacing_mm": round(float(spacing), 5),
         "fwhm_mm": round(float(fwhm_mm), 3),
         "background_level": round(float(background_level), 4),
+        "single_lobe": anatomy["missing_lobe"] is not None,
         "isthmus": anatomy["isthmus"],
         "pyramidal_lobe": anatomy["pyramidal"],
         "uptake_ratio": round(float(anatomy["uptake_ratio"]), 3),
         "cold_nodules": nodules,
         "hot_nodules": hot,
+        "salivary_glands": extra["salivary"],
         "marker_mm": marker,
     }
     return expected, {"thyroid": thyroid, "nodule": nodule}, meta
+
+
+def _hard_negatives(
+    rng: np.random.Generator,
+    x: np.ndarray,
+    y: np.ndarray,
+    thyroid: np.ndarray,
+    gland: tuple[float, float],
+    length: float,
+    half: float,
+    peak: float,
+) -> dict[str, Any]:
+    """Salivary glands and marker sources: bright, gland-like, never thyroid in the truth."""
+    gx, gy = gland
+    image = np.zeros(x.shape)
+    top = gy - length * 0.5
+    salivary = 0
+    if rng.random() < 0.85:  # submandibular glands, from far above to close to the upper poles
+        for sign in (-1.0, 1.0):
+            if rng.random() < 0.1:
+                continue
+            sx = gx + sign * rng.uniform(18.0, 50.0)
+            sy = top - rng.uniform(5.0, 45.0)
+            _, t = _ellipsoid(
+                x,
+                y,
+                (sx, sy),
+                (rng.uniform(6, 18), rng.uniform(5, 13)),
+                rng.uniform(-0.8, 0.8),
+                _smooth_radius(rng, 0.1, 3),
+            )
+            image += t * rng.uniform(0.05, 1.0) * peak
+            salivary += 1
+            if rng.random() < 0.5:  # parotid: larger, higher and more lateral
+                _, t = _ellipsoid(
+                    x,
+                    y,
+                    (sx + sign * rng.uniform(10, 30), sy - rng.uniform(20, 50)),
+                    (rng.uniform(10, 20), rng.uniform(12, 25)),
+                    rng.uniform(-0.4, 0.4),
+                    _smooth_radius(rng, 0.1, 3),
+                )
+                image += t * rng.uniform(0.05, 0.7) * peak
+                salivary += 1
+    marker = []
+    for _ in range(int(rng.choice([0, 1, 1, 1, 2, 3]))):
+        for _attempt in range(6):  # a marker lies on the skin, never over the gland itself
+            where = rng.random()
+            if where < 0.5:  # sternal notch
+                mx, my = gx + rng.uniform(-0.2, 0.2) * half, gy + length * rng.uniform(0.55, 1.0)
+            elif where < 0.7:  # chin
+                mx, my = gx + rng.uniform(-0.2, 0.2) * half, gy - length * rng.uniform(0.9, 1.5)
+            else:  # anywhere (side markers, contamination)
+                mx, my = gx + rng.uniform(-0.85, 0.85) * half, gy + rng.uniform(-0.85, 0.85) * half
+            col = int(np.argmin(np.abs(x[0] - mx)))
+            row = int(np.argmin(np.abs(y[:, 0] - my)))
+            if not thyroid[row, col]:
+                break
+        else:
+            continue
+        if rng.random() < 0.25:  # a short line source (catheter, ruler)
+            _, t = _ellipsoid(
+                x, y, (mx, my), (rng.uniform(3.0, 12.0), rng.uniform(0.7, 1.5)), rng.uniform(0, 3)
+            )
+        else:
+            r = rng.uniform(0.8, 3.0)
+            _, t = _ellipsoid(x, y, (mx, my), (r, r), 0.0)
+        image += t * rng.uniform(0.5, 8.0) * peak
+        marker.append([round(float(mx), 2), round(float(my), 2)])
+    return {"image": image, "salivary": salivary, "marker": marker or None}
 
 
 def _uid(*parts: object) -> UID:
@@ -331,7 +443,12 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 
 
 def _nm_dataset(
-    counts: np.ndarray, spacing: float, seed: int, patient_id: str, rng: np.random.Generator
+    counts: np.ndarray,
+    spacing: float,
+    seed: int,
+    patient_id: str,
+    rng: np.random.Generator,
+    geometry: str = "pinhole",
 ) -> Dataset:
     """Wrap a uint16 count image in an NM Image Storage dataset with realistic headers."""
     study_uid = _uid("study", patient_id, seed)
@@ -375,7 +492,9 @@ def _nm_dataset(
     ds.SeriesNumber = 1
     ds.SeriesDate = date
     ds.SeriesTime = time
-    ds.SeriesDescription = "Thyroid anterior pinhole"
+    ds.SeriesDescription = (
+        "Thyroid anterior pinhole" if geometry == "pinhole" else "Thyroid anterior LEHR"
+    )
     ds.BodyPartExamined = "THYROID"
     ds.PatientOrientationCodeSequence = Sequence([_code("102538003", "SCT", "recumbent")])
     ds.PatientOrientationCodeSequence[0].PatientOrientationModifierCodeSequence = Sequence(
@@ -437,8 +556,8 @@ def _nm_dataset(
     ds.RadiopharmaceuticalInformationSequence = Sequence([pharm])
     # NM detector
     det = Dataset()
-    det.CollimatorGridName = "PINHOLE"
-    det.CollimatorType = "PINH"
+    det.CollimatorGridName = "PINHOLE" if geometry == "pinhole" else "LEHR"
+    det.CollimatorType = "PINH" if geometry == "pinhole" else "PARA"
     det.FieldOfViewShape = "ROUND"
     det.FieldOfViewDimensions = [int(round(rows * spacing))]
     det.ZoomFactor = [f"{1.0:.1f}", f"{1.0:.1f}"]
@@ -485,13 +604,13 @@ def make_case(
     anatomy = _anatomy(np.random.default_rng([anatomy_seed, 1]))
     rng = np.random.default_rng([seed, 2])
     expected, truth, meta = _render(rng, anatomy, size)
-    total = float(np.exp(rng.uniform(np.log(5e4), np.log(6e5))))
+    total = float(np.exp(rng.uniform(np.log(2e4), np.log(1e6))))  # low to high counts
     counts = rng.poisson(expected * (total / expected.sum()))
     counts = np.clip(counts, 0, 65535).astype(np.uint16)
     if patient_id is None:
         patient_id = f"PHANTOM-{anatomy_seed:08d}"
     spacing = meta["pixel_spacing_mm"]
-    ds = _nm_dataset(counts, spacing, seed, patient_id, rng)
+    ds = _nm_dataset(counts, spacing, seed, patient_id, rng, meta["geometry"])
     meta.update(
         {
             "seed": seed,
@@ -543,7 +662,12 @@ def write_case(case: PhantomCase, folder: Path) -> Path:
 
 
 def write_cases(
-    out: Path | str, n: int, seed: int, size: int | list[int] = 256, progress: Any = None
+    out: Path | str,
+    n: int,
+    seed: int,
+    size: int | list[int] = 256,
+    progress: Any = None,
+    family: str = "A",
 ) -> list[Path]:
     """Write ``n`` phantom studies to ``OUT/<case>/image.dcm`` + ``truth.npz``.
 
@@ -559,14 +683,28 @@ def write_cases(
         Matrix size, or a list of sizes to draw from per case (e.g. ``[256, 128]``).
     progress : callable, optional
         Called with the number of cases done after each case.
+    family : str
+        ``"A"`` (this module, the training style) or ``"B"``
+        (:mod:`dicom_node.demo.phantoms_alt`, the independent held-out style).
 
     Returns
     -------
     list of Path
         The case folders, in order.
+
+    Raises
+    ------
+    ValueError
+        ``n`` below 1 or an unknown ``family``.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n!r}")
+    if family == "B":
+        from dicom_node.demo import phantoms_alt  # imports this module: no import cycle at load
+
+        return phantoms_alt.write_cases(out, n, seed, size, progress)
+    if family != "A":
+        raise ValueError(f"family must be 'A' or 'B', got {family!r}")
     out = Path(out)
     sizes = [size] if isinstance(size, int) else list(size)
     folders = []

@@ -48,6 +48,7 @@ from dicom_node.jobs import (
     one_patient_one_study,
 )
 from dicom_node.modelstore import (
+    Confidence,
     InferenceError,
     ModelLoadError,
     SeriesFrames,
@@ -55,8 +56,11 @@ from dicom_node.modelstore import (
     atomic_write,
     read_instances,
     series_frames,
+    summarize_input,
 )
 from dicom_node.modelstore import agreement as agreement_dice
+from dicom_node.modelstore.processing import slice_spacing
+from dicom_node.modelstore.scoring import slice_positions
 from dicom_node.outputs import (
     OutputKind,
     build_gsps,
@@ -74,7 +78,8 @@ from dicom_node.seg import (
     group_sources,
 )
 from dicom_node.seg import is_image as seg_is_image
-from dicom_node.send.dimse import client_tls_context, send_file
+from dicom_node.send import send_files
+from dicom_node.send.dimse import client_tls_context
 
 LOGGER = logging.getLogger(__name__)
 
@@ -97,6 +102,18 @@ class InferenceResult:
     per_frame: list[dict[str, np.ndarray]]
     keys: tuple[str, ...]
     duration: float
+    probabilities: list[dict[str, np.ndarray]] | None = None
+    """Per frame, ``{key: float32 (H, W)}`` when the manifest says ``probabilities: true``
+    (the FRACTIONAL SEG); the masks stay what every other output is built from."""
+    confidence: Confidence | None = None
+    """The manifest's verdict on the result (``confidence:``); None without one."""
+
+    def stack_probabilities(self, indices: Sequence[int]) -> dict[str, np.ndarray] | None:
+        """Probabilities ``{key: float32 (frames, rows, cols)}`` over ``indices``, or None."""
+        if self.probabilities is None:
+            return None
+        chosen = [self.probabilities[i] for i in indices]
+        return {k: np.stack([f[k] for f in chosen]) for k in self.keys}
 
     def stack(self, indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """Masks ``{key: bool (frames, rows, cols)}`` over ``indices`` (default: every frame).
@@ -177,6 +194,13 @@ def _what(results: Sequence[SegResult]) -> str:
     return ", ".join(parts) or "nothing"
 
 
+def _input_summary(series: SeriesFrames) -> Any:
+    """What the manifest's ``confidence.ood`` checks look at: modality, matrix, spacing (the
+    frame reader's, as training's evaluation uses) and intensity of the frames."""
+    modality = series.sources[0].get("Modality") if series.sources else None
+    return summarize_input(series.frames, modality, [series.spacing])
+
+
 def _describe(group: SourceGroup, names: dict[int, str]) -> str:
     members = [names[id(ds)].split(" (", 1)[0] for ds in group.sources]
     shown = ", ".join(members[:3]) + (f" and {len(members) - 3} more" if len(members) > 3 else "")
@@ -199,6 +223,9 @@ class Worker:
     outputs_for:
         ``outputs_for(rule_name)``: the rule's ``outputs`` names (the node looks them up in the
         rule set in force when the job runs); ``None`` or an unknown rule: ``[seg]``.
+    on_low_confidence_for:
+        ``on_low_confidence_for(rule_name)``: the rule's ``on_low_confidence`` (``send``,
+        ``hold`` or ``discard``); ``None`` or an unknown rule: ``send``.
     """
 
     def __init__(
@@ -208,12 +235,14 @@ class Worker:
         models: Any,
         audit: AuditLog,
         outputs_for: Callable[[str], Sequence[str] | None] | None = None,
+        on_low_confidence_for: Callable[[str], str | None] | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.models = models
         self.audit = audit
         self.outputs_for = outputs_for
+        self.on_low_confidence_for = on_low_confidence_for
         self._tls = client_tls_context(config.tls) if config.tls else None
 
     def process(self, job: Job) -> None:
@@ -263,12 +292,48 @@ class Worker:
                 "for its modality (rules)"
             )
 
-    def _infer(self, resolved: Any, series: SeriesFrames) -> InferenceResult:
+    def _infer(self, resolved: Any, series: SeriesFrames, judge: bool = False) -> InferenceResult:
+        """Run ``resolved`` on the series; ``judge``: also its manifest's ``confidence:`` (the
+        production result; a shadow run is only compared)."""
         start = time.perf_counter()
-        per_frame = self.models.run(resolved, series.frames)  # counts success/failure/duration
+        # the manifest's postprocess steps need the series' geometry: the same values
+        # training's evaluate passes (frame reader's spacing, slice positions, one volume per
+        # source group), so that both get the same masks
+        steps = getattr(resolved.manifest, "postprocess", None) or []
+        geometry = {
+            "spacing": series.spacing,
+            # read from the headers only when a step needs it (a 3-D min_size in mm3)
+            "slice_spacing": (
+                slice_spacing(slice_positions(series.sources, len(series.frames)))
+                if any(getattr(step, "mm3", None) for step in steps)
+                else None
+            ),
+            "volumes": [list(g.frame_indices) for g in group_sources(series.sources)],
+        }
+        probabilities = confidence = None
+        if judge and getattr(resolved.manifest, "confidence", None) is not None:
+            made = self.models.run_confident(
+                resolved,
+                series.frames,
+                _input_summary(series),
+                probabilities=bool(getattr(resolved.manifest, "probabilities", False)),
+                **geometry,
+            )
+            per_frame, probabilities, confidence = made.masks, made.probabilities, made.confidence
+        elif getattr(resolved.manifest, "probabilities", False):
+            made = self.models.predict(resolved, series.frames, **geometry)
+            per_frame, probabilities = made.masks, made.probabilities
+        else:  # counts success/failure/duration
+            per_frame = self.models.run(resolved, series.frames, **geometry)
         duration = time.perf_counter() - start
         keys = tuple(s.key for s in resolved.manifest.segments)
-        return InferenceResult(per_frame=per_frame, keys=keys, duration=duration)
+        return InferenceResult(
+            per_frame=per_frame,
+            keys=keys,
+            duration=duration,
+            probabilities=probabilities,
+            confidence=confidence,
+        )
 
     def _read(self, job: Job) -> _Series:
         rows = self.store.series_instances(job.series_uid)
@@ -307,7 +372,7 @@ class Worker:
             self._check_volume(resolved, found)
             series = series_frames(found.images, found.names, max_bytes=self.config.max_pixels)
             groups = group_sources(series.sources)
-            result = self._infer(resolved, series)
+            result = self._infer(resolved, series, judge=True)
             kinds = self._outputs(job)
             segs = self._build(job, resolved, series, result, groups, found, kinds)
         except (JobError, SeriesReadError, ModelLoadError, InferenceError) as exc:
@@ -316,21 +381,67 @@ class Worker:
             self.audit.write("failed", job=job.id, error=str(exc))
             return None
         first = segs[0]
-        self.store.exporting(
-            job.id,
-            first.path,
-            first.sop_uid,
-            details={
-                "frames": len(series.frames),
-                "inference_seconds": round(result.duration, 4),
-                "segs": sum(_kind_of(r) == "seg" for r in segs),
-                "outputs": [k.value for k in kinds],
-                "not_images": len(found.left_out),
-            },
-            results=segs,
-        )
+        details = {
+            "frames": len(series.frames),
+            "inference_seconds": round(result.duration, 4),
+            "segs": sum(_kind_of(r) == "seg" for r in segs),
+            "outputs": [k.value for k in kinds],
+            "not_images": len(found.left_out),
+        }
+        if result.confidence is not None:
+            details["confidence"] = result.confidence.to_dict()
+            if result.confidence.low and self._keep_back(job, resolved, result, segs, details):
+                self._shadow(job, resolved, series, result)
+                return None
+        self.store.exporting(job.id, first.path, first.sop_uid, details=details, results=segs)
         self._shadow(job, resolved, series, result)
         return self.store.get(job.id)
+
+    def _keep_back(
+        self,
+        job: Job,
+        resolved: Any,
+        result: InferenceResult,
+        segs: list[SegResult],
+        details: dict[str, Any],
+    ) -> bool:
+        """Count a low-confidence result and do what the rule says; True when it is not sent
+        (``hold``: the job waits in ``held``; ``discard``: it ends ``skipped``)."""
+        confidence = result.confidence
+        assert confidence is not None
+        metrics.LOW_CONFIDENCE.labels(model=resolved.name, version=resolved.version).inc()
+        action = self._on_low_confidence(job)
+        why = "low confidence (" + "; ".join(confidence.reasons) + ")"
+        self.audit.write(
+            "low_confidence",
+            job=job.id,
+            rule=job.rule,
+            model=resolved.name,
+            version=resolved.version,
+            action=action,
+            reasons=list(confidence.reasons),
+        )
+        LOGGER.info("job %s: %s; rule says %s", job.id, why, action)
+        if action == "hold":
+            outcome = (
+                f"held: {why}; release with 'dicom-node release {job.id}' or drop with "
+                f"'dicom-node discard {job.id}'"
+            )
+            self.store.hold(job.id, segs[0].path, segs[0].sop_uid, outcome, details, segs)
+            self.audit.write("held", job=job.id, rule=job.rule, reason=why)
+            return True
+        if action == "discard":
+            outcome = f"discarded: {why}"
+            self.store.discard_running(job.id, outcome, details)
+            self.audit.write("skipped", job=job.id, rule=job.rule, reason=outcome)
+            return True
+        return False
+
+    def _on_low_confidence(self, job: Job) -> str:
+        """The rule's ``on_low_confidence`` (``send`` without a lookup or for an unknown rule)."""
+        lookup = self.on_low_confidence_for
+        found = lookup(job.rule) if lookup is not None and job.rule else None
+        return found if found in ("hold", "discard") else "send"
 
     def _check_volume(self, resolved: Any, found: _Series) -> None:
         if not getattr(resolved.manifest.input, "volume", False):
@@ -378,7 +489,15 @@ class Worker:
             try:
                 masks = result.stack(group.frame_indices)
                 seg = build_seg(
-                    list(group.sources), masks, segments, algorithm, group=group.uid_group
+                    list(group.sources),
+                    masks,
+                    segments,
+                    algorithm,
+                    group=group.uid_group,
+                    confidence=result.confidence,
+                    # manifest probabilities: true: a FRACTIONAL SEG; every other output
+                    # still comes from the thresholded, post-processed masks
+                    probabilities=result.stack_probabilities(group.frame_indices),
                 )
             except ValueError as exc:  # build_seg's own checks: a sentence about the sources
                 raise JobError(
@@ -397,7 +516,18 @@ class Worker:
                 )
             )
             frames = [series.frames[i] for i in group.frame_indices]
-            extra += self._build_outputs(job, kinds, group, frames, masks, segments, algorithm, seg)
+            extra += self._build_outputs(
+                job,
+                kinds,
+                group,
+                frames,
+                masks,
+                segments,
+                algorithm,
+                seg,
+                result.confidence,
+                plan=getattr(resolved.manifest, "measurements", None),  # what the report measures
+            )
         # SEG rows first (position = group index, as before); the other outputs after them
         results += [
             SegResult(len(groups) + n, path, sop, group_key=key, n_frames=count)
@@ -428,15 +558,22 @@ class Worker:
         segments: list[SegmentSpec],
         algorithm: AlgorithmInfo,
         seg: Dataset,
+        confidence: Confidence | None = None,
+        plan: dict[str, Any] | None = None,
     ) -> list[tuple[str, str, str, int]]:
-        """Write the overlay, GSPS and report of one group's SEG; ``(path, sop_uid, key, n)``."""
+        """Write the overlay, GSPS and report of one group's SEG; ``(path, sop_uid, key, n)``.
+
+        ``plan`` is the manifest's ``measurements`` (what the report measures per segment).
+
+        A ``confidence`` is shown in each of them (flagged when low).
+        """
         wanted = [k for k in kinds if k is not OutputKind.SEG]
         if not wanted:
             return []
         sources = list(group.sources)
         built: list[tuple[OutputKind, Dataset]] = []
         try:
-            measurements = measure(sources, frames, masks, segments)
+            measurements = measure(sources, frames, masks, segments, plan)
             for kind in wanted:
                 if kind is OutputKind.OVERLAY:
                     overlays = build_overlays(
@@ -448,16 +585,29 @@ class Worker:
                         seg,
                         group=group.uid_group,
                         measurements=measurements,
+                        confidence=confidence,
                     )
                     built += [(kind, ds) for ds in overlays]
                 elif kind is OutputKind.GSPS:
                     gsps = build_gsps(
-                        sources, frames, masks, segments, algorithm, seg, group=group.uid_group
+                        sources,
+                        frames,
+                        masks,
+                        segments,
+                        algorithm,
+                        seg,
+                        group=group.uid_group,
+                        confidence=confidence,
                     )
                     built.append((kind, gsps))
                 else:
                     report = build_report(
-                        sources, seg, measurements, algorithm, group=group.uid_group
+                        sources,
+                        seg,
+                        measurements,
+                        algorithm,
+                        group=group.uid_group,
+                        confidence=confidence,
                     )
                     built.append((kind, report))
         except ValueError as exc:  # the builders' own checks: a sentence about the sources
@@ -530,16 +680,15 @@ class Worker:
                 self.audit.write("failed", job=job.id, error=error)
                 return
             missing = 0
-            for seg in segs:
-                if name in have[seg.position]:
-                    continue
-                result = send_file(
-                    self.config.storage / seg.path,
-                    dest,
-                    calling_ae=self.config.ae_title,
-                    timeout=self.config.export_timeout,
-                    tls_context=self._tls if dest.tls else None,
-                )
+            pending = [seg for seg in segs if name not in have[seg.position]]
+            outcomes = send_files(  # C-STORE per file, or STOW-RS in batches (dest.type)
+                [self.config.storage / seg.path for seg in pending],
+                dest,
+                calling_ae=self.config.ae_title,
+                timeout=self.config.export_timeout,
+                tls_context=self._tls,
+            )
+            for seg, result in zip(pending, outcomes, strict=True):
                 if result.ok:
                     have[seg.position].append(name)
                     self.store.result_delivered(job.id, seg.position, have[seg.position])

@@ -115,13 +115,16 @@ def anything_due(engine: Engine, now: float) -> bool:
         return conn.execute(stmt).first() is not None
 
 
-def overdue_running(engine: Engine, now: float) -> int:
-    """Jobs ``running`` past their lease: claimed by a worker that has not finished in time."""
+def overdue_running(engine: Engine, now: float, owner: str | None = None) -> int:
+    """Jobs ``running`` past their lease: claimed by a worker that has not finished in time
+    (only those of process ``owner`` when given: the others are their own processes' concern)."""
     stmt = select(func.count()).where(
         jobs.c.state == JobState.RUNNING.value,
         jobs.c.lease_until.is_not(None),
         jobs.c.lease_until < now,
     )
+    if owner is not None:
+        stmt = stmt.where(jobs.c.owner == owner)
     with reading(engine) as conn:
         return int(conn.execute(stmt).scalar_one())
 
@@ -149,3 +152,10 @@ def known_instance_uids(engine: Engine) -> frozenset[str]:
     """SOP Instance UIDs of every recorded instance (start-up reconciliation of the spool)."""
     with reading(engine) as conn:
         return frozenset(conn.execute(select(instances.c.sop_instance_uid)).scalars())
+
+
+def jobs_for_series(engine: Engine, series_uid: str) -> list[Job]:
+    """Every job of a series (one per rule that took it), oldest first."""
+    stmt = select(jobs).where(jobs.c.series_uid == series_uid, production()).order_by(jobs.c.id)
+    with reading(engine) as conn:
+        return [Job.from_row(r) for r in conn.execute(stmt).mappings()]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,14 @@ def _quarantine(path: Path, storage: Path, reason: str) -> None:
     LOGGER.error("a spool file was not recorded (%s); moved to %s", reason, target)
 
 
-def reconcile_spool(store: JobStore, storage: Path, spool_dir: str) -> int:
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # gone meanwhile (recorded and purged, or quarantined by another process)
+        return float("inf")
+
+
+def reconcile_spool(store: JobStore, storage: Path, spool_dir: str, min_age: float = 0.0) -> int:
     """Record spooled instances the job store does not know; return how many were added.
 
     Parameters
@@ -112,6 +120,13 @@ def reconcile_spool(store: JobStore, storage: Path, spool_dir: str) -> int:
     spool_dir:
         The spool's folder under ``storage`` (the receiver's ``SPOOL_DIR``); files are
         ``<spool_dir>/<study>/<series>/<sop>.dcm``, anything else is an interrupted write.
+    min_age:
+        Seconds: younger files are left alone. A process that shares ``storage`` with other
+        receivers (a server database) passes a grace period: a live receiver records each file
+        a moment after renaming it into place, and must not find it quarantined or recorded
+        under it. Nothing acknowledged is left out by that: the receiver answers Success only
+        after the row is committed, and a server database does not lose commits, so a file
+        without a row there was never acknowledged (the sender sends it again).
 
     Notes
     -----
@@ -124,11 +139,14 @@ def reconcile_spool(store: JobStore, storage: Path, spool_dir: str) -> int:
         return 0
     known = store.known_instance_uids()
     added = 0
+    newest = time.time() - min_age
     for folder, _dirs, files in os.walk(root):
         for name in files:
             if not name.endswith(".dcm") or name[:-4] in known:
                 continue  # temp files of interrupted writes are not acknowledged instances
             path = Path(folder) / name
+            if min_age > 0 and _mtime(path) > newest:
+                continue  # maybe a live receiver's, about to be recorded
             try:
                 added += store.record_instance(_row_for(path, storage, root))
             except _Unusable as exc:

@@ -25,6 +25,10 @@ before that held ``kind = 'shadow'`` jobs, which :mod:`dicom_node.jobs.schema` m
 
 
 # -- validators: name the field, say what it must be, show the bad value -----------------------
+MODALITY_MAX = 16
+"""Characters of ``Modality`` kept (its VR, CS, allows 16; ``instances.modality`` is 16 wide)."""
+
+
 def _text(name: str, value: object, *, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -264,6 +268,11 @@ class Instance:
             raise ValueError(f"`path` must be relative to storage, not {self.path!r}")
         for name in ("modality", "calling_ae", "transfer_syntax"):
             _text(name, getattr(self, name), optional=True)
+        if self.modality is not None and len(self.modality) > MODALITY_MAX:
+            # a CS value is at most 16 characters (PS3.5); a longer one from a broken or hostile
+            # sender is cut to the column's width, so that SQLite and PostgreSQL (which enforces
+            # VARCHAR(16)) store the same and neither refuses the instance
+            object.__setattr__(self, "modality", self.modality[:MODALITY_MAX])
         _count("size", self.size, minimum=0)
         _seconds("received_at", self.received_at)
 
@@ -363,6 +372,8 @@ class Job:
     """Human-readable: why it was skipped, what was delivered."""
     error: str | None
     details: Mapping[str, Any] | None
+    owner: str | None = None
+    """The process holding the job's lease (``processes.id``), while running or exporting."""
 
     def __post_init__(self) -> None:
         _count("id", self.id, minimum=1)
@@ -374,7 +385,7 @@ class Job:
             raise TypeError(f"`state` must be a JobState, not {self.state!r}")
         for name in ("rule", "rules_version", "model_ref", "model_name", "model_version"):
             _text(name, getattr(self, name), optional=True)
-        for name in ("model_alias", "model_sha256", "seg_path", "seg_sop_uid"):
+        for name in ("model_alias", "model_sha256", "seg_path", "seg_sop_uid", "owner"):
             _text(name, getattr(self, name), optional=True)
         _names("destinations", self.destinations)
         _names("delivered", self.delivered)

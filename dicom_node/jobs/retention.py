@@ -87,7 +87,15 @@ from dicom_node import metrics
 from dicom_node.config import RetentionConfig
 from dicom_node.jobs import results as seg_results
 from dicom_node.jobs.queries import reading
-from dicom_node.jobs.schema import PRODUCTION, instances, jobs, metadata, series, shadow_results
+from dicom_node.jobs.schema import (
+    PRODUCTION,
+    FileSize,
+    instances,
+    jobs,
+    metadata,
+    series,
+    shadow_results,
+)
 from dicom_node.jobs.states import JobState
 
 LOGGER = logging.getLogger(__name__)
@@ -110,14 +118,14 @@ pending = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("path", Text, nullable=False),  # relative to storage
-    Column("size", Integer, nullable=False),
+    Column("size", FileSize, nullable=False),
     Column("kind", String(16), nullable=False),  # KIND_INSTANCE or KIND_RESULT
     Column("sop_instance_uid", String(64)),  # instances only: known to reconciliation
     Column("series_uid", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
 )
 """Tombstones: files whose rows are deleted and which are being unlinked (see the module
-docstring). Defined on the store's ``metadata``, so ``schema.create`` creates it."""
+docstring). Defined on the store's ``metadata`` (revision 0002 of ``jobs/migrations`` adds it)."""
 
 
 @dataclass(frozen=True)
@@ -320,7 +328,20 @@ def expire(
         if not uids:
             return []
         if engine.dialect.name != "sqlite":  # lock the jobs, then make sure they still qualify
-            conn.execute(select(jobs.c.id).where(jobs.c.series_uid.in_(uids)).with_for_update())
+            # the series rows first, as the receiver's record_instance does (bump the series,
+            # then re-open its jobs): the same order both ways, so the two never deadlock
+            conn.execute(
+                select(series.c.series_uid)
+                .where(series.c.series_uid.in_(uids))
+                .order_by(series.c.series_uid)
+                .with_for_update()
+            )
+            conn.execute(
+                select(jobs.c.id)
+                .where(jobs.c.series_uid.in_(uids))
+                .order_by(jobs.c.id)
+                .with_for_update()
+            )
             still = set(
                 conn.execute(
                     _expired_series(ages, now, limit).where(series.c.series_uid.in_(uids))

@@ -21,6 +21,9 @@ class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     EXPORTING = "exporting"
+    HELD = "held"
+    """Results built but kept back (the rule's ``on_low_confidence: hold``) until a person
+    runs ``dicom-node release`` (export them) or ``dicom-node discard``."""
     DONE = "done"
     FAILED = "failed"
     SKIPPED = "skipped"
@@ -39,15 +42,28 @@ TRANSITIONS: Mapping[JobState, frozenset[JobState]] = MappingProxyType(
         # a worker claims it; a late instance sends it back to wait for completion again
         JobState.QUEUED: frozenset({JobState.RUNNING, JobState.ROUTED}),
         # the SEG is on disk; it failed; a stopping node gives it back unstarted; the series
-        # holds no image (an SR, an RT plan routed to a model): nothing to segment
+        # holds no image (an SR, an RT plan routed to a model): nothing to segment, or a
+        # low-confidence result the rule discards; a low-confidence result the rule holds
         JobState.RUNNING: frozenset(
-            {JobState.EXPORTING, JobState.FAILED, JobState.QUEUED, JobState.SKIPPED}
+            {
+                JobState.EXPORTING,
+                JobState.FAILED,
+                JobState.QUEUED,
+                JobState.SKIPPED,
+                JobState.HELD,
+            }
         ),
+        # a person decides: ``release`` exports the results, ``discard`` drops them; a late
+        # instance rebuilds the result (and judges its confidence again)
+        JobState.HELD: frozenset({JobState.EXPORTING, JobState.SKIPPED, JobState.ROUTED}),
         # delivered everywhere, or given up
         JobState.EXPORTING: frozenset({JobState.DONE, JobState.FAILED}),
-        # a late instance: rebuild the result (same SEG UIDs, so the PACS replaces it)
-        JobState.DONE: frozenset({JobState.ROUTED}),
-        # a late instance, or ``retry``: re-export the SEG if it exists, else run again
+        # a late instance: rebuild the result (same SEG UIDs, so the PACS replaces it);
+        # ``dicom-node rerun``: process the stored instances again, with the current or a named
+        # version (same version: same SEG UIDs; another version: a new SEG beside the old)
+        JobState.DONE: frozenset({JobState.ROUTED, JobState.QUEUED}),
+        # a late instance, or ``retry``: re-export the SEG if it exists, else run again; or
+        # ``rerun`` (run again)
         JobState.FAILED: frozenset({JobState.ROUTED, JobState.QUEUED, JobState.EXPORTING}),
         # nothing to do for this series, ever
         JobState.SKIPPED: frozenset(),

@@ -23,11 +23,11 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from dicom_node.config import RetentionConfig
-from dicom_node.jobs import ingest, queries, retention, shadow, transitions
+from dicom_node.config import NodeConfig, RetentionConfig
+from dicom_node.jobs import ingest, processes, queries, retention, shadow, transitions
 from dicom_node.jobs import results as seg_results
 from dicom_node.jobs.records import Instance, Job, Route, SegResult, Series, ShadowResult
-from dicom_node.jobs.schema import create
+from dicom_node.jobs.schema import create, safe_url
 from dicom_node.jobs.states import JobState
 from dicom_node.jobs.transitions import LEASE_SECONDS
 
@@ -39,15 +39,49 @@ class JobStore:
     ----------
     engine:
         From :func:`dicom_node.jobs.schema.create`; shared by every stage of this process.
+    owner:
+        This process's id in ``processes`` (:mod:`dicom_node.jobs.processes`), or None (a CLI,
+        a test): claims write it to ``jobs.owner``, and the worker's moves of a claimed job
+        happen only while the job is still this owner's.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, owner: str | None = None) -> None:
         self.engine = engine
+        self.owner = owner
 
     @classmethod
-    def open(cls, storage: Path) -> JobStore:
-        """Open (creating if needed) the embedded SQLite store ``jobs.db`` under ``storage``."""
-        return cls(create(Path(storage) / "jobs.db"))
+    def open(
+        cls, storage: Path, database: str | None = None, migrate: str = "auto"
+    ) -> JobStore:
+        """Open (creating if needed) the job store and bring its schema to this version's.
+
+        Parameters
+        ----------
+        storage:
+            Where the embedded SQLite store ``jobs.db`` lives when ``database`` is None.
+        database:
+            A SQLAlchemy URL (the ``database:`` config key), e.g. PostgreSQL.
+        migrate:
+            ``auto`` upgrades a store of an older version; ``never`` refuses it (see
+            :func:`dicom_node.jobs.migrations.prepare`).
+
+        Raises
+        ------
+        StoreError
+            The database cannot be reached, or its schema is refused (the message says what to
+            do and never shows a password).
+        """
+        return cls(create(database or Path(storage) / "jobs.db", migrate=migrate))
+
+    @classmethod
+    def for_config(cls, config: NodeConfig) -> JobStore:
+        """:meth:`open` with the ``storage``, ``database`` and ``migrate`` of ``config``."""
+        return cls.open(config.storage, config.database, config.migrate)
+
+    @property
+    def where(self) -> str:
+        """The store's URL with its password masked (for messages and ``status``)."""
+        return safe_url(str(self.engine.url))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -79,7 +113,7 @@ class JobStore:
     # -- workers (jobs.transitions) ---------------------------------------------------------
     def claim(self, lease: float = LEASE_SECONDS) -> Job | None:
         """Atomically take the next due job (see :func:`transitions.claim`)."""
-        return transitions.claim(self.engine, lease)
+        return transitions.claim(self.engine, lease, owner=self.owner)
 
     def resolved(
         self, job_id: int, name: str, version: str, alias: str | None, sha256: str
@@ -107,12 +141,14 @@ class JobStore:
         results: Sequence[SegResult] | None = None,
     ) -> None:
         """The SEG(s) of a ``running`` job are on disk (see :func:`transitions.exporting`)."""
-        transitions.exporting(self.engine, job_id, seg_path, seg_sop_uid, details, results)
+        transitions.exporting(
+            self.engine, job_id, seg_path, seg_sop_uid, details, results, held_by=self.owner
+        )
 
     def skip_running(self, job_id: int, outcome: str) -> None:
         """End a ``running`` job whose series has nothing to segment (see
         :func:`transitions.skip_running`)."""
-        transitions.skip_running(self.engine, job_id, outcome)
+        transitions.skip_running(self.engine, job_id, outcome, held_by=self.owner)
 
     def results(self, job_id: int) -> list[SegResult]:
         """The SEGs of a job, by position (see :mod:`dicom_node.jobs.results`)."""
@@ -128,27 +164,65 @@ class JobStore:
 
     def export_retry(self, job_id: int, delay: float, error: str) -> None:
         """An export attempt failed; try again after ``delay`` seconds."""
-        transitions.export_retry(self.engine, job_id, delay, error)
+        transitions.export_retry(self.engine, job_id, delay, error, held_by=self.owner)
 
     def done(self, job_id: int, outcome: str) -> JobState:
         """End an ``exporting`` job as delivered (see :func:`transitions.done`)."""
-        return transitions.done(self.engine, job_id, outcome)
+        return transitions.done(self.engine, job_id, outcome, held_by=self.owner)
 
     def fail(self, job_id: int, error: str) -> JobState:
         """End a ``running`` or ``exporting`` job as failed (see :func:`transitions.fail`)."""
-        return transitions.fail(self.engine, job_id, error)
+        return transitions.fail(self.engine, job_id, error, held_by=self.owner)
 
     def release(self, job_id: int) -> bool:
         """Give back a job this process claimed but did not start (the node is stopping)."""
-        return transitions.release(self.engine, job_id)
+        return transitions.release(self.engine, job_id, held_by=self.owner)
 
     def overdue_running(self, now: float | None = None) -> int:
         """Number of jobs ``running`` past their lease (a hung worker)."""
-        return queries.overdue_running(self.engine, time.time() if now is None else now)
+        return queries.overdue_running(
+            self.engine, time.time() if now is None else now, owner=self.owner
+        )
 
     def release_running(self) -> int:
-        """After a restart of the only node: give every interrupted job back to the queue."""
+        """Give every held job back, whoever holds it: only for a process alone on the store
+        (see :func:`transitions.release_running`; several processes: :mod:`.processes`)."""
         return transitions.release_running(self.engine)
+
+    # -- processes: liveness and ownership across processes (jobs.processes) ----------------
+    def register_process(
+        self, role: str, version: str | None, details: Mapping[str, Any] | None = None
+    ) -> str:
+        """Register this process (its id becomes :attr:`owner`); return the id."""
+        ident = processes.new_process_id()
+        processes.register(self.engine, ident, role, version, details)
+        self.owner = ident
+        return ident
+
+    def heartbeat(self, lease: float, holding: Sequence[int] = ()) -> bool:
+        """Renew this process's heartbeat and its jobs' leases (see :func:`processes.heartbeat`)."""
+        if self.owner is None:
+            raise RuntimeError("heartbeat before register_process")
+        return processes.heartbeat(self.engine, self.owner, lease, holding)
+
+    def mark_stopped(self) -> None:
+        """Record a graceful stop of this process."""
+        if self.owner is not None:
+            processes.mark_stopped(self.engine, self.owner)
+
+    def take_back(self, lease: float, *, alone: bool = False) -> list[int]:
+        """Give back the jobs of dead owners; ``alone``: of every other owner (see
+        :func:`processes.take_back`)."""
+        alone_as = (self.owner or "") if alone else None
+        return processes.take_back(self.engine, lease, alone_as=alone_as)
+
+    def prune_processes(self, lease: float) -> int:
+        """Forget processes gone for longer than :data:`processes.KEEP_GONE`."""
+        return processes.prune(self.engine, lease)
+
+    def list_processes(self) -> list[processes.ProcessRecord]:
+        """Every registered process, newest first."""
+        return processes.list_processes(self.engine)
 
     def retry(self, job_id: int) -> Job:
         """Re-export or re-run a failed job (see :func:`transitions.retry`).
@@ -161,6 +235,76 @@ class JobStore:
             The job is not failed.
         """
         return transitions.retry(self.engine, job_id)
+
+    def rerun(self, job_id: int, model_name: str, version: str | None) -> Job:
+        """Queue a done or failed job again on its stored instances (``dicom-node rerun``;
+        see :func:`transitions.rerun`).
+
+        Raises
+        ------
+        KeyError
+            No job with this id.
+        ValueError
+            The job is not done or failed.
+        """
+        return transitions.rerun(self.engine, job_id, model_name, version)
+
+    def jobs_for_series(self, series_uid: str) -> list[Job]:
+        """Every job of a series, oldest first."""
+        return queries.jobs_for_series(self.engine, series_uid)
+
+    # -- low confidence (jobs.transitions): the rule's on_low_confidence ---------------------
+    def hold(
+        self,
+        job_id: int,
+        seg_path: str,
+        seg_sop_uid: str,
+        outcome: str,
+        details: Mapping[str, Any] | None = None,
+        results: Sequence[SegResult] | None = None,
+    ) -> None:
+        """Keep a ``running`` job's built results back (see :func:`transitions.hold`)."""
+        transitions.hold(
+            self.engine,
+            job_id,
+            seg_path,
+            seg_sop_uid,
+            outcome,
+            details,
+            results,
+            held_by=self.owner,
+        )
+
+    def discard_running(
+        self, job_id: int, outcome: str, details: Mapping[str, Any] | None = None
+    ) -> None:
+        """End a ``running`` job as skipped without export (see
+        :func:`transitions.discard_running`)."""
+        transitions.discard_running(self.engine, job_id, outcome, details, held_by=self.owner)
+
+    def release_held(self, job_id: int) -> Job:
+        """Export a held job's results (see :func:`transitions.release_held`).
+
+        Raises
+        ------
+        KeyError
+            No job with this id.
+        ValueError
+            The job is not held.
+        """
+        return transitions.release_held(self.engine, job_id)
+
+    def discard_held(self, job_id: int) -> Job:
+        """Drop a held job's results, ending it skipped (see :func:`transitions.discard_held`).
+
+        Raises
+        ------
+        KeyError
+            No job with this id.
+        ValueError
+            The job is not held.
+        """
+        return transitions.discard_held(self.engine, job_id)
 
     # -- shadow runs (jobs.shadow) ----------------------------------------------------------
     def add_shadow_result(

@@ -27,7 +27,8 @@ from dicom_node.jobs.states import JobState, TransitionError, check, sources_of
 LOGGER = logging.getLogger(__name__)
 
 LEASE_SECONDS = 300.0
-"""How long a claimed job belongs to its worker before another process may take it over."""
+"""Default lease of :func:`claim` when the caller names none (the node passes its
+``process_lease`` and renews it with its heartbeat: :mod:`dicom_node.jobs.processes`)."""
 
 
 # -- the one place a state changes -----------------------------------------------------------
@@ -81,6 +82,7 @@ def apply(
     job_id: int,
     target: JobState,
     sources: Iterable[JobState] | None = None,
+    held_by: str | None = None,
     **values: Any,
 ) -> None:
     """Move one job to ``target`` inside the caller's transaction.
@@ -90,6 +92,10 @@ def apply(
     sources:
         The states this move starts from: by default every state the table lets reach
         ``target``; a caller may narrow them (``exporting`` only from ``running``).
+    held_by:
+        The id of the process that claimed the job: the move happens only while the job is
+        still that process's (``jobs.owner``), so a worker whose job was taken back (it froze
+        past its lease) cannot finish it a second time.
     values:
         Other columns to set; ``updated_at`` defaults to now.
 
@@ -98,21 +104,31 @@ def apply(
     KeyError
         No job with ``job_id``.
     TransitionError
-        The job is in a state this move does not start from (names that state).
+        The job is in a state this move does not start from (names that state), or it is no
+        longer held by ``held_by``.
     """
     allowed = sources_of(target) if sources is None else frozenset(sources)
     if not allowed:
         raise TransitionError(f"no state may go to {target.value!r}")
     values.setdefault("updated_at", time.time())
-    stmt = move({s: target for s in allowed}, jobs.c.id == job_id, production(), **values)
+    guard = [jobs.c.owner == held_by] if held_by is not None else []
+    stmt = move({s: target for s in allowed}, jobs.c.id == job_id, production(), *guard, **values)
     if conn.execute(stmt).rowcount:
         return
-    current = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id, production())).scalar()
-    if current is None:
+    row = conn.execute(
+        select(jobs.c.state, jobs.c.owner).where(jobs.c.id == job_id, production())
+    ).first()
+    if row is None:
         raise KeyError(f"no job with id {job_id}")
+    if held_by is not None and row.owner != held_by and JobState(row.state) in allowed:
+        raise TransitionError(
+            f"job {job_id} is no longer held by this process ({held_by}): it was taken back "
+            f"after its lease ran out and is now {row.state!r}"
+            + (f" with {row.owner}" if row.owner else "")
+        )
     names = ", ".join(sorted(s.value for s in allowed))
     raise TransitionError(
-        f"job {job_id} is {current!r}: it cannot go to {target.value!r} (only from: {names})"
+        f"job {job_id} is {row.state!r}: it cannot go to {target.value!r} (only from: {names})"
     )
 
 
@@ -146,6 +162,7 @@ def reopened_values(now: float) -> dict[str, Any]:
         "delivered": None,
         "seg_path": None,
         "lease_until": None,
+        "owner": None,
         "queued_at": None,
         "finished_at": None,
         "attempts": 0,
@@ -223,7 +240,7 @@ def skip(engine: Engine, job_id: int, outcome: str, rule: str | None, rules_vers
     return True
 
 
-def skip_running(engine: Engine, job_id: int, outcome: str) -> None:
+def skip_running(engine: Engine, job_id: int, outcome: str, held_by: str | None = None) -> None:
     """End a ``running`` job without a result: its series holds nothing the model can use
     (no image at all: structured reports, RT plans, presentation states).
 
@@ -238,9 +255,11 @@ def skip_running(engine: Engine, job_id: int, outcome: str) -> None:
             job_id,
             JobState.SKIPPED,
             sources=[JobState.RUNNING],
+            held_by=held_by,
             outcome=outcome,
             error=None,
             lease_until=None,
+            owner=None,
             finished_at=time.time(),
         )
 
@@ -265,8 +284,17 @@ def queue(engine: Engine, job_id: int, n_instances: int) -> bool:
 
 
 # -- workers ------------------------------------------------------------------------------------
-def claim(engine: Engine, lease: float = LEASE_SECONDS) -> Job | None:
+def claim(engine: Engine, lease: float = LEASE_SECONDS, owner: str | None = None) -> Job | None:
     """Atomically take the next job to work on: a queued job, or an export due for a retry.
+
+    Parameters
+    ----------
+    lease:
+        Seconds the claim holds unless its owner renews it (its heartbeat does).
+    owner:
+        The claiming process's id (:func:`dicom_node.jobs.processes.new_process_id`), written
+        to ``jobs.owner``: only that process may move the job on (``held_by``), and the job
+        is taken back only once that process stopped heartbeating.
 
     Returns
     -------
@@ -297,6 +325,7 @@ def claim(engine: Engine, lease: float = LEASE_SECONDS) -> Job | None:
         {JobState.QUEUED: JobState.RUNNING, JobState.EXPORTING: JobState.EXPORTING},
         jobs.c.id == due,
         lease_until=now + lease,
+        owner=owner,
         updated_at=now,
         started_at=func.coalesce(jobs.c.started_at, now),
         attempts=jobs.c.attempts + 1,
@@ -313,6 +342,7 @@ def exporting(
     seg_sop_uid: str,
     details: Mapping[str, Any] | None = None,
     results: Sequence[SegResult] | None = None,
+    held_by: str | None = None,
 ) -> None:
     """A ``running`` job's SEG(s) are built and on disk; now they only have to be delivered.
 
@@ -334,6 +364,7 @@ def exporting(
             job_id,
             JobState.EXPORTING,
             sources=[JobState.RUNNING],
+            held_by=held_by,
             seg_path=seg_path,
             seg_sop_uid=seg_sop_uid,
             next_attempt_at=0.0,
@@ -341,16 +372,21 @@ def exporting(
         )
 
 
-def export_retry(engine: Engine, job_id: int, delay: float, error: str) -> None:
-    """An export attempt failed; the job stays ``exporting`` and is due again after ``delay``."""
+def export_retry(
+    engine: Engine, job_id: int, delay: float, error: str, held_by: str | None = None
+) -> None:
+    """An export attempt failed; the job stays ``exporting`` and is due again after ``delay``
+    (for any process: it loses its owner). Nothing changes if ``held_by`` no longer holds it."""
     now = time.time()
+    guard = [jobs.c.owner == held_by] if held_by is not None else []
     with engine.begin() as conn:
         conn.execute(
             update(jobs)
-            .where(jobs.c.id == job_id)
+            .where(jobs.c.id == job_id, *guard)
             .values(
                 next_attempt_at=now + delay,
                 lease_until=None,
+                owner=None,
                 error=error,
                 export_attempts=jobs.c.export_attempts + 1,
                 updated_at=now,
@@ -358,7 +394,7 @@ def export_retry(engine: Engine, job_id: int, delay: float, error: str) -> None:
         )
 
 
-def done(engine: Engine, job_id: int, outcome: str) -> JobState:
+def done(engine: Engine, job_id: int, outcome: str, held_by: str | None = None) -> JobState:
     """End an ``exporting`` job as delivered; return its new state.
 
     ``ROUTED`` instead of ``DONE`` when instances arrived after the worker read the series
@@ -373,14 +409,16 @@ def done(engine: Engine, job_id: int, outcome: str) -> JobState:
         engine,
         job_id,
         JobState.DONE,
+        held_by=held_by,
         outcome=outcome,
         error=None,
         lease_until=None,
+        owner=None,
         finished_at=time.time(),
     )
 
 
-def fail(engine: Engine, job_id: int, error: str) -> JobState:
+def fail(engine: Engine, job_id: int, error: str, held_by: str | None = None) -> JobState:
     """End a ``running`` or ``exporting`` job as failed with ``error``; return its new state
     (see :func:`done`).
 
@@ -390,14 +428,23 @@ def fail(engine: Engine, job_id: int, error: str) -> JobState:
         The job is in neither state.
     """
     return _finish(
-        engine, job_id, JobState.FAILED, error=error, lease_until=None, finished_at=time.time()
+        engine,
+        job_id,
+        JobState.FAILED,
+        held_by=held_by,
+        error=error,
+        lease_until=None,
+        owner=None,
+        finished_at=time.time(),
     )
 
 
-def _finish(engine: Engine, job_id: int, state: JobState, **values: Any) -> JobState:
+def _finish(
+    engine: Engine, job_id: int, state: JobState, held_by: str | None, **values: Any
+) -> JobState:
     now = time.time()
     with engine.begin() as conn:
-        apply(conn, job_id, state, updated_at=now, **values)
+        apply(conn, job_id, state, held_by=held_by, updated_at=now, **values)
         row = conn.execute(
             select(
                 jobs.c.rule,
@@ -423,16 +470,19 @@ def _finish(engine: Engine, job_id: int, state: JobState, **values: Any) -> JobS
     return state
 
 
-def release(engine: Engine, job_id: int) -> bool:
+def release(engine: Engine, job_id: int, held_by: str | None = None) -> bool:
     """Give back a job this process claimed but did not start (the node is stopping).
 
-    A ``running`` job goes back to ``queued``; an ``exporting`` one only loses its lease.
-    Returns False if the job was in neither state.
+    A ``running`` job goes back to ``queued``; an ``exporting`` one only loses its owner and
+    lease. Returns False if the job was in neither state (or no longer ``held_by``'s).
     """
+    guard = [jobs.c.owner == held_by] if held_by is not None else []
     stmt = move(
         {JobState.RUNNING: JobState.QUEUED, JobState.EXPORTING: JobState.EXPORTING},
         jobs.c.id == job_id,
+        *guard,
         lease_until=None,
+        owner=None,
         updated_at=time.time(),
     )
     with engine.begin() as conn:
@@ -440,11 +490,17 @@ def release(engine: Engine, job_id: int) -> bool:
 
 
 def release_running(engine: Engine) -> int:
-    """After a restart of the only node: give every interrupted job back; return how many."""
+    """Give every held job back, whoever holds it; return how many.
+
+    Only for a process that knows it is alone on the job store (the embedded SQLite store
+    under its exclusive storage lock). Several processes use
+    :func:`dicom_node.jobs.processes.take_back`, which spares the jobs of live owners.
+    """
     stmt = move(
         {JobState.RUNNING: JobState.QUEUED, JobState.EXPORTING: JobState.EXPORTING},
         production(),
         lease_until=None,
+        owner=None,
         updated_at=time.time(),
     )
     with engine.begin() as conn:
@@ -486,5 +542,217 @@ def retry(engine: Engine, job_id: int) -> Job:
             attempts=0,
             finished_at=None,
             outcome=f"retried from failed ({job.error})",
+        )
+    return get(engine, job_id) or job
+
+
+# -- low confidence: hold, release, discard (the rule's ``on_low_confidence``) -----------------
+def hold(
+    engine: Engine,
+    job_id: int,
+    seg_path: str,
+    seg_sop_uid: str,
+    outcome: str,
+    details: Mapping[str, Any] | None = None,
+    results: Sequence[SegResult] | None = None,
+    held_by: str | None = None,
+) -> None:
+    """Keep a ``running`` job's built results back: the rule holds low-confidence results.
+
+    The job waits in ``held`` (results on disk and in ``seg_results``, as :func:`exporting`
+    records them) until :func:`release_held` or :func:`discard_held`.
+
+    Raises
+    ------
+    TransitionError
+        The job is not ``running`` (or no longer ``held_by``'s).
+    """
+    with engine.begin() as conn:
+        seg_results.replace(
+            conn, job_id, list(results) if results else [SegResult(0, seg_path, seg_sop_uid)]
+        )
+        apply(
+            conn,
+            job_id,
+            JobState.HELD,
+            sources=[JobState.RUNNING],
+            held_by=held_by,
+            seg_path=seg_path,
+            seg_sop_uid=seg_sop_uid,
+            outcome=outcome,
+            error=None,
+            lease_until=None,
+            details=dict(details) if details is not None else None,
+            owner=None,  # a held or ended job belongs to no process
+        )
+
+
+def discard_running(
+    engine: Engine,
+    job_id: int,
+    outcome: str,
+    details: Mapping[str, Any] | None = None,
+    held_by: str | None = None,
+) -> None:
+    """End a ``running`` job as ``skipped`` without exporting: the rule discards low-confidence
+    results (``outcome`` says why).
+
+    Raises
+    ------
+    TransitionError
+        The job is not ``running`` (or no longer ``held_by``'s).
+    """
+    with engine.begin() as conn:
+        apply(
+            conn,
+            job_id,
+            JobState.SKIPPED,
+            sources=[JobState.RUNNING],
+            held_by=held_by,
+            outcome=outcome,
+            error=None,
+            lease_until=None,
+            details=dict(details) if details is not None else None,
+            finished_at=time.time(),
+            owner=None,  # a held or ended job belongs to no process
+        )
+
+
+def _held(conn: Connection, job_id: int, verb: str) -> Job:
+    job = get_in(conn, job_id)
+    if job is None:
+        raise KeyError(f"no job with id {job_id}")
+    if job.state is not JobState.HELD:
+        raise TransitionError(
+            f"job {job_id} is {job.state.value}, only held jobs can be {verb} "
+            "(list them with: dicom-node jobs --state held)"
+        )
+    return job
+
+
+def release_held(engine: Engine, job_id: int) -> Job:
+    """Export a ``held`` job's results after all (a person looked and accepts them).
+
+    Returns
+    -------
+    Job
+        The job after the release (``exporting``: a running node's worker sends it).
+
+    Raises
+    ------
+    KeyError
+        No job with this id.
+    TransitionError
+        The job is not held.
+    """
+    with engine.begin() as conn:
+        job = _held(conn, job_id, "released")
+        apply(
+            conn,
+            job_id,
+            JobState.EXPORTING,
+            sources=[JobState.HELD],
+            next_attempt_at=0.0,
+            lease_until=None,
+            export_attempts=0,
+            outcome=f"released from hold ({job.outcome})" if job.outcome else "released from hold",
+        )
+    return get(engine, job_id) or job
+
+
+def discard_held(engine: Engine, job_id: int) -> Job:
+    """End a ``held`` job as ``skipped``: its results are never exported.
+
+    Returns
+    -------
+    Job
+        The job after the discard; its outcome starts with ``discarded:`` and keeps the reasons
+        it was held for.
+
+    Raises
+    ------
+    KeyError
+        No job with this id.
+    TransitionError
+        The job is not held.
+    """
+    with engine.begin() as conn:
+        job = _held(conn, job_id, "discarded")
+        why = (job.outcome or "held").removeprefix("held: ").split("; release with", 1)[0]
+        apply(
+            conn,
+            job_id,
+            JobState.SKIPPED,
+            sources=[JobState.HELD],
+            outcome=f"discarded: {why} (dicom-node discard)",
+            lease_until=None,
+            finished_at=time.time(),
+        )
+    return get(engine, job_id) or job
+
+
+# -- re-run on demand (``dicom-node rerun``) -----------------------------------------------------
+RERUN_FROM = (JobState.DONE, JobState.FAILED)
+"""States a job may be re-run from: finished with a result or given up (never in flight)."""
+
+
+def rerun(engine: Engine, job_id: int, model_name: str, version: str | None) -> Job:
+    """Queue a finished job again to process its stored instances anew.
+
+    Parameters
+    ----------
+    model_name:
+        The model to run (the job's).
+    version:
+        A version to pin (``name:version``), or None to resolve the job's model reference again
+        when a worker claims it (the rule's alias: the current production).
+
+    Returns
+    -------
+    Job
+        The job, ``queued``, its outcome saying what it was re-run with.
+
+    Raises
+    ------
+    KeyError
+        No job with this id.
+    TransitionError
+        The job is not ``done`` or ``failed`` (names its state).
+    """
+    with engine.begin() as conn:
+        job = get_in(conn, job_id)
+        if job is None:
+            raise KeyError(f"no job with id {job_id}")
+        if job.state not in RERUN_FROM:
+            raise TransitionError(
+                f"job {job_id} is {job.state.value}: only done or failed jobs can be re-run "
+                f"(wait until it finishes; a held job is released or discarded first)"
+            )
+        was = f"{job.model_name}:{job.model_version}" if job.model_version else job.model_ref
+        target = f"{model_name}:{version}" if version else f"{job.model_ref} (re-resolved)"
+        now = time.time()
+        apply(
+            conn,
+            job_id,
+            JobState.QUEUED,
+            sources=RERUN_FROM,
+            model_name=model_name,
+            model_version=version,
+            model_alias=None,
+            model_sha256=None,
+            outcome=f"re-run with {target} (was {was})",
+            error=None,
+            delivered=None,
+            seg_path=None,
+            seg_sop_uid=None,
+            lease_until=None,
+            owner=None,
+            queued_at=now,
+            next_attempt_at=0.0,
+            started_at=None,
+            finished_at=None,
+            attempts=0,
+            export_attempts=0,
+            updated_at=now,
         )
     return get(engine, job_id) or job

@@ -12,6 +12,7 @@ The model contract, shared by the worker, the promotion gate, training and the d
 :mod:`~dicom_node.modelstore.frames` (pixels in), :mod:`~dicom_node.modelstore.processing`
 (pre/post-processing), :mod:`~dicom_node.modelstore.scoring` (Dice, IoU),
 :mod:`~dicom_node.modelstore.refs` (``name@alias`` / ``name:version``),
+:mod:`~dicom_node.modelstore.confidence` (uncertainty and input checks of a result),
 :mod:`~dicom_node.modelstore.codes` (coded concepts) and :mod:`~dicom_node.modelstore.files`
 (sha256, atomic writes).
 
@@ -20,6 +21,14 @@ May import: ``dicom_node.metrics`` only; no other room (training and the node bo
 
 from dicom_node.modelstore.aliases import AliasError, canary_bucket, in_canary
 from dicom_node.modelstore.codes import Code
+from dicom_node.modelstore.confidence import (
+    Confidence,
+    ConfidenceSpec,
+    InputSummary,
+    OodSpec,
+    SegmentUncertainty,
+    summarize_input,
+)
 from dicom_node.modelstore.files import atomic_write, fsync_dir, sha256_bytes, sha256_file
 from dicom_node.modelstore.frames import (
     CaseImages,
@@ -48,16 +57,19 @@ from dicom_node.modelstore.manifest import (
 from dicom_node.modelstore.processing import (
     Postprocess,
     Preprocess,
+    apply_steps,
     normalize,
     resize_bilinear,
     resize_nearest,
 )
 from dicom_node.modelstore.refs import ModelRef, ModelRefError, parse_model_ref
 from dicom_node.modelstore.runner import (
+    ConfidentRun,
     InferenceError,
     LoadedModel,
     ModelLoadError,
     ModelRunner,
+    Prediction,
     choose_providers,
 )
 from dicom_node.modelstore.scoring import agreement, dice, iou
@@ -68,8 +80,12 @@ __all__ = [
     "AliasError",
     "CaseImages",
     "Code",
+    "Confidence",
+    "ConfidenceSpec",
+    "ConfidentRun",
     "InferenceError",
     "InputSpec",
+    "InputSummary",
     "LoadedModel",
     "Manifest",
     "ManifestError",
@@ -80,11 +96,14 @@ __all__ = [
     "ModelStore",
     "ModelStoreError",
     "Normalization",
+    "OodSpec",
     "OutputSpec",
     "Postprocess",
+    "Prediction",
     "Preprocess",
     "ResolvedVersion",
     "Segment",
+    "SegmentUncertainty",
     "PixelBudgetError",
     "SeriesFrames",
     "SeriesReadError",
@@ -94,6 +113,7 @@ __all__ = [
     "choose_providers",
     "contract_differences",
     "agreement",
+    "apply_steps",
     "dice",
     "fsync_dir",
     "in_canary",
@@ -113,4 +133,5 @@ __all__ = [
     "series_frames",
     "sha256_bytes",
     "sha256_file",
+    "summarize_input",
 ]

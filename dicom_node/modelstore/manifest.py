@@ -9,15 +9,18 @@ error names the file and the field path, e.g.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 
 from dicom_node.modelstore.codes import Code
+from dicom_node.modelstore.confidence import ConfidenceSpec
+from dicom_node.modelstore.measureplan import SegmentMeasurements
 
 LOGGER = logging.getLogger(__name__)
 
@@ -125,6 +128,9 @@ class Segment(_Strict):
     type: Code
     color: tuple[int, int, int] = (255, 0, 0)
     description: str | None = None
+    threshold: float | None = Field(default=None, gt=0, lt=1)
+    """This segment's binarisation threshold (sigmoid / none activation), instead of
+    ``output.threshold``; unset: ``output.threshold``."""
 
     @field_validator("category", "type", mode="before")
     @classmethod
@@ -151,6 +157,138 @@ class Segment(_Strict):
         if not all(0 <= c <= 255 for c in value):
             raise ValueError(f"color must be three values 0-255, got {list(value)}")
         return value
+
+
+class _Step(_Strict):
+    """What every post-processing step has: the segment it changes and its connectivity."""
+
+    segment: str
+    connectivity: Literal["2d", "3d"] = "2d"
+    """``2d``: each frame on its own (8 neighbours); ``3d``: each volume of the series as one
+    (26 neighbours across frames), see ``models/README.md``."""
+
+    def others(self) -> list[str]:
+        """The other segment keys this step reads."""
+        return []
+
+
+class LargestComponent(_Step):
+    """Keep the ``keep`` largest connected components of ``segment`` (ties: the first in raster
+    order), drop the rest."""
+
+    op: Literal["largest_component"]
+    keep: int = Field(1, ge=1, le=1000)
+
+
+class MinSize(_Step):
+    """Drop the components of ``segment`` smaller than a size.
+
+    ``mm2`` (2-D) or ``mm3`` (3-D) is converted with the series' spacing when the caller knows it
+    (the node and ``evaluate`` always pass the frame reader's pixel spacing; ``mm3`` also needs
+    the slice spacing); ``pixels`` (pixels per frame in 2-D, voxels in 3-D) is used when no
+    physical size is given or the spacing it needs is unknown.
+    """
+
+    op: Literal["min_size"]
+    pixels: int | None = Field(default=None, ge=1)
+    mm2: float | None = Field(default=None, gt=0)
+    mm3: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _units(self) -> MinSize:
+        if self.pixels is None and self.mm2 is None and self.mm3 is None:
+            raise ValueError("min_size needs a size: pixels, mm2 (2d) or mm3 (3d)")
+        if self.mm2 is not None and self.connectivity == "3d":
+            raise ValueError("mm2 is an area of one frame; with connectivity 3d give mm3 or pixels")
+        if self.mm3 is not None and self.connectivity == "2d":
+            raise ValueError("mm3 is a volume; give mm2 or pixels, or set connectivity: 3d")
+        return self
+
+
+class FillHoles(_Step):
+    """Fill the holes of ``segment`` (background enclosed by it, not reaching the image border).
+
+    With ``where: OTHER`` (e.g. a nodule inside its gland): only the holes that ``OTHER``
+    overlaps are filled, and every component of ``OTHER`` that overlaps or touches ``segment`` is
+    added to it, so a nodule at the gland's edge leaves neither a hole nor a notch.
+    """
+
+    op: Literal["fill_holes"]
+    where: str | None = None
+
+    def others(self) -> list[str]:
+        return [self.where] if self.where else []
+
+
+class Within(_Step):
+    """Keep only the components of ``segment`` that overlap or touch (are next to) ``of``.
+
+    ``min_inside`` (0-1]: instead, keep only components with at least that fraction of their
+    pixels inside ``of``.
+    """
+
+    op: Literal["within"]
+    of: str
+    min_inside: float | None = Field(default=None, gt=0, le=1)
+
+    def others(self) -> list[str]:
+        return [self.of]
+
+
+class KeepInRegion(_Step):
+    """Keep only the components of ``segment`` whose centre lies in a box of the frame.
+
+    ``rows`` / ``cols``: ``[from, to]`` as fractions of the frame's height / width (0 = top /
+    left edge, 1 = bottom / right edge).
+    """
+
+    op: Literal["keep_in_region"]
+    rows: tuple[float, float] = (0.0, 1.0)
+    cols: tuple[float, float] = (0.0, 1.0)
+
+    @field_validator("rows", "cols")
+    @classmethod
+    def _box(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= value[0] < value[1] <= 1.0:
+            raise ValueError(f"must be [from, to] with 0 <= from < to <= 1, got {list(value)}")
+        return value
+
+
+PostprocessStep = Annotated[
+    LargestComponent | MinSize | FillHoles | Within | KeepInRegion, Field(discriminator="op")
+]
+"""One ``postprocess:`` entry, told apart by ``op``."""
+
+POSTPROCESS_STEPS: dict[str, type[_Step]] = {
+    "largest_component": LargestComponent,
+    "min_size": MinSize,
+    "fill_holes": FillHoles,
+    "within": Within,
+    "keep_in_region": KeepInRegion,
+}
+"""The class of each ``op`` of ``postprocess:`` steps."""
+
+POSTPROCESS_OPS = tuple(POSTPROCESS_STEPS)
+"""The ``op`` values of ``postprocess:`` steps."""
+
+TTA_OPS = ("flip_lr", "flip_ud")
+"""Test-time augmentations the runner knows (``tta:``)."""
+
+
+def _check_ops(value: Any) -> Any:
+    """Refuse an unknown or missing ``op`` with "did you mean" before pydantic's union error."""
+    if not isinstance(value, list):
+        return value
+    for n, step in enumerate(value):
+        if not isinstance(step, dict):
+            raise ValueError(f"step {n} must be a mapping with an 'op', got {step!r}")
+        op = step.get("op")
+        if op not in POSTPROCESS_OPS:
+            close = difflib.get_close_matches(str(op), POSTPROCESS_OPS, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            what = "has no 'op'" if op is None else f"has unknown op {op!r}"
+            raise ValueError(f"step {n} {what}{hint} (ops: {', '.join(POSTPROCESS_OPS)})")
+    return value
 
 
 class GateSpec(_Strict):
@@ -185,8 +323,31 @@ class Manifest(_Strict):
     segments: list[Segment] = Field(min_length=1)
     reference_data: str | None = None
     gate: GateSpec | None = None
+    confidence: ConfidenceSpec | None = None
+    """How sure a result must be, and the training data's provenance (see
+    :mod:`dicom_node.modelstore.confidence`); ``None``: results carry no confidence."""
+    postprocess: list[PostprocessStep] = Field(default_factory=list)
+    """Steps applied in order to the thresholded masks (node and ``evaluate`` alike)."""
+    tta: list[Literal["flip_lr", "flip_ud"]] = Field(default_factory=list)
+    """Test-time augmentations: the runner also runs these flipped inputs, flips the outputs
+    back and averages the probabilities with the plain run's before thresholding."""
+    probabilities: bool = False
+    """The SEG carries the probability maps (FRACTIONAL, 0-255) instead of the binary masks."""
+    measurements: dict[str, SegmentMeasurements] | None = None
+    """What the report measures per segment key (see :mod:`dicom_node.modelstore.measureplan`);
+    ``None`` or a segment left out: its size and the sum and mean of its counts."""
     provenance: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+
+    _ops = field_validator("postprocess", mode="before")(_check_ops)
+
+    @field_validator("tta")
+    @classmethod
+    def _tta(cls, value: list[str]) -> list[str]:
+        dupes = sorted({v for v in value if value.count(v) > 1})
+        if dupes:
+            raise ValueError(f"each augmentation once, got {dupes} twice")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -249,6 +410,45 @@ class Manifest(_Strict):
             raise ValueError(
                 f"gate.min_dice: unknown segment key(s) {unknown}; segments are {keys}"
             )
+        unknown = sorted(set(self.confidence.thresholds) - set(keys)) if self.confidence else []
+        if unknown:
+            raise ValueError(
+                f"confidence.thresholds: unknown segment key(s) {unknown}; segments are {keys}"
+            )
+        if self.confidence and self.confidence.method == "tta" and not getattr(self, "tta", None):
+            raise ValueError(
+                "confidence.method 'tta' compares the test-time augmented runs with the plain "
+                "one: declare them (tta: [flip_lr]) or use method 'entropy'"
+            )
+        self._check_postprocess(keys)
+        return self
+
+    def _check_postprocess(self, keys: list[str]) -> None:
+        """Every segment a ``postprocess:`` step names exists; no per-segment softmax threshold."""
+        for n, step in enumerate(self.postprocess):
+            for name in [step.segment, *step.others()]:
+                if name not in keys:
+                    close = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise ValueError(
+                        f"postprocess[{n}] ({step.op}): unknown segment {name!r}{hint}; "
+                        f"segments are {keys}"
+                    )
+            if step.segment in step.others():
+                raise ValueError(f"postprocess[{n}] ({step.op}): a segment cannot refer to itself")
+        if self.output.activation == "softmax":
+            own = [s.key for s in self.segments if s.threshold is not None]
+            if own:
+                raise ValueError(
+                    f"segments {own}: threshold is not used with softmax (argmax decides)"
+                )
+
+    @model_validator(mode="after")
+    def _measurement_keys(self) -> Manifest:
+        keys = [s.key for s in self.segments]
+        unknown = sorted(set(self.measurements or {}) - set(keys))
+        if unknown:
+            raise ValueError(f"measurements: unknown segment key(s) {unknown}; segments are {keys}")
         return self
 
     @model_validator(mode="after")
@@ -295,7 +495,17 @@ class Manifest(_Strict):
 
     def to_dict(self) -> dict[str, Any]:
         """Return the manifest as plain YAML-able data (tuples as lists, unset fields left out)."""
-        return self.model_dump(mode="json", exclude_none=True)
+        data = self.model_dump(mode="json", exclude_none=True)
+        # inference options at their defaults are left out: older manifests stay as they were
+        for key, default in (("postprocess", []), ("tta", []), ("probabilities", False)):
+            if data.get(key) == default:
+                data.pop(key, None)
+        return data
+
+    def threshold(self, key: str) -> float:
+        """The binarisation threshold of segment ``key`` (its own, else ``output.threshold``)."""
+        own = self.segment(key).threshold
+        return self.output.threshold if own is None else own
 
 
 def contract_differences(old: Manifest, new: Manifest) -> list[str]:

@@ -16,8 +16,16 @@ from typing import Any
 import numpy as np
 
 from dicom_node import metrics
+from dicom_node.modelstore.confidence import Confidence, InputSummary, UncertaintyMeter, assess
 from dicom_node.modelstore.files import sha256_bytes
-from dicom_node.modelstore.processing import Postprocess, Preprocess
+from dicom_node.modelstore.processing import (
+    Postprocess,
+    Preprocess,
+    activate,
+    apply_steps,
+    tta_inputs,
+    undo_tta,
+)
 from dicom_node.modelstore.store import ResolvedVersion
 
 LOGGER = logging.getLogger(__name__)
@@ -35,6 +43,52 @@ class ModelLoadError(RuntimeError):
 
 class InferenceError(RuntimeError):
     """Running a loaded version on a series failed; the message names the version and step."""
+
+
+@dataclass(frozen=True)
+class ConfidentRun:
+    """What :meth:`ModelRunner.run_confident` returns: the masks and how sure they are.
+
+    Attributes
+    ----------
+    masks
+        Per frame, ``{segment key: bool (H, W)}`` (what :meth:`ModelRunner.run` returns).
+    confidence
+        The manifest's confidence verdict; ``None`` when the manifest declares no
+        ``confidence:`` block.
+    """
+
+    masks: list[dict[str, np.ndarray]]
+    confidence: Confidence | None = None
+    probabilities: list[dict[str, np.ndarray]] | None = None
+    """Per frame, ``{segment key: float32 (H, W)}`` when asked for (see :class:`Prediction`)."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What :meth:`ModelRunner.predict` returns: the masks and what they were made from.
+
+    Attributes
+    ----------
+    masks
+        Per frame, ``{segment key: bool (H, W)}``: thresholded, then the manifest's
+        ``postprocess:`` steps applied (what :meth:`ModelRunner.run` returns, what the SEG,
+        overlays, measurements and ``evaluate`` use).
+    thresholded
+        Per frame, the masks before the ``postprocess:`` steps (the same objects as ``masks``
+        when the manifest declares none): for choosing the steps on validation data.
+    probabilities
+        Per frame, ``{segment key: float32 (H, W) in [0, 1]}``: the model's probability at the
+        frame's size, averaged over the manifest's ``tta:`` runs, before thresholding; ``None``
+        unless asked for (they take 4 bytes per pixel and segment).
+    tta
+        The runs averaged: ``("plain", "flip_lr", ...)``.
+    """
+
+    masks: list[dict[str, np.ndarray]]
+    thresholded: list[dict[str, np.ndarray]]
+    probabilities: list[dict[str, np.ndarray]] | None = None
+    tta: tuple[str, ...] = ("plain",)
 
 
 def choose_providers(available: Sequence[str], preferred: Sequence[str] | None = None) -> list[str]:
@@ -166,6 +220,10 @@ class ModelRunner:
         options = self._ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        # no busy-waiting between runs: with several workers on few cores the spinning threads
+        # burned as much CPU as the inference itself (2 workers x 2 threads on 2 cores: 40 ms
+        # of CPU per 256x256 inference spinning, 22 ms not; bench/RESULTS.md, issue 15)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         try:
             session = self._ort.InferenceSession(data, options, providers=self.providers)
@@ -246,7 +304,13 @@ class ModelRunner:
 
     # ----------------------------------------------------------------- inference
     def run(
-        self, resolved: ResolvedVersion, frames: list[np.ndarray]
+        self,
+        resolved: ResolvedVersion,
+        frames: list[np.ndarray],
+        *,
+        spacing: Sequence[float] | None = None,
+        slice_spacing: float | None = None,
+        volumes: Sequence[Sequence[int]] | None = None,
     ) -> list[dict[str, np.ndarray]]:
         """Segment frames with one version.
 
@@ -256,11 +320,17 @@ class ModelRunner:
             The version (a job's resolved version; loaded on first use).
         frames:
             Frames (H, W) (or (H, W, S) multi-sample) of any real dtype; sizes may differ.
+        spacing, slice_spacing, volumes:
+            The series' pixel spacing (row, column) and slice spacing in mm and its volumes
+            (frame indices), for the manifest's ``postprocess:`` steps
+            (:func:`~dicom_node.modelstore.processing.apply_steps`); ``None``: unknown / the
+            default. The worker, the gate and ``evaluate`` pass the frame reader's values.
 
         Returns
         -------
         list[dict[str, numpy.ndarray]]
-            Per frame, ``{segment key: bool (H, W)}`` at the frame's own size.
+            Per frame, ``{segment key: bool (H, W)}`` at the frame's own size: thresholded
+            (after the manifest's ``tta:``) and post-processed (``postprocess:``).
 
         Raises
         ------
@@ -274,11 +344,111 @@ class ModelRunner:
         Records ``dicom_node_inference_request_success_total`` / ``..._failure_total`` and
         ``dicom_node_inference_duration_seconds`` labelled by model and version.
         """
+        geometry: dict[str, Any] = {
+            "spacing": spacing,
+            "slice_spacing": slice_spacing,
+            "volumes": volumes,
+        }
+        return self._timed(resolved, frames, None, **geometry).masks
+
+    def predict(
+        self,
+        resolved: ResolvedVersion,
+        frames: list[np.ndarray],
+        *,
+        spacing: Sequence[float] | None = None,
+        slice_spacing: float | None = None,
+        volumes: Sequence[Sequence[int]] | None = None,
+        probabilities: bool = True,
+    ) -> Prediction:
+        """Segment frames like :meth:`run`; also return the probabilities and raw masks.
+
+        Parameters
+        ----------
+        probabilities:
+            Keep the per-frame probability maps (:attr:`Prediction.probabilities`).
+
+        Other parameters, errors and metrics as :meth:`run`.
+        """
+        geometry: dict[str, Any] = {
+            "spacing": spacing,
+            "slice_spacing": slice_spacing,
+            "volumes": volumes,
+        }
+        return self._timed(resolved, frames, None, keep=probabilities, **geometry)
+
+    def run_confident(
+        self,
+        resolved: ResolvedVersion,
+        frames: list[np.ndarray],
+        summary: InputSummary | None = None,
+        *,
+        spacing: Sequence[float] | None = None,
+        slice_spacing: float | None = None,
+        volumes: Sequence[Sequence[int]] | None = None,
+        probabilities: bool = False,
+    ) -> ConfidentRun:
+        """Segment frames like :meth:`run` and judge the result as the manifest's
+        ``confidence:`` declares (:mod:`dicom_node.modelstore.confidence`).
+
+        The uncertainty comes from the probabilities of this same run, before thresholding
+        (method ``tta`` compares the plain run with the manifest's ``tta:`` runs).
+
+        Parameters
+        ----------
+        summary:
+            The input's modality, matrix, spacing and intensity
+            (:func:`~dicom_node.modelstore.confidence.summarize_input`) for the ``ood``
+            checks; ``None`` skips them.
+
+        Returns
+        -------
+        ConfidentRun
+            The masks, and the verdict (``None`` without a ``confidence:`` block).
+
+        Raises
+        ------
+        ModelLoadError, InferenceError
+            As :meth:`run`.
+        """
+        manifest = resolved.manifest
+        spec = manifest.confidence
+        meter = None
+        if spec is not None and spec.method != "none":
+            meter = UncertaintyMeter(
+                spec,
+                {s.key: s.channel for s in manifest.segments},
+                manifest.output.activation,
+                {s.key: manifest.threshold(s.key) for s in manifest.segments},
+            )
+        geometry: dict[str, Any] = {
+            "spacing": spacing,
+            "slice_spacing": slice_spacing,
+            "volumes": volumes,
+        }
+        made = self._timed(resolved, frames, meter, keep=probabilities, **geometry)
+        masks, probs = made.masks, made.probabilities
+        if spec is None:
+            return ConfidentRun(masks, probabilities=probs)
+        labels = {s.key: s.label for s in manifest.segments}
+        measured = meter.result() if meter is not None else ()
+        return ConfidentRun(masks, assess(spec, measured, summary, labels), probabilities=probs)
+
+    def _timed(
+        self,
+        resolved: ResolvedVersion,
+        frames: list[np.ndarray],
+        meter: UncertaintyMeter | None,
+        *,
+        keep: bool = False,
+        **geometry: Any,
+    ) -> Prediction:
+        """:meth:`predict` with an optional uncertainty meter fed from the same outputs."""
         labels = {"model": resolved.name, "version": resolved.version}
         start = time.perf_counter()
         try:
             model = self.load(resolved)
-            results = self._run(model, frames)
+            results = self._run(model, frames, meter, keep=keep, **geometry)
         except (ModelLoadError, InferenceError):
             metrics.INFERENCE_FAILURE.labels(**labels).inc()
             raise
@@ -289,30 +459,100 @@ class ModelRunner:
         metrics.INFERENCE_SUCCESS.labels(**labels).inc()
         return results
 
-    def _run(self, model: LoadedModel, frames: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def _run(
+        self,
+        model: LoadedModel,
+        frames: list[np.ndarray],
+        meter: UncertaintyMeter | None = None,
+        *,
+        keep: bool = False,
+        spacing: Sequence[float] | None = None,
+        slice_spacing: float | None = None,
+        volumes: Sequence[Sequence[int]] | None = None,
+    ) -> Prediction:
         label = model.resolved.ref
-        results: list[dict[str, np.ndarray]] = []
+        manifest = model.resolved.manifest
+        tta = tuple(manifest.tta)
+        masks: list[dict[str, np.ndarray]] = []
+        probabilities: list[dict[str, np.ndarray]] = []
         for begin in range(0, len(frames), BATCH_SIZE):
             chunk = frames[begin : begin + BATCH_SIZE]
             try:
                 batch = np.stack([model.preprocess(f) for f in chunk])
             except ValueError as exc:
                 raise InferenceError(f"{label}: preprocessing failed: {exc}") from exc
-            try:
-                (out,) = model.session.run([model.output_name], {model.input_name: batch})
-            except Exception as exc:  # onnxruntime raises its own exception types
-                raise InferenceError(f"{label}: ONNX Runtime run failed: {exc}") from exc
-            out = np.asarray(out)
-            if out.ndim != 4 or out.shape[0] != len(chunk):
-                raise InferenceError(
-                    f"{label}: output shape {list(out.shape)} does not match a batch of "
-                    f"{len(chunk)} (N x K x h x w)"
-                )
-            for frame, logits in zip(chunk, out, strict=True):
+            outs: list[np.ndarray] = []
+            for name, inputs in zip((None, *tta), tta_inputs(batch, tta), strict=True):
+                out = self._session_run(model, inputs, len(chunk), name)
+                if outs and out.shape != outs[0].shape:
+                    raise InferenceError(
+                        f"{label}: {name} output shape {list(out.shape)} differs from the plain "
+                        f"one {list(outs[0].shape)}"
+                    )
+                outs.append(undo_tta(out, name))
+            if meter is not None:
+                self._measure(model, outs, meter)
+            for n, frame in enumerate(chunk):
                 shape = np.asarray(frame).shape[:2]
                 try:
-                    results.append(model.postprocess(logits, shape))
+                    frame_masks, frame_probs = model.postprocess.decode([o[n] for o in outs], shape)
                 except ValueError as exc:
                     raise InferenceError(f"{label}: postprocessing failed: {exc}") from exc
+                masks.append(frame_masks)
+                if keep:
+                    probabilities.append(frame_probs)
+        final = masks
+        if manifest.postprocess:
+            try:
+                final = apply_steps(
+                    masks,
+                    manifest.postprocess,
+                    spacing=spacing,
+                    slice_spacing=slice_spacing,
+                    volumes=volumes,
+                )
+            except ValueError as exc:
+                raise InferenceError(f"{label}: postprocess failed: {exc}") from exc
         model.uses += 1
-        return results
+        return Prediction(
+            masks=final,
+            thresholded=masks,
+            probabilities=probabilities if keep else None,
+            tta=("plain", *tta),
+        )
+
+    def _session_run(
+        self, model: LoadedModel, batch: np.ndarray, n: int, name: str | None
+    ) -> np.ndarray:
+        """One ``session.run`` on a batch of ``n`` frames (``name``: its augmentation)."""
+        label = model.resolved.ref
+        what = "" if name is None else f" ({name} test-time augmentation)"
+        try:
+            (out,) = model.session.run([model.output_name], {model.input_name: batch})
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise InferenceError(f"{label}: ONNX Runtime run failed{what}: {exc}") from exc
+        out = np.asarray(out)
+        if out.ndim != 4 or out.shape[0] != n:
+            raise InferenceError(
+                f"{label}: output shape {list(out.shape)} does not match a batch of "
+                f"{n} (N x K x h x w){what}"
+            )
+        return out
+
+    def _measure(
+        self, model: LoadedModel, outs: Sequence[np.ndarray], meter: UncertaintyMeter
+    ) -> None:
+        """Feed one batch's activated outputs to ``meter``: the plain run's and those of the
+        manifest's ``tta:`` runs (already flipped back), before any thresholding."""
+        activation = model.resolved.manifest.output.activation
+        plain, *augmented = outs
+        if meter.needs_augmented and not augmented:  # the manifest refuses this; a safeguard
+            raise InferenceError(
+                f"{model.resolved.ref}: confidence method 'tta' needs the manifest's tta: runs"
+            )
+        try:
+            for n, logits in enumerate(plain):
+                others = [activate(a[n], activation) for a in augmented]
+                meter.add(activate(logits, activation), others)
+        except ValueError as exc:
+            raise InferenceError(f"{model.resolved.ref}: confidence failed: {exc}") from exc

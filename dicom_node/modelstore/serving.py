@@ -273,9 +273,26 @@ class ServingModels:
         resolved = self._pinned_version(name, str(version))
         return dataclasses.replace(resolved, alias=alias) if alias else resolved
 
-    def run(self, resolved: ResolvedVersion, frames: list[Any]) -> list[dict[str, Any]]:
-        """Run ``resolved`` on ``frames`` (see :meth:`ModelRunner.run`; records the metrics)."""
-        return self.runner.run(resolved, frames)
+    def run(
+        self, resolved: ResolvedVersion, frames: list[Any], **geometry: Any
+    ) -> list[dict[str, Any]]:
+        """Run ``resolved`` on ``frames`` (see :meth:`ModelRunner.run`; records the metrics).
+
+        ``geometry``: ``spacing``, ``slice_spacing``, ``volumes`` for the manifest's
+        ``postprocess:`` steps (see :meth:`ModelRunner.run`).
+        """
+        return self.runner.run(resolved, frames, **geometry)
+
+    def predict(self, resolved: ResolvedVersion, frames: list[Any], **options: Any) -> Any:
+        """Masks, raw masks and probabilities (see :meth:`ModelRunner.predict`)."""
+        return self.runner.predict(resolved, frames, **options)
+
+    def run_confident(
+        self, resolved: ResolvedVersion, frames: list[Any], summary: Any = None, **options: Any
+    ) -> Any:
+        """Run and judge the result (see :meth:`ModelRunner.run_confident`; ``options``: its
+        geometry and ``probabilities``)."""
+        return self.runner.run_confident(resolved, frames, summary, **options)
 
     def refresh_model(self, name: str) -> None:
         """Refresh one model now (what :meth:`refresh` does for every model)."""

@@ -30,6 +30,7 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 
+from dicom_node.modelstore.confidence import Confidence, flag_text
 from dicom_node.outputs.common import (
     copy_patient_study,
     fix_laterality,
@@ -152,6 +153,7 @@ def build_gsps(
     seg: Dataset,
     *,
     group: str | None = None,
+    confidence: Confidence | None = None,
 ) -> hd.pr.GrayscaleSoftcopyPresentationState:
     """Build the presentation state of one SEG: outlines per segment layer, a text layer.
 
@@ -171,6 +173,9 @@ def build_gsps(
         The SEG: Patient and Study attributes are copied from it.
     group
         The SEG's group key (``SourceGroup.uid_group``), part of the UIDs.
+    confidence
+        The result's confidence: a third text line says it (a low one with its reasons) and a
+        low one prefixes the Series Description with ``LOW CONFIDENCE - ``.
 
     Returns
     -------
@@ -207,6 +212,9 @@ def build_gsps(
         layer_name=TEXT_LAYER, order=len(specs) + 1, description="labels and model"
     )
     legend = f"{algorithm.model} v{algorithm.version}: " + ", ".join(s.label for s in specs)
+    texts = [(DISCLAIMER, 0.01), (legend, 0.06)]
+    if confidence is not None:
+        texts.append((confidence.summary(), 0.11))
     annotations = []
     for index, (source, frame_number) in enumerate(planes):
         for layer, spec in zip(layers, specs, strict=True):
@@ -234,7 +242,7 @@ def build_gsps(
                 bounding_box=(0.01, top, 0.99, top + 0.05),
                 text_justification=hd.pr.TextJustificationValues.LEFT,
             )
-            for value, top in ((DISCLAIMER, 0.01), (legend, 0.06))
+            for value, top in texts
         ]
         annotations.append(
             hd.pr.GraphicAnnotation(
@@ -272,8 +280,9 @@ def build_gsps(
     )
     copy_patient_study(seg, gsps)
     fix_laterality(first, gsps)
-    gsps.SeriesDescription = (
-        f"AI outlines ({algorithm.model} v{algorithm.version}) - not for diagnosis alone"
-    )[:64]
+    gsps.SeriesDescription = flag_text(
+        f"AI outlines ({algorithm.model} v{algorithm.version}) - not for diagnosis alone",
+        confidence,
+    )
     LOGGER.debug("built GSPS %s: %d annotation(s)", sop_uid, len(annotations))
     return gsps

@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
+from dicom_node.modelstore.confidence import Confidence, flag_text
 from dicom_node.outputs.common import (
     copy_patient_study,
     fix_laterality,
@@ -66,6 +67,13 @@ DEFAULT_COLOR = (255, 0, 0)
 
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
 """Window of a frame without Window Center/Width."""
+
+LEGEND_WIDTH = 42
+"""Characters per confidence line of the legend (the default font's 6 px per character fit
+a 256-pixel-wide image)."""
+
+LOW_CONFIDENCE_COLOR = (255, 0, 0)
+"""Swatch in front of the ``LOW CONFIDENCE`` line of the legend."""
 
 
 @dataclass(frozen=True)
@@ -186,11 +194,15 @@ def _legend(
     frame_measurements: Sequence[SegmentMeasurement],
     group_measurements: Sequence[SegmentMeasurement],
     segments: Sequence[SegmentSpec],
+    confidence: Confidence | None = None,
 ) -> list[tuple[str, tuple[int, int, int] | None]]:
     lines: list[tuple[str, tuple[int, int, int] | None]] = [
         (DISCLAIMER, None),
         (f"{algorithm.model} v{algorithm.version}", None),
     ]
+    if confidence is not None:  # a low one is flagged by a red swatch on its first line
+        for n, text in enumerate(confidence.legend(LEGEND_WIDTH)):
+            lines.append((text, LOW_CONFIDENCE_COLOR if confidence.low and n == 0 else None))
     for spec, here, whole in zip(segments, frame_measurements, group_measurements, strict=True):
         text = here.summary()
         if whole.volume_ml is not None:
@@ -214,6 +226,7 @@ def build_overlays(
     *,
     group: str | None = None,
     measurements: Sequence[SegmentMeasurement] | None = None,
+    confidence: Confidence | None = None,
 ) -> list[hd.sc.SCImage]:
     """Build one RGB Secondary Capture per source frame of one SEG.
 
@@ -236,6 +249,9 @@ def build_overlays(
         The SEG's group key (``SourceGroup.uid_group``), part of the UIDs.
     measurements
         The group's measurements (:func:`dicom_node.outputs.measure`); computed when ``None``.
+    confidence
+        The result's confidence: the legend says it (a low one with its reasons) and a low one
+        prefixes the Series Description with ``LOW CONFIDENCE - ``.
 
     Returns
     -------
@@ -274,7 +290,7 @@ def build_overlays(
         rendered = render_overlay(
             frame,
             [(spec, here[spec.key][0]) for spec in specs],
-            _legend(algorithm, frame_measurements, measurements, specs),
+            _legend(algorithm, frame_measurements, measurements, specs, confidence),
             source,
         )
         _, sop_uid = output_uids(
@@ -308,7 +324,7 @@ def build_overlays(
         sc.PatientOrientation = _orientation(source)  # type: ignore[assignment]
         copy_patient_study(seg, sc)
         fix_laterality(source, sc)
-        sc.SeriesDescription = description[:64]
+        sc.SeriesDescription = flag_text(description, confidence)
         sc.ConversionType = "WSD"
         sc.BurnedInAnnotation = "NO"
         sc.SoftwareVersions = SOFTWARE_VERSION

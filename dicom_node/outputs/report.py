@@ -14,6 +14,18 @@ shows):
   modality's unit (``{counts}`` for NM and PT, ``[hnsf'U]`` for CT, ``1`` otherwise); the mean
   is left out for an empty segment.
 
+That is the default; the manifest's ``measurements:`` chooses per segment (size and counts on or
+off, and):
+
+* ``components: true``: Number of lesions (SCT 246206008, unit ``1``) in the segment's group,
+  and one more group per connected component, largest first, outlined on its source frame (a
+  closed POLYLINE SCOORD; TID 1410 planar, or TID 1411 with one region per slice in a volume):
+  its Area / Volume, Diameter (SCT 81827009, ``mm``: the equivalent circle's or sphere's),
+  Total and Mean;
+* ``laterality: split``: per side, in the segment's group, Area / Volume, Total (counts only)
+  and Ratio (SCT 118586006) in ``%``, each with the Finding Site "segment type, laterality Left
+  (SCT 7771000) / Right (SCT 24028007)"; the two Ratios add up to 100.
+
 Finding type and category are the segment's SNOMED CT codes; the algorithm is the resolved model
 version. The observer is the model as a device. UIDs come from
 :func:`dicom_node.seg.output_uids` (``kind="report"``): a re-run replaces the report.
@@ -25,10 +37,12 @@ import logging
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from dicom_node.modelstore.confidence import Confidence, flag_text
 from dicom_node.outputs.common import copy_patient_study, series_number, source_frames
 from dicom_node.outputs.measurements import SegmentMeasurement, intensity_unit
 from dicom_node.seg import AlgorithmInfo, output_uids
@@ -43,6 +57,22 @@ VOLUME_UNIT = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 """UCUM unit of a volume."""
 IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 """Procedure Reported when the source names none (ProcedureCodeSequence)."""
+LENGTH_UNIT = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
+"""UCUM unit of a component's equivalent diameter."""
+NO_UNIT = hd.sr.CodedConcept("1", "UCUM", "no units")
+"""UCUM unit of a count."""
+PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
+"""UCUM unit of a side's share."""
+COMPONENT_COUNT = hd.sr.CodedConcept("246206008", "SCT", "Number of lesions")
+"""How many connected components a segment has (``components: true``)."""
+SHARE = hd.sr.CodedConcept("118586006", "SCT", "Ratio")
+"""A side's share of its paired organ's counts (NM, PT) or size, in percent; the finding site
+(the segment's type with laterality Left or Right) says which side."""
+CERTAINTY = hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding")
+"""Qualitative evaluation of every segment group when the result has a confidence: ``Low``
+(SCT 62482003) for a low-confidence result, else ``High`` (SCT 75540009)."""
+CERTAINTY_LOW = hd.sr.CodedConcept("62482003", "SCT", "Low")
+CERTAINTY_HIGH = hd.sr.CodedConcept("75540009", "SCT", "High")
 
 
 def _uid(*parts: str) -> str:
@@ -66,18 +96,131 @@ def _segment_code(seg: Dataset, number: int, keyword: str) -> hd.sr.CodedConcept
     return None
 
 
-def _measurements(value: SegmentMeasurement, unit: hd.sr.CodedConcept) -> list[hd.sr.Measurement]:
-    out = []
-    if value.volume_ml is not None:
-        out.append(
-            hd.sr.Measurement(name=codes.SCT.Volume, value=value.volume_ml, unit=VOLUME_UNIT)
-        )
-    elif value.area_mm2 is not None:
-        out.append(hd.sr.Measurement(name=codes.SCT.Area, value=value.area_mm2, unit=AREA_UNIT))
-    out.append(hd.sr.Measurement(name=codes.SCT.Total, value=value.intensity_sum, unit=unit))
-    if value.intensity_mean is not None:
+def _size(
+    volume_ml: float | None, area_mm2: float | None, sites: list[hd.sr.FindingSite] | None = None
+) -> list[hd.sr.Measurement]:
+    if volume_ml is not None:
+        return [
+            hd.sr.Measurement(
+                name=codes.SCT.Volume, value=volume_ml, unit=VOLUME_UNIT, finding_sites=sites
+            )
+        ]
+    if area_mm2 is not None:
+        return [
+            hd.sr.Measurement(
+                name=codes.SCT.Area, value=area_mm2, unit=AREA_UNIT, finding_sites=sites
+            )
+        ]
+    return []
+
+
+def _measurements(
+    value: SegmentMeasurement,
+    unit: hd.sr.CodedConcept,
+    site: hd.sr.CodedConcept | None = None,
+) -> list[hd.sr.Measurement]:
+    """The segment's own measurements: size, counts, number of components, the two sides."""
+    out = _size(value.volume_ml, value.area_mm2) if value.size_reported else []
+    if "sum" in value.counts_reported:
+        out.append(hd.sr.Measurement(name=codes.SCT.Total, value=value.intensity_sum, unit=unit))
+    if "mean" in value.counts_reported and value.intensity_mean is not None:
         out.append(hd.sr.Measurement(name=codes.SCT.Mean, value=value.intensity_mean, unit=unit))
+    if value.components is not None:
+        out.append(
+            hd.sr.Measurement(name=COMPONENT_COUNT, value=len(value.components), unit=NO_UNIT)
+        )
+    for side in value.sides or ():
+        laterality = codes.SCT.Left if side.side == "left" else codes.SCT.Right
+        sites = [hd.sr.FindingSite(site or IMAGING_PROCEDURE, laterality=laterality)]
+        out += _size(side.volume_ml, side.area_mm2, sites)
+        if value.share_of == "counts":
+            out.append(
+                hd.sr.Measurement(
+                    name=codes.SCT.Total, value=side.intensity_sum, unit=unit, finding_sites=sites
+                )
+            )
+        out.append(
+            hd.sr.Measurement(
+                name=SHARE, value=side.share_percent, unit=PERCENT, finding_sites=sites
+            )
+        )
     return out
+
+
+_Group = (
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+)
+
+
+def _component_groups(
+    value: SegmentMeasurement,
+    planes: Sequence[tuple[Dataset, int | None]],
+    unit: hd.sr.CodedConcept,
+    codes_of: tuple[hd.sr.CodedConcept | None, hd.sr.CodedConcept | None],
+    algorithm_id: hd.sr.AlgorithmIdentification,
+    sop_uid: str,
+) -> list[
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+]:
+    """One ROI group per connected component: its outline on the source image(s), its size,
+    equivalent diameter and counts (TID 1410 planar / TID 1411 volumetric with image regions)."""
+    finding_type, finding_category = codes_of
+    groups: list[
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    total = len(value.components or ())
+    for part in value.components or ():
+        regions = []
+        for frame, outline in part.outlines:
+            source, number = planes[frame]
+            regions.append(
+                hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,  # closed: last vertex = first
+                    graphic_data=np.asarray(outline, dtype=float),
+                    source_image=hd.sr.SourceImageForRegion(
+                        str(source.SOPClassUID),
+                        str(source.SOPInstanceUID),
+                        referenced_frame_numbers=[number] if number is not None else None,
+                    ),
+                )
+            )
+        if not regions:
+            continue
+        measured = _size(part.volume_ml, part.area_mm2) + [
+            hd.sr.Measurement(name=codes.SCT.Diameter, value=part.diameter_mm, unit=LENGTH_UNIT),
+            hd.sr.Measurement(name=codes.SCT.Total, value=part.intensity_sum, unit=unit),
+            hd.sr.Measurement(name=codes.SCT.Mean, value=part.intensity_mean, unit=unit),
+        ]
+        tracking = hd.sr.TrackingIdentifier(
+            uid=_uid(sop_uid, "segment", str(value.number), "component", str(part.index)),
+            identifier=f"{value.label} {part.index} of {total} (segment {value.number})"[:64],
+        )
+        if part.volume_ml is None and len(regions) == 1:
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_region=regions[0],
+                    finding_type=finding_type,
+                    finding_category=finding_category,
+                    algorithm_id=algorithm_id,
+                    measurements=measured,
+                )
+            )
+        else:
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_regions=regions,
+                    finding_type=finding_type,
+                    finding_category=finding_category,
+                    algorithm_id=algorithm_id,
+                    measurements=measured,
+                )
+            )
+    return groups
 
 
 def build_report(
@@ -87,6 +230,7 @@ def build_report(
     algorithm: AlgorithmInfo,
     *,
     group: str | None = None,
+    confidence: Confidence | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the Measurement Report of one SEG.
 
@@ -102,6 +246,10 @@ def build_report(
         The resolved model version and rule (observer, algorithm, UIDs).
     group
         The SEG's group key (``SourceGroup.uid_group``), part of the UIDs.
+    confidence
+        The result's confidence: each group gets the qualitative evaluation
+        :data:`CERTAINTY` (Low for a low-confidence result, else High) and a low one prefixes
+        the Series Description with ``LOW CONFIDENCE - ``. ``None``: neither.
 
     Returns
     -------
@@ -139,7 +287,11 @@ def build_report(
         )
         for ds, frame in source_frames(sources)
     ]
-    groups = []
+    certainty = None
+    if confidence is not None:
+        flag = CERTAINTY_LOW if confidence.low else CERTAINTY_HIGH
+        certainty = [hd.sr.QualitativeEvaluation(name=CERTAINTY, value=flag)]
+    groups: list[_Group] = []
     for value in measurements:
         referenced = hd.sr.ReferencedSegment(
             sop_class_uid=str(seg.SOPClassUID),
@@ -159,8 +311,25 @@ def build_report(
                     seg, value.number, "SegmentedPropertyCategoryCodeSequence"
                 ),
                 algorithm_id=algorithm_id,
-                measurements=_measurements(value, unit),
+                measurements=_measurements(
+                    value,
+                    unit,
+                    _segment_code(seg, value.number, "SegmentedPropertyTypeCodeSequence"),
+                ),
+                qualitative_evaluations=certainty,
             )
+        )
+    for value in measurements:  # after the segments: each component of those that ask for it
+        groups += _component_groups(
+            value,
+            source_frames(sources),
+            unit,
+            (
+                _segment_code(seg, value.number, "SegmentedPropertyTypeCodeSequence"),
+                _segment_code(seg, value.number, "SegmentedPropertyCategoryCodeSequence"),
+            ),
+            algorithm_id,
+            str(sop_uid),
         )
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -187,12 +356,13 @@ def build_report(
         is_complete=True,
     )
     copy_patient_study(seg, sr)
-    sr.SeriesDescription = (
-        f"AI measurements ({algorithm.model} v{algorithm.version}) - not for diagnosis alone"
-    )[:64]
+    sr.SeriesDescription = flag_text(
+        f"AI measurements ({algorithm.model} v{algorithm.version}) - not for diagnosis alone",
+        confidence,
+    )
     sr.SoftwareVersions = SOFTWARE_VERSION
     LOGGER.debug("built report %s: %d segment group(s)", sop_uid, len(groups))
     return sr
 
 
-__all__ = ["AREA_UNIT", "IMAGING_PROCEDURE", "VOLUME_UNIT", "build_report"]
+__all__ = ["AREA_UNIT", "CERTAINTY", "IMAGING_PROCEDURE", "VOLUME_UNIT", "build_report"]

@@ -477,3 +477,38 @@ def encode_file_meta(
     )
     group_length = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body))
     return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+def read_file_meta(raw: bytes) -> tuple[str, str, int]:
+    """Read a spooled file's File Meta: ``(transfer syntax, SOP Instance UID, data set offset)``.
+
+    The counterpart of :func:`encode_file_meta` (any Explicit VR Little Endian File Meta with a
+    group length, as the spool writes), for the start-up recovery of staged files
+    (:mod:`dicom_node.receive.spool`).
+
+    Raises
+    ------
+    ValueError
+        Not a file with a readable File Meta, or one without a transfer syntax or SOP Instance UID.
+    """
+    if raw[128:132] != b"DICM" or len(raw) < 144:
+        raise ValueError("no DICM prefix")
+    group, element, vr, _, length = struct.unpack_from("<HH2sHL", raw, 132)
+    if (group, element, vr) != (2, 0, b"UL") or 144 + length > len(raw):
+        raise ValueError("no File Meta group length")
+    end = 144 + length
+    pos, found = 144, {}
+    while pos + 8 <= end:
+        group, element, vr = struct.unpack_from("<HH2s", raw, pos)
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            (size,) = struct.unpack_from("<L", raw, pos + 8)
+            start = pos + 12
+        else:
+            (size,) = struct.unpack_from("<H", raw, pos + 6)
+            start = pos + 8
+        if group == 2 and element in (0x0003, 0x0010):
+            found[element] = raw[start : start + size].rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = start + size
+    if 0x0003 not in found or 0x0010 not in found:
+        raise ValueError("File Meta without SOP Instance UID or transfer syntax")
+    return found[0x0010], found[0x0003], end

@@ -82,8 +82,9 @@ class Assembler:
             decision = evaluate(rules, header)
         except Exception as exc:  # one unreadable series must not stop the others
             LOGGER.exception("job %s: routing failed", job.id)
-            self.store.skip(job.id, f"routing failed: {exc}", None, rules.version)
-            self.audit.write("routing_failed", job=job.id, error=str(exc))
+            # another process may have routed it meanwhile: only the one that skips it says so
+            if self.store.skip(job.id, f"routing failed: {exc}", None, rules.version):
+                self.audit.write("routing_failed", job=job.id, error=str(exc))
             return
         matched = decision.jobs
         if decision.discarded or not matched:
@@ -92,7 +93,9 @@ class Assembler:
             fired = fired or list(decision.matched)
             rule: str | None = fired[0].name if fired else None
             outcome = f"discarded by rule {rule}" if decision.discarded else "no rule matched"
-            self.store.skip(job.id, outcome, rule, rules.version)
+            if not self.store.skip(job.id, outcome, rule, rules.version):
+                LOGGER.debug("job %s: already routed elsewhere", job.id)
+                return  # several processes route: the one whose UPDATE won records it
             metrics.ROUTING_DECISIONS.labels(rule=rule or "none").inc()
             self.audit.write(
                 "skipped",

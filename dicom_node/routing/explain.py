@@ -142,6 +142,10 @@ def render_decision(decision: RoutingDecision, console: Console, indent: str = "
                 console.print(f"{indent}    model: {rule.model}")
                 console.print(f"{indent}    send to: {', '.join(rule.send_to)}")
                 console.print(f"{indent}    complete: {rule.complete.describe()}")
+                if rule.on_low_confidence != "send":
+                    console.print(
+                        f"{indent}    if the model flags low confidence: {rule.on_low_confidence}"
+                    )
             if rule.stop:
                 console.print(f"{indent}    stop: lower-priority rules are not evaluated")
         elif entry.outcome == "failed" and (not fired or _before_last_fired(decision, entry)):

@@ -33,7 +33,9 @@ from dicom_node.routing.conditions import (
     suggest,
 )
 from dicom_node.routing.rules import (
+    DEFAULT_ON_LOW_CONFIDENCE,
     DEFAULT_RULE_OUTPUTS,
+    LOW_CONFIDENCE_ACTIONS,
     OUTPUT_NAMES,
     Completion,
     Problem,
@@ -79,6 +81,7 @@ RULE_KEYS: dict[str, str] = {
     "stop": "true: no lower-priority rule sees the series",
     "discard": "true: take no action (always stops)",
     "outputs": "list of what goes back: seg, overlay, gsps, report (default [seg])",
+    "on_low_confidence": "send, hold or discard a result flagged low confidence (default send)",
 }
 """Keys a rule may have, with what each must be (used in messages)."""
 REQUIRED_RULE_KEYS = ("name", "when")
@@ -462,6 +465,7 @@ def _parse_rule(
         else:
             send_to = tuple(raw)
     outputs = _parse_outputs(node, ctx, line)
+    on_low_confidence = _parse_on_low_confidence(node, ctx, line)
     if model is not None:
         try:
             parse_model_ref(model)
@@ -507,6 +511,7 @@ def _parse_rule(
             model=model,
             send_to=send_to,
             outputs=outputs,
+            on_low_confidence=on_low_confidence,
             stop=bool(discard) if stop is None else stop,
             discard=bool(discard),
             position=position,
@@ -534,6 +539,22 @@ def _parse_outputs(node: Mapping, ctx: _FileContext, line: int | None) -> tuple[
                 f"allowed: {', '.join(OUTPUT_NAMES)}",
             )
     return tuple(raw)
+
+
+def _parse_on_low_confidence(node: Mapping, ctx: _FileContext, line: int | None) -> str:
+    """The rule's ``on_low_confidence`` (default ``send``); a bad value is a problem with a hint."""
+    if "on_low_confidence" not in node:
+        return DEFAULT_ON_LOW_CONFIDENCE
+    raw = node["on_low_confidence"]
+    allowed = ", ".join(LOW_CONFIDENCE_ACTIONS)
+    if not isinstance(raw, str) or raw not in LOW_CONFIDENCE_ACTIONS:
+        hint = suggest(raw, LOW_CONFIDENCE_ACTIONS) if isinstance(raw, str) else ""
+        ctx.add(
+            _key_line(node, "on_low_confidence", line),
+            f"'on_low_confidence' must be one of {allowed}, got {short(raw)}{hint}",
+        )
+        return DEFAULT_ON_LOW_CONFIDENCE
+    return raw
 
 
 def _check_model(model: str, ctx: _FileContext, line: int | None) -> None:

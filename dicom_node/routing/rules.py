@@ -32,6 +32,14 @@ may not import outputs, a test keeps the two equal)."""
 DEFAULT_RULE_OUTPUTS = ("seg",)
 """What a rule without ``outputs`` sends back."""
 
+LOW_CONFIDENCE_ACTIONS = ("send", "hold", "discard")
+"""What a rule's ``on_low_confidence`` may say to do with a result flagged low confidence:
+send it anyway (flagged in every output), hold it until ``dicom-node release``/``discard``,
+or discard it (the job ends skipped, saying why)."""
+
+DEFAULT_ON_LOW_CONFIDENCE = "send"
+"""What a rule without ``on_low_confidence`` does with a low-confidence result."""
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -136,6 +144,9 @@ class Rule:
         What goes back to ``send_to`` (names of :data:`OUTPUT_NAMES`, default ``("seg",)``). The
         SEG is always built (the other outputs derive from it) but sent only when listed; a
         ``report`` references the SEG's segments, so it needs ``seg`` in the list.
+    on_low_confidence:
+        What to do with a result its model's manifest flags low confidence (one of
+        :data:`LOW_CONFIDENCE_ACTIONS`, default ``send``).
     position:
         Index of the rule in its file (ties in priority are broken by file, then position).
     """
@@ -153,6 +164,7 @@ class Rule:
     position: int = 0
     description: str | None = None
     outputs: tuple[str, ...] = DEFAULT_RULE_OUTPUTS
+    on_low_confidence: str = DEFAULT_ON_LOW_CONFIDENCE
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not RULE_NAME_RE.match(self.name):
@@ -172,6 +184,8 @@ class Rule:
                 raise ValueError("a discard rule always stops; remove 'stop: false'")
             if self.outputs != DEFAULT_RULE_OUTPUTS:
                 raise ValueError("'outputs' has no effect on a discard rule; remove it")
+            if self.on_low_confidence != DEFAULT_ON_LOW_CONFIDENCE:
+                raise ValueError("'on_low_confidence' has no effect on a discard rule; remove it")
         else:
             if self.model is None:
                 raise ValueError("a rule needs 'model: <model>@<alias>' or 'discard: true'")
@@ -179,6 +193,11 @@ class Rule:
             if not self.send_to:
                 raise ValueError("'send_to' is required with 'model' (destination names)")
         _check_outputs(self.outputs)
+        if self.on_low_confidence not in LOW_CONFIDENCE_ACTIONS:
+            raise ValueError(
+                f"'on_low_confidence' must be one of {', '.join(LOW_CONFIDENCE_ACTIONS)}, "
+                f"got {self.on_low_confidence!r}"
+            )
 
     @property
     def sort_key(self) -> tuple[int, str, int]:
@@ -186,8 +205,13 @@ class Rule:
         return (-self.priority, self.file, self.position)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return what the audit log and ``--json`` show of the rule (``outputs`` if not [seg])."""
-        shown = {} if self.outputs == DEFAULT_RULE_OUTPUTS else {"outputs": list(self.outputs)}
+        """Return what the audit log and ``--json`` show of the rule (``outputs`` if not [seg],
+        ``on_low_confidence`` if not ``send``)."""
+        shown: dict[str, Any] = (
+            {} if self.outputs == DEFAULT_RULE_OUTPUTS else {"outputs": list(self.outputs)}
+        )
+        if self.on_low_confidence != DEFAULT_ON_LOW_CONFIDENCE:
+            shown["on_low_confidence"] = self.on_low_confidence
         return {
             "name": self.name,
             "priority": self.priority,

@@ -1,7 +1,8 @@
 """DICOM SEG results: value objects, deterministic UIDs and the highdicom builder.
 
 ``build_seg(sources, masks, segments, algorithm)`` returns a BINARY ``highdicom.seg.Segmentation``
-for NM (including the multi-frame NM IOD highdicom 0.28 trips over), Secondary Capture and
+(FRACTIONAL, of probabilities, when given ``probabilities=``) for NM (including the
+multi-frame NM IOD highdicom 0.28 trips over), Secondary Capture and
 single- or multi-slice CT/MR series; see :mod:`dicom_node.seg.sop` for how NM is handled.
 ``is_image(ds)`` says which received objects are images at all, and ``group_sources(sources)``
 splits a series into the groups (size, orientation, Frame of Reference) one SEG each describes.

@@ -73,6 +73,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.pixels.utils import pack_bits
 from pydicom.sequence import Sequence as DicomSequence
 
+from dicom_node.modelstore.confidence import Confidence, flag_text
 from dicom_node.seg.content import AlgorithmInfo, SegmentSpec
 from dicom_node.seg.sources import (
     complete_deidentification,
@@ -180,6 +181,40 @@ def _stack_masks(
     extra = set(masks) - {spec.key for spec in specs}
     if extra:
         LOGGER.debug("masks without a segment description are not encoded: %s", sorted(extra))
+    return np.stack(planes, axis=-1)
+
+
+MAX_FRACTIONAL_VALUE = 255
+"""Maximum Fractional Value of a FRACTIONAL (probability) SEG: probability 1.0 is stored as 255."""
+
+
+def _stack_probabilities(
+    probabilities: Mapping[str, np.ndarray],
+    specs: Sequence[SegmentSpec],
+    shape: tuple[int, int, int],
+) -> np.ndarray:
+    """Return float32 (frames, rows, cols, segments) probabilities on the SEG's 1/255 steps.
+
+    Quantised here so that highdicom's scaling (x 255, rounded) and :func:`_extend_frames`'s
+    encoding give the same stored values, whichever path builds the SEG.
+    """
+    planes = []
+    for spec in specs:
+        if spec.key not in probabilities:
+            raise ValueError(
+                f"probabilities has no entry for segment {spec.key!r}; "
+                f"keys: {sorted(probabilities)}"
+            )
+        plane = np.asarray(probabilities[spec.key], dtype=np.float32)
+        if plane.shape != shape:
+            raise ValueError(
+                f"probabilities[{spec.key!r}] must have shape (frames, rows, cols) = {shape}, "
+                f"got {plane.shape}"
+            )
+        if not np.all(np.isfinite(plane)):
+            raise ValueError(f"probabilities[{spec.key!r}] holds NaN or infinite values")
+        steps = np.round(np.clip(plane, 0.0, 1.0) * np.float32(MAX_FRACTIONAL_VALUE))
+        planes.append(steps / np.float32(MAX_FRACTIONAL_VALUE))
     return np.stack(planes, axis=-1)
 
 
@@ -425,7 +460,10 @@ def _extend_frames(
     seg.PerFrameFunctionalGroupsSequence = DicomSequence(items)
     seg.NumberOfFrames = len(items)
     planes = np.stack([pixel_array[plane, :, :, segment] for segment, plane in pairs])
-    data = pack_bits(planes.astype(np.uint8), pad=False)
+    if seg.SegmentationType == "FRACTIONAL":  # one byte per pixel, 0..MaximumFractionalValue
+        data = np.round(planes * MAX_FRACTIONAL_VALUE).astype(np.uint8).tobytes()
+    else:
+        data = pack_bits(planes.astype(np.uint8), pad=False)
     seg.PixelData = data + b"\x00" if len(data) % 2 else data
 
     referenced = DicomSequence()
@@ -475,8 +513,12 @@ def build_seg(
     series_number: int | None = None,
     instance_number: int = 1,
     group: str | None = None,
+    confidence: Confidence | None = None,
+    probabilities: Mapping[str, np.ndarray] | None = None,
 ) -> hd.seg.Segmentation:
-    """Build the BINARY DICOM SEG of one (source series, rule, resolved model version).
+    """Build the DICOM SEG of one (source series, rule, resolved model version).
+
+    BINARY from ``masks``; FRACTIONAL (probabilities) when ``probabilities`` is given.
 
     Parameters
     ----------
@@ -502,6 +544,16 @@ def build_seg(
     group
         ``None`` for a whole series or its first group, else the group key of the sources
         (:attr:`dicom_node.seg.grouping.SourceGroup.uid_group`); part of the UIDs.
+    confidence
+        The result's confidence (:mod:`dicom_node.modelstore.confidence`): a low one prefixes
+        the Series Description with ``LOW CONFIDENCE - ``; either way each segment's Segment
+        Description says how sure the model was of it. ``None``: neither.
+    probabilities
+        ``probabilities[key]``: float array of the masks' shape with values in [0, 1] (the
+        model's probabilities; manifest ``probabilities: true``). Given, the SEG is FRACTIONAL
+        (Segmentation Fractional Type PROBABILITY, Maximum Fractional Value 255, values
+        rounded to 1/255) and encodes these instead of ``masks`` (which must still be given
+        and valid: they are what the other outputs are built from).
 
     Returns
     -------
@@ -538,7 +590,16 @@ def build_seg(
 
     first = sources[0]
     frames = _source_frames(sources)
-    pixel_array = _stack_masks(masks, specs, (len(frames), int(first.Rows), int(first.Columns)))
+    shape = (len(frames), int(first.Rows), int(first.Columns))
+    pixel_array = _stack_masks(masks, specs, shape)
+    kind: dict[str, Any] = {"segmentation_type": hd.seg.SegmentationTypeValues.BINARY}
+    if probabilities is not None:
+        pixel_array = _stack_probabilities(probabilities, specs, shape)
+        kind = {
+            "segmentation_type": hd.seg.SegmentationTypeValues.FRACTIONAL,
+            "fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+            "max_fractional_value": MAX_FRACTIONAL_VALUE,
+        }
 
     identification = algorithm.to_highdicom()
     descriptions = [spec.to_highdicom(n, identification) for n, spec in enumerate(specs, 1)]
@@ -549,7 +610,7 @@ def build_seg(
         source_number = first.get("SeriesNumber")
         series_number = SERIES_NUMBER_OFFSET + (int(source_number) if source_number else 0)
     common: dict[str, Any] = {
-        "segmentation_type": hd.seg.SegmentationTypeValues.BINARY,
+        **kind,
         "segment_descriptions": descriptions,
         "series_instance_uid": series_uid,
         "series_number": series_number,
@@ -579,9 +640,13 @@ def build_seg(
     if seg is None:
         seg = _frame_referenced(sources, frames, pixel_array, common)
 
-    seg.SeriesDescription = series_description or ai_series_description(
-        algorithm.model, algorithm.version
+    seg.SeriesDescription = flag_text(
+        series_description or ai_series_description(algorithm.model, algorithm.version),
+        confidence,
     )
+    if confidence is not None:
+        for item, spec in zip(seg.SegmentSequence, specs, strict=True):
+            item.SegmentDescription = confidence.segment_note(spec.key)
     LOGGER.debug(
         "built SEG %s for series %s: %d segments, %d frames, %s",
         sop_uid,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from pynetdicom.status import code_to_category
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from dicom_node.config import Destination, TLSConfig
+from dicom_node.send.result import ExportResult
 
 LOGGER = logging.getLogger(__name__)
 
@@ -37,29 +37,6 @@ NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 DEFAULT_TIMEOUT = 30.0
 """Seconds for connecting, association negotiation and the C-STORE response, each."""
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    """Outcome of one C-STORE to one destination.
-
-    Attributes
-    ----------
-    ok
-        True when the peer answered Success (0x0000) or a Warning status (0x0001, 0x0107,
-        0x0116, 0xB000-0xBFFF): it keeps the instance.
-    status
-        The C-STORE status the peer sent, or None when there was none (not connected, rejected,
-        aborted, no response).
-    reason
-        Short human-readable explanation, e.g. ``stored``, ``warning 0xB000 (coercion of data
-        elements)``, ``failure 0xA700: Out of resources``, ``association rejected: called AE
-        title not recognised``, ``no response``.
-    """
-
-    ok: bool
-    status: int | None
-    reason: str
 
 
 class _NoDelayAE(AE):

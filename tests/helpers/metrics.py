@@ -19,12 +19,20 @@ def scrape(port: int) -> str:
 
 def value(text: str, sample: str, **labels: str) -> float:
     """The value of ``sample`` (e.g. ``dicom_node_export_failure_total``) with exactly ``labels``;
-    0.0 when the series does not exist yet."""
+    0.0 when the series does not exist yet.
+
+    Every served sample carries the process's ``node`` label; it is compared only when
+    ``labels`` names it."""
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == sample and s.labels == labels:
+            got = s.labels if "node" in labels else _without_node(s.labels)
+            if s.name == sample and got == labels:
                 return float(s.value)
     return 0.0
+
+
+def _without_node(labels: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in labels.items() if k != "node"}
 
 
 def sample(port: int, sample_name: str, **labels: str) -> float:

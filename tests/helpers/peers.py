@@ -14,6 +14,7 @@ Example
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -35,6 +36,9 @@ LOGGER = logging.getLogger(__name__)
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 """Orthanc 1.10 from Debian."""
+
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+"""Orthanc's DICOMweb plugin, from the Debian package ``orthanc-dicomweb`` (``make test-deps``)."""
 
 PEER_TIMEOUT = 60.0
 """Seconds a DCMTK command line tool may run before the helper gives up on it."""
@@ -235,6 +239,14 @@ class Orthanc(_Process):
         Seconds of quiet before Orthanc calls a series stable.
     keep:
         Keep the tmp dir (storage, config, log) after exit, for debugging.
+    dicomweb:
+        Load the DICOMweb plugin: STOW-RS, QIDO-RS and WADO-RS under :attr:`dicomweb_url`.
+    users:
+        ``{user: password}``: HTTP Basic authentication on the whole REST API (DICOMweb too);
+        the helper's own REST calls use the first user.
+    max_patients:
+        ``MaximumPatientCount``: with every stored patient protected
+        (:meth:`protect_patients`), a new patient is refused as "storage full".
     """
 
     name = "orthanc"
@@ -245,8 +257,19 @@ class Orthanc(_Process):
         modalities: dict[str, tuple[str, str, int]] | None = None,
         stable_age: int = 1,
         keep: bool = False,
+        dicomweb: bool = False,
+        users: dict[str, str] | None = None,
+        max_patients: int = 0,
     ) -> None:
         super().__init__()
+        if dicomweb and not ORTHANC_DICOMWEB_PLUGIN.exists():
+            raise FileNotFoundError(
+                f"{ORTHANC_DICOMWEB_PLUGIN} is missing: install the Debian package "
+                "orthanc-dicomweb (make test-deps)"
+            )
+        self.dicomweb = dicomweb
+        self.users = dict(users or {})
+        self.max_patients = max_patients
         self.aet = aet
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -254,6 +277,8 @@ class Orthanc(_Process):
         self.stable_age = stable_age
         self.keep = keep
         self.base_url = f"http://127.0.0.1:{self.http_port}"
+        self.dicomweb_url = f"{self.base_url}/dicom-web"
+        """Base of the DICOMweb services (STOW-RS posts to ``{dicomweb_url}/studies``)."""
 
     def config(self) -> dict[str, Any]:
         """Return the Orthanc configuration this instance runs with."""
@@ -261,11 +286,14 @@ class Orthanc(_Process):
             "Name": "test-orthanc",
             "StorageDirectory": str(self.tmp / "storage"),
             "IndexDirectory": str(self.tmp / "index"),
-            "Plugins": [],
+            "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
+            "MaximumPatientCount": self.max_patients,
             "DicomServerEnabled": True,
             "DicomAet": self.aet,
             "DicomPort": self.dicom_port,
@@ -335,6 +363,7 @@ class Orthanc(_Process):
     def _request(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Any:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         req = urllib.request.Request(self.base_url + path, data=data, method=method)
+        self._authorize(req)
         if raw is not None:
             req.add_header("Content-Type", "application/dicom")
         elif body is not None:
@@ -347,6 +376,17 @@ class Orthanc(_Process):
             return json.loads(payload)
         except ValueError:
             return payload
+
+    def _authorize(self, req: urllib.request.Request) -> None:
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+
+    def protect_patients(self) -> None:
+        """Protect every stored patient from recycling (``PUT /patients/{id}/protected``)."""
+        for pid in self.rest_get("/patients"):
+            self._request("PUT", f"/patients/{pid}/protected", raw=b"1")
 
     def rest_get(self, path: str) -> Any:
         """GET a REST path (``/instances``) and return its JSON (bytes if not JSON)."""
@@ -393,6 +433,7 @@ class Orthanc(_Process):
     def instance_file(self, instance_id: str) -> bytes:
         """Return the stored DICOM file of an instance."""
         req = urllib.request.Request(f"{self.base_url}/instances/{instance_id}/file")
+        self._authorize(req)
         with urllib.request.urlopen(req, timeout=60) as rsp:
             return bytes(rsp.read())
 

@@ -1,0 +1,1 @@
+"""Worked examples beyond thyroid scintigraphy (training/README.md, "Worked example: CT liver")."""
