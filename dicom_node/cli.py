@@ -56,6 +56,8 @@ def setup_logging(level: str) -> None:
     # pynetdicom logs every PDU at INFO: keep its noise (and any peer data) to warnings
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # alembic narrates every schema step at INFO; the job store logs the upgrade itself
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     # highdicom logs source SOP Instance UIDs at INFO for every SEG: UIDs only at DEBUG here
     logging.getLogger("highdicom").setLevel(logging.WARNING)
 
@@ -208,17 +210,34 @@ def jobs(
     console.print(table)
     if shadow:
         runs_table = Table(title=f"shadow runs ({len(runs)} shown; never exported)")
-        for col in ("job", "shadow", "production", "agreement (Dice)", "at"):
+        # runs recorded before revision 0004 have no IoU/HD95: no empty column for them
+        scored = any(run.scores is not None for run in runs)
+        columns = ["job", "shadow", "production", "agreement (Dice)"]
+        for col in [*columns, *(["3-D IoU, HD95"] if scored else []), "at"]:
             runs_table.add_column(col, overflow="fold")
         for run in runs:
-            runs_table.add_row(
+            cells = [
                 str(run.job_id),
                 f"{run.model}:{run.version}",
                 run.production_version or "",
                 ", ".join(f"{k} {v:.3f}" for k, v in sorted(run.agreement.items())),
-                _when(run.created_at),
-            )
+            ]
+            if scored:
+                cells.append(_shadow_scores_text(run.scores))
+            runs_table.add_row(*cells, _when(run.created_at))
         console.print(runs_table)
+
+
+def _shadow_scores_text(scores: Any) -> str:
+    """``thyroid 0.618, 2.6 mm; nodule no evidence`` (empty for runs from before the scores)."""
+    parts = []
+    for key, v in sorted((scores or {}).items()):
+        if v["iou"] is None:
+            parts.append(f"{key} no evidence")  # both versions empty
+        else:
+            hd95 = "-" if v["hd95_mm"] is None else f"{v['hd95_mm']:.1f} mm"
+            parts.append(f"{key} {v['iou']:.3f}, {hd95}")
+    return "; ".join(parts)
 
 
 @main.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import statistics
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -207,7 +208,8 @@ SHADOW_RUNS = 1000
 
 
 def _shadow_summary(config_path: Path | None, name: str) -> list[str]:
-    """Mean Dice agreement per shadow version and segment from the node's job store, if any."""
+    """Dice agreement per shadow version and segment from the node's job store, if any, with
+    the 3-D Dice, IoU and HD95 of the runs that recorded them (median, mean, worst series)."""
     try:
         config = _config(config_path)
     except click.ClickException:
@@ -230,14 +232,60 @@ def _shadow_summary(config_path: Path | None, name: str) -> list[str]:
     finally:
         store.close()
     scores: dict[tuple[str, str], list[float]] = {}
+    measured: dict[tuple[str, str], list[tuple[int, Any]]] = {}
     for run in runs:
         for segment, value in run.agreement.items():
             scores.setdefault((run.version, segment), []).append(float(value))
-    return [
-        f"shadow {version} agreement {segment}: mean Dice {sum(v) / len(v):.3f} over "
-        f"{len(v)} run(s), min {min(v):.3f}"
-        for (version, segment), v in sorted(scores.items())
-    ]
+        for segment, values in (run.scores or {}).items():
+            measured.setdefault((run.version, segment), []).append((run.job_id, values))
+    lines = []
+    for version, segment in sorted(set(scores) | set(measured)):
+        v = scores.get((version, segment))
+        if v:
+            lines.append(
+                f"shadow {version} agreement {segment}: mean Dice {sum(v) / len(v):.3f} over "
+                f"{len(v)} run(s), min {min(v):.3f}"
+            )
+        lines.extend(_scores_lines(measured.get((version, segment), [])))
+    return lines
+
+
+def _stats(values: list[float], digits: str) -> str:
+    return f"median {statistics.median(values):{digits}} mean {statistics.fmean(values):{digits}}"
+
+
+def _scores_lines(runs: list[tuple[int, Any]]) -> list[str]:
+    """IoU and HD95 beside Dice (median, mean, worst series) of the runs that recorded them.
+
+    Runs of versions before revision 0004 have no scores and are not counted here; runs where
+    both versions left the segment empty are counted as "no evidence", not as agreement.
+    """
+    if not runs:
+        return []
+    rated = [(job, s) for job, s in runs if s["dice"] is not None]
+    lines = []
+    empty = len(runs) - len(rated)
+    if rated:
+        dice = [float(s["dice"]) for _, s in rated]
+        iou = [float(s["iou"]) for _, s in rated]
+        hd = [float(s["hd95_mm"]) for _, s in rated if s["hd95_mm"] is not None]
+        text = f"    3-D over {len(rated)} series: Dice {_stats(dice, '.3f')}"
+        text += f"; IoU {_stats(iou, '.3f')}"
+        if hd:
+            text += f"; HD95 {_stats(hd, '.1f')} mm"
+        if len(hd) < len(rated):
+            text += f" ({len(rated) - len(hd)} series with one version empty: no HD95)"
+        lines.append(text)
+        job, worst = min(rated, key=lambda item: (float(item[1]["dice"]), -item[0]))
+        hd95 = worst["hd95_mm"]
+        lines.append(
+            f"    worst series: job {job}, Dice {float(worst['dice']):.3f}, "
+            f"IoU {float(worst['iou']):.3f}, "
+            f"HD95 {'-' if hd95 is None else format(float(hd95), '.1f') + ' mm'}"
+        )
+    if empty:
+        lines.append(f"    {empty} series with both versions empty: no evidence, not counted")
+    return lines
 
 
 @models.command("show")

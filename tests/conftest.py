@@ -6,6 +6,7 @@ fixture's teardown, whether the test passed or not.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -196,6 +197,7 @@ def postgres_server() -> Iterator[Any]:
         server = PostgresServer()
     except PostgresMissing as exc:
         pytest.fail(str(exc), pytrace=False)
+    atexit.register(server.stop)  # also if the session ends without its teardown
     try:
         server.start()
         yield server

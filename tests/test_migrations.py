@@ -218,6 +218,7 @@ class TestUpgrade:
                 "1",
             )
             assert dict(run.agreement) == {"thyroid": 0.8} and run.created_at == NOW + 51
+            assert run.scores is None  # IoU/HD95 are kept from revision 0004 on
             with store.engine.connect() as conn:
                 kinds = conn.execute(select(schema.jobs.c.kind)).scalars().all()
                 owners = set(conn.execute(select(schema.jobs.c.owner)).scalars())

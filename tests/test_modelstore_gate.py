@@ -208,7 +208,9 @@ class TestShadowAgreement:
             store=SimpleNamespace(add_shadow_result=add),
         )
         resolved = SimpleNamespace(name="m", version="1")
-        Worker._shadow(stub, SimpleNamespace(id=1), resolved, None, production)  # type: ignore[arg-type]
+        # the series' geometry (one 4x4 frame) for the 3-D IoU/HD95 beside the Dice
+        series = SimpleNamespace(sources=[make_nm(rows=4, cols=4)], spacing=(1.0, 1.0))
+        Worker._shadow(stub, SimpleNamespace(id=1), resolved, series, production)  # type: ignore[arg-type]
         assert recorded == [{"liver": 1.0}]
 
 

@@ -26,7 +26,15 @@ from dicom_node.outputs import (
     parse_outputs,
     render_overlay,
 )
-from dicom_node.outputs.overlay import contour, overlay_scale, window
+from dicom_node.outputs.overlay import (
+    LEGEND_MARGIN,
+    LEGEND_WIDTH,
+    LINE_HEIGHT,
+    contour,
+    legend_lines,
+    overlay_scale,
+    window,
+)
 from dicom_node.routing.rules import OUTPUT_NAMES
 from dicom_node.seg import AlgorithmInfo, SegmentSpec, build_seg, output_uids, seg_uids
 from tests.helpers.dicom_factory import make_ct_series, make_nm, make_sc
@@ -266,3 +274,107 @@ class TestManifestColors:
         assert [tuple(s["color"]) for s in given["segments"]] == [
             s.color for s in parse_manifest(given).segments
         ]
+
+
+class TestLegendMeasurements:
+    """The legend shows the report's numbers: one measurement, given to both builders."""
+
+    def test_legend_equals_the_reports_numbers(self, tmp_path: Path) -> None:
+        # imported here: test_outputs_measurements imports this module (ALGORITHM, SPECS)
+        from pydicom.sr.codedict import codes
+
+        from dicom_node.outputs import build_report
+        from tests.test_outputs_measurements import PLAN, paired
+
+        ds = make_nm(rows=64, cols=64)  # anterior view: the patient's left on the image's right
+        frame, masks = paired()
+        frame = frame * 40.0 + np.random.default_rng(7).poisson(3.0, frame.shape)
+        seg = build_seg([ds], masks, SPECS, ALGORITHM)
+        values = measure([ds], [frame], masks, SPECS, PLAN)  # once, as the worker does
+        (overlay,) = build_overlays(
+            [ds], [frame], masks, SPECS, ALGORITHM, seg, measurements=values
+        )
+        report = build_report([ds], seg, values, ALGORITHM)
+        overlay_back = round_trip(overlay, tmp_path / "overlay.dcm")
+        sr_back = round_trip(report, tmp_path / "sr.dcm")
+        for name in ("overlay.dcm", "sr.dcm"):
+            result = dciodvfy(tmp_path / name)
+            assert result.errors == [], result.output
+        sr = hd.sr.Comprehensive3DSR.from_dataset(sr_back)
+        groups = {
+            g.referenced_segment.referenced_segment_numbers[0]: g
+            for g in sr.content.get_volumetric_roi_measurement_groups()
+        }
+        legend = str(overlay_back.ImageComments).splitlines()
+        assert legend[:2] == [DISCLAIMER, "thyroid-seg v1"]
+
+        def line(prefix: str) -> str:
+            found = [text for text in legend if text.strip().startswith(prefix)]
+            assert len(found) == 1, (prefix, legend)
+            return found[0].strip()
+
+        # the thyroid: area, counts, and the lobar split, as the SR has them
+        thyroid = {m.name.meaning: m for m in groups[1].get_measurements() if not m.finding_sites}
+        shares = {
+            m.finding_sites[0].laterality.meaning: m.value
+            for m in groups[1].get_measurements()
+            if m.name == codes.SCT.Ratio
+        }
+        assert shares["Left"] > 70.0 and shares["Left"] + shares["Right"] == pytest.approx(100)
+        area = float(thyroid["Area"].value)
+        assert line("Thyroid:") == f"Thyroid: {area:.1f} mm2 ({values[0].pixels} px)"
+        total, mean = float(thyroid["Total"].value), float(thyroid["Mean"].value)
+        head = legend.index(next(t for t in legend if t.startswith("Thyroid:")))
+        assert legend[head + 1].strip() == f"sum {total:.1f}, mean {mean:.1f} counts"
+        assert (
+            line("left ") == f"left {shares['Left']:.1f}% / right {shares['Right']:.1f}% of counts"
+        )
+        # the nodules: their count, and per component the size and diameter of its SR group
+        (count,) = [m for m in groups[2].get_measurements() if m.name.value == "246206008"]
+        assert line(f"{int(count.value)} component(s)") == "2 component(s)"
+        planar = sr.content.get_planar_roi_measurement_groups()
+        assert len(planar) == 2
+        for n, group in enumerate(planar, 1):
+            got = {m.name.meaning: float(m.value) for m in group.get_measurements()}
+            assert line(f"#{n} ") == f"#{n} {got['Area']:.1f} mm2, d {got['Diameter']:.1f} mm"
+        # every legend line is drawn in the panel below the image, one text band each
+        pixels = overlay_back.pixel_array
+        scale = overlay_scale(64, 64)
+        image_rows = 64 * scale
+        assert pixels.shape[0] == image_rows + 2 * LEGEND_MARGIN + LINE_HEIGHT * len(legend)
+        for n in range(len(legend)):
+            top = image_rows + LEGEND_MARGIN + n * LINE_HEIGHT
+            band = pixels[top : top + LINE_HEIGHT]
+            assert (band.min(axis=-1) > 150).any(), f"legend line {n} not drawn: {legend[n]!r}"
+        # and the image still shows the contours where the SEG (as read back) has its boundary
+        read = hd.seg.Segmentation.from_dataset(round_trip(seg, tmp_path / "seg.dcm"))
+        stored = read.get_pixels_by_source_frame(
+            source_sop_instance_uid=ds.SOPInstanceUID,
+            source_frame_numbers=[1],
+            combine_segments=False,
+            skip_overlap_checks=True,
+        )[0].astype(bool)
+        sampled = pixels[:image_rows][scale // 2 :: scale, scale // 2 :: scale]
+        nodule_edge = contour(stored[:, :, 1])
+        assert nodule_edge.any() and np.all(sampled[nodule_edge] == SPECS[1].color)
+        thyroid_edge = contour(stored[:, :, 0]) & ~nodule_edge
+        assert thyroid_edge.any() and np.all(sampled[thyroid_edge] == SPECS[0].color)
+        png = tmp_path / "overlay-measurements.png"
+        Image.fromarray(pixels).save(png)
+        print(f"overlay PNG: {png}")
+
+    def test_missing_split_says_why_and_many_frames_say_so(self) -> None:
+        from tests.test_outputs_measurements import PLAN, paired
+
+        ds = make_nm(rows=64, cols=64, frames=2, seed=1)
+        del ds.DetectorInformationSequence[0].ViewCodeSequence
+        frame, masks = paired()
+        frames = [frame, frame]
+        two = {k: np.repeat(v, 2, axis=0) for k, v in masks.items()}
+        values = measure([ds], frames, two, SPECS, PLAN)
+        lines = [t for t, _ in legend_lines(ALGORITHM, values, SPECS, modality="NM", n_frames=2)]
+        assert "measured over all 2 frames (as the SR)" in lines
+        why = " ".join(t.strip() for t in lines)
+        assert "no left/right split: patient orientation unknown" in why
+        assert any(t.strip().startswith("#1 ") and t.endswith(", frame 1") for t in lines)
+        assert all(len(t) <= LEGEND_WIDTH for t in lines)

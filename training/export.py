@@ -35,7 +35,7 @@ from dicom_node.modelstore.manifest import MANIFEST_FILE, InputSpec, parse_manif
 from dicom_node.modelstore.processing import Preprocess
 from training.confidence_eval import confidence_block
 from training.data import load_dataset
-from training.schema import check_keys, inference_settings
+from training.schema import check_keys, inference_settings, measurement_settings
 from training.train import load_checkpoint, segment_refs
 
 LOGGER = logging.getLogger(__name__)
@@ -126,15 +126,17 @@ def git_commit(cwd: Path | None = None) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-INFERENCE_FILE_KEYS = ("postprocess", "tta", "probabilities", "thresholds")
-"""Keys of ``export --inference FILE``: the training config's inference keys and thresholds."""
+INFERENCE_FILE_KEYS = ("postprocess", "tta", "probabilities", "thresholds", "measurements")
+"""Keys of ``export --inference FILE``: the training config's inference keys and thresholds, and
+the report's ``measurements`` (none of them changes the weights, so a trained run can take them)."""
 
 
 def with_inference(config: dict[str, Any], inference: Any, source: str = "inference") -> dict:
     """A copy of training ``config`` whose ``model`` takes the inference settings given.
 
-    ``inference``: ``postprocess``, ``tta``, ``probabilities`` (replacing the config's
-    ``model.`` keys) and ``thresholds: {segment key: value}`` (each segment's ``threshold``).
+    ``inference``: ``postprocess``, ``tta``, ``probabilities``, ``measurements`` (replacing
+    the config's ``model.`` keys) and ``thresholds: {segment key: value}`` (each segment's
+    ``threshold``).
 
     Raises
     ------
@@ -149,6 +151,7 @@ def with_inference(config: dict[str, Any], inference: Any, source: str = "infere
     thresholds = check_keys(settings.pop("thresholds", None) or {}, keys, f"{source}: thresholds")
     model.update(settings)
     inference_settings(model, keys, source)
+    measurement_settings(model, keys, source)
     for seg in model.get("segments") or []:
         if seg.get("key") in thresholds:
             value = thresholds[seg["key"]]
@@ -333,8 +336,9 @@ def export_model(
     reference_n : int
         How many reference cases to copy.
     inference : dict, optional
-        ``postprocess``, ``tta``, ``probabilities`` and ``thresholds`` (``{segment key:
-        threshold}``) chosen after training on validation data (:func:`with_inference`):
+        ``postprocess``, ``tta``, ``probabilities``, ``measurements`` and ``thresholds``
+        (``{segment key: threshold}``) chosen after training on validation data
+        (:func:`with_inference`):
         they replace the training config's ``model.`` keys in the manifest and in the
         recorded config.
 
@@ -446,6 +450,8 @@ def _write_version(
         "confidence": training_confidence(ckpt),
         # how the node and evaluate run it (model.postprocess / tta / probabilities), if set
         **inference_settings(model_cfg, [str(s.get("key")) for s in model_cfg["segments"]]),
+        # what the node's report measures per segment (model.measurements), if set
+        **measurement_settings(model_cfg, [str(s.get("key")) for s in model_cfg["segments"]]),
         "provenance": {
             "data_hash": ckpt.get("data_hash"),
             "data_dir": ckpt.get("data_dir"),

@@ -26,6 +26,7 @@ from dicom_node.modelstore.manifest import (
     Segment,
     format_validation_error,
 )
+from dicom_node.modelstore.measureplan import SegmentMeasurements
 from training.confidence_eval import CONFIG_KEYS as CONFIDENCE_KEYS
 
 LOGGER = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ MODEL_KEYS = ("name", "description", "input", "output", "segments", "confidence"
     "postprocess",
     "tta",
     "probabilities",
+    "measurements",
 )
 """``model:`` keys: what export writes into the manifest."""
 
@@ -138,6 +140,7 @@ def check_config(data: Mapping[str, Any], source: str = "config") -> None:
             check_keys(value, AUGMENT_KEYS[name], f"{source}: augment.{name}")
     seg_keys = [str(s.get("key")) for s in model.get("segments") or []]
     inference_settings(model, seg_keys, source)
+    measurement_settings(model, seg_keys, source)
     train_segments(data, seg_keys, source)
     display_settings(data, source)
 
@@ -214,6 +217,49 @@ def inference_settings(
             )
         out["probabilities"] = probabilities
     return out
+
+
+def measurement_settings(
+    model: Mapping[str, Any], seg_keys: list[str], source: str = "config"
+) -> dict[str, Any]:
+    """``model.measurements`` checked as the manifest checks it (what the node's report measures).
+
+    ``{segment key: {size, counts, components, min_component_pixels, laterality}}``, see
+    :mod:`dicom_node.modelstore.measureplan`; export copies it into the manifest.
+
+    Returns
+    -------
+    dict
+        ``{"measurements": {...}}`` when set, else ``{}``.
+
+    Raises
+    ------
+    ValueError
+        Not a mapping, an unknown segment or key ("did you mean"), or a value the manifest
+        would refuse (the message names the path and the value).
+    """
+    raw = model.get("measurements")
+    if raw is None:
+        return {}
+    where = f"{source}: model.measurements"
+    if not isinstance(raw, Mapping):
+        raise ValueError(
+            f"{where} must be a mapping of segment key to measurements such as "
+            f"{{thyroid: {{laterality: split}}}}, got {raw!r}"
+        )
+    for key, value in raw.items():
+        if key not in seg_keys:
+            close = difflib.get_close_matches(str(key), seg_keys, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{where}: unknown segment {key!r}{hint}; segments are {seg_keys}")
+        check_keys(value or {}, _fields(SegmentMeasurements), f"{where}.{key}")
+    try:
+        TypeAdapter(dict[str, SegmentMeasurements]).validate_python(
+            {key: value or {} for key, value in raw.items()}
+        )
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(where, exc)) from None
+    return {"measurements": {str(key): dict(value or {}) for key, value in raw.items()}}
 
 
 def train_segments(

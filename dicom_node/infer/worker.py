@@ -60,7 +60,7 @@ from dicom_node.modelstore import (
 )
 from dicom_node.modelstore import agreement as agreement_dice
 from dicom_node.modelstore.processing import slice_spacing
-from dicom_node.modelstore.scoring import slice_positions
+from dicom_node.modelstore.scoring import agreement_scores, slice_positions
 from dicom_node.outputs import (
     OutputKind,
     build_gsps,
@@ -134,6 +134,26 @@ class InferenceResult:
     def flat(self, key: str) -> np.ndarray:
         """Every frame's mask of ``key``, flattened and concatenated (any frame sizes)."""
         return np.concatenate([np.ravel(f[key]) for f in self.per_frame])
+
+
+def _shadow_scores(
+    production: InferenceResult, shadow: InferenceResult, series: SeriesFrames, keys: list[str]
+) -> dict[str, dict[str, float | None]]:
+    """Per segment 3-D Dice, IoU and HD95 (mm) of the shadow against production, whole series.
+
+    One volume per source group (frames of one size, orientation and Frame of Reference), with
+    the series' pixel spacing and the group's slice positions from the headers; None where a
+    value is undefined (:func:`dicom_node.modelstore.scoring.agreement_scores`).
+    """
+    volumes = []
+    for group in group_sources(series.sources):
+        indices = list(group.frame_indices)
+        positions = slice_positions(list(group.sources), len(indices))
+        volumes.append((production.stack(indices), shadow.stack(indices), positions))
+    return {
+        key: agreement_scores([(a[key], b[key], series.spacing, z) for a, b, z in volumes])
+        for key in keys
+    }
 
 
 @dataclass(frozen=True)
@@ -640,18 +660,27 @@ class Worker:
             return
         # both versions empty on a segment is no evidence (two useless models "agree"), so that
         # segment gets no value rather than a perfect 1.0 (scoring.agreement returns None)
-        measured = {
-            key: agreement_dice(production.flat(key), result.flat(key))
-            for key in production.keys
-            if key in result.keys
-        }
+        keys = [key for key in production.keys if key in result.keys]
+        scores: dict[str, dict[str, float | None]] | None
+        try:
+            scores = _shadow_scores(production, result, series, keys)
+            measured = {key: scores[key]["dice"] for key in keys}
+        except ValueError as exc:  # geometry the scores cannot use: keep the Dice of old
+            LOGGER.warning("job %s: shadow IoU/HD95 not measured: %s", job.id, exc)
+            scores = None
+            measured = {key: agreement_dice(production.flat(key), result.flat(key)) for key in keys}
         agreement = {key: value for key, value in measured.items() if value is not None}
         for key, value in agreement.items():
             metrics.SHADOW_AGREEMENT.labels(
                 model=shadow.name, version=shadow.version, segment=key
             ).observe(value)
         self.store.add_shadow_result(
-            job.id, shadow.name, shadow.version, agreement, production_version=resolved.version
+            job.id,
+            shadow.name,
+            shadow.version,
+            agreement,
+            production_version=resolved.version,
+            scores=scores,
         )
 
     # -- export -----------------------------------------------------------------------------

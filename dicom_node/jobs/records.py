@@ -476,8 +476,13 @@ class ShadowResult:
     version: str
     production_version: str | None
     agreement: Mapping[str, float]
-    """Dice agreement with the production masks, per segment key."""
+    """Dice agreement with the production masks, per segment key (3-D: pooled over the
+    series); a segment both versions left empty has no entry (no evidence)."""
     created_at: float
+    scores: Mapping[str, Mapping[str, float | None]] | None = None
+    """Per segment key ``{"dice", "iou", "hd95_mm"}`` over the whole series (HD95 in mm from
+    its geometry); a value is None where there is none (both empty: all three; one empty:
+    HD95). None for runs recorded before these were kept."""
 
     def __post_init__(self) -> None:
         _count("id", self.id, minimum=1)
@@ -487,11 +492,15 @@ class ShadowResult:
         _text("production_version", self.production_version, optional=True)
         _agreement(self.agreement)
         _seconds("created_at", self.created_at)
+        if self.scores is not None:
+            _scores(self.scores)
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> ShadowResult:
-        values = {f.name: row[f.name] for f in fields(cls)}
+        values: dict[str, Any] = {f.name: row.get(f.name) for f in fields(cls)}
         values["agreement"] = _frozen(values["agreement"])
+        if values["scores"] is not None:
+            values["scores"] = _frozen_scores(values["scores"])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -559,6 +568,55 @@ def check_agreement(agreement: Mapping[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in agreement.items()}
 
 
+SHADOW_SCORES = ("dice", "iou", "hd95_mm")
+"""What :attr:`ShadowResult.scores` holds per segment."""
+
+
+def _score(name: str, value: object, upper: float | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number or None, not {value!r}")
+    if value < 0.0 or (upper is not None and value > upper):
+        span = f"in [0, {upper:g}]" if upper is not None else ">= 0"
+        raise ValueError(f"`{name}` must be a number {span} or None, not {value!r}")
+
+
+def _scores(value: object) -> None:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"`scores` must be a mapping of segment to scores, not {value!r}")
+    for key, per in value.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"`scores` keys must be segment keys (str), not {key!r}")
+        if not isinstance(per, Mapping) or set(per) != set(SHADOW_SCORES):
+            raise ValueError(
+                f"`scores[{key!r}]` must map exactly {', '.join(SHADOW_SCORES)}, not {per!r}"
+            )
+        _score(f"scores[{key!r}].dice", per["dice"], 1.0)
+        _score(f"scores[{key!r}].iou", per["iou"], 1.0)
+        _score(f"scores[{key!r}].hd95_mm", per["hd95_mm"], None)
+
+
+def _frozen_scores(value: Mapping[str, Any]) -> Mapping[str, Mapping[str, float | None]]:
+    return MappingProxyType({k: MappingProxyType(dict(v)) for k, v in value.items()})
+
+
+def check_scores(
+    scores: Mapping[str, Mapping[str, float | None]],
+) -> dict[str, dict[str, float | None]]:
+    """Validate per-segment shadow scores before they are written; return plain dicts.
+
+    NaN (an undefined HD95) is refused, not stored: PostgreSQL's JSON refuses it; the caller
+    says None.
+    """
+    _scores(scores)
+    return {k: {name: _float_or_none(v[name]) for name in SHADOW_SCORES} for k, v in scores.items()}
+
+
+def _float_or_none(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
 __all__ = [
     "JOB_KINDS",
     "PATIENT_FIELDS",
@@ -571,6 +629,7 @@ __all__ = [
     "Series",
     "ShadowResult",
     "check_agreement",
+    "check_scores",
     "dataset_patient_key",
     "merged_patient_key",
     "one_patient_one_study",

@@ -164,6 +164,9 @@ shadow_results = Table(
     Column("production_version", _wider(64, 32)),
     Column("agreement", JSON, nullable=False),  # segment key -> Dice with the production masks
     Column("created_at", Float, nullable=False),
+    # segment key -> {dice, iou, hd95_mm} over the series, None where undefined (revision
+    # 0004); null on runs recorded before
+    Column("scores", JSON),
     UniqueConstraint("job_id", "model", name="uq_shadow_job_model"),
 )
 
@@ -213,12 +216,14 @@ def _sqlite_pragmas(engine: Engine) -> None:
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
         cur = dbapi_conn.cursor()
+        # first: the switch to WAL itself waits for another connection's lock (a process
+        # migrating the store at start) instead of failing with "database is locked"
+        cur.execute("PRAGMA busy_timeout=60000")
         cur.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL: a commit survives a process crash; after a power cut the start-up
         # reconciliation (jobs/reconcile.py) re-records spooled instances from their fsynced
         # files. FULL would add a third disk flush to every C-STORE.
         cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=60000")
         cur.close()
 
     @event.listens_for(engine, "begin")

@@ -314,9 +314,13 @@ class JobStore:
         version: str,
         agreement: Mapping[str, float],
         production_version: str | None = None,
+        scores: Mapping[str, Mapping[str, float | None]] | None = None,
     ) -> None:
-        """Record a shadow run on a production job's frames (never exported, not a job)."""
-        shadow.add_shadow_result(self.engine, job_id, model, version, agreement, production_version)
+        """Record a shadow run on a production job's frames (never exported, not a job);
+        ``scores``: per segment 3-D ``dice``, ``iou``, ``hd95_mm`` (None where undefined)."""
+        shadow.add_shadow_result(
+            self.engine, job_id, model, version, agreement, production_version, scores
+        )
 
     def shadow_results(self, model: str | None = None, limit: int = 1000) -> list[ShadowResult]:
         """The latest shadow results first, optionally only those of ``model``."""

@@ -14,7 +14,8 @@ one volume. The promotion gate and training's evaluation report them per case.
 
 :func:`agreement` is the exception: two *versions* that both predict nothing have not agreed on
 anything, so it returns None (no evidence) where :func:`dice` says 1.0. The worker's shadow
-comparison uses it and records no value for such a segment.
+comparison uses it and records no value for such a segment; :func:`agreement_scores` gives
+the shadow comparison's Dice, IoU and HD95 of a whole series, all None when both are empty.
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ def _directed(
     out = []
     for z, points in sorted(src.items()):
         best = np.full(len(points), np.inf)
+        if z in dst:  # a point on both surfaces is 0 away: exact, and most of them when two
+            # versions mostly agree (shadow agreement), so only the rest search other points
+            best[np.isin(_keys(points), _keys(dst[z]))] = 0.0
         for t in sorted(targets, key=lambda t: abs(positions[t] - positions[z])):
             gap = float(positions[t] - positions[z]) ** 2
             # only the points this slice could still bring closer (a far stray blob must not
@@ -139,6 +143,11 @@ def _directed(
             best[active] = np.minimum(best[active], gap + _nearest_in_plane(points[active], dst[t]))
         out.append(np.sqrt(best))
     return np.concatenate(out)
+
+
+def _keys(points: np.ndarray) -> np.ndarray:
+    """One comparable value per (row, column) point (both scaled by the same spacing)."""
+    return points[:, 0] + 1j * points[:, 1]
 
 
 def _points(
@@ -301,3 +310,42 @@ def _instance_positions(ds: Any) -> list[float]:
 def _first(item: Any, keyword: str) -> Any:
     seq = getattr(item, keyword, None) if item is not None else None
     return seq[0] if seq else None
+
+
+def agreement_scores(
+    volumes: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float], Sequence[float] | None]],
+) -> dict[str, float | None]:
+    """``{"dice", "iou", "hd95_mm"}`` between two versions' masks of one series, None = no value.
+
+    ``volumes`` holds one ``(a, b, spacing, positions)`` per part of the series with its own
+    geometry (a series split into groups; usually one): masks (F, H, W) of the two versions,
+    pixel spacing (row, column) in mm and slice positions in mm (:func:`slice_positions`).
+    Dice and IoU pool every voxel of the series (the series' 3-D Dice, as :func:`agreement`);
+    HD95 is that of the worst part (parts in different geometry have no common distance).
+
+    Both versions empty everywhere: every value None (no evidence, see :func:`agreement`).
+    Exactly one empty: Dice and IoU 0.0, ``hd95_mm`` None (undefined); never NaN, which JSON
+    columns on PostgreSQL refuse.
+
+    Raises
+    ------
+    ValueError
+        The masks of a part differ in shape, or its positions do not match its slices.
+    """
+    pairs = [_as_bool(a, b) for a, b, _, _ in volumes]
+    a_sum = sum(int(a.sum()) for a, _ in pairs)
+    b_sum = sum(int(b.sum()) for _, b in pairs)
+    if a_sum + b_sum == 0:
+        return {"dice": None, "iou": None, "hd95_mm": None}
+    both = sum(int(np.logical_and(a, b).sum()) for a, b in pairs)
+    distances = [
+        hd95(a, b, spacing, positions)
+        for (a, b), (_, _, spacing, positions) in zip(pairs, volumes, strict=True)
+        if a.any() or b.any()
+    ]
+    defined = [d for d in distances if math.isfinite(d)]
+    return {
+        "dice": 2.0 * both / (a_sum + b_sum),
+        "iou": both / (a_sum + b_sum - both),
+        "hd95_mm": max(defined) if defined and len(defined) == len(distances) else None,
+    }

@@ -8,9 +8,16 @@ source frame becomes one RGB Secondary Capture image of the same study, in a ser
 * each segment's contour (the mask pixels with a 4-neighbour outside the mask, the image edge
   counting as outside) in the segment's colour (manifest ``color``), drawn in manifest order,
   so a later segment's contour is on top;
-* below the image, a legend panel: "AI result, not for diagnosis alone", the model name and
-  version, and per segment a colour swatch, its label, area in mm² and pixel count on this frame
-  (plus the volume of the whole group for volumetric sources).
+* below the image (never on it), a legend panel: "AI result, not for diagnosis alone", the model
+  name and version, the confidence (when the manifest declares one; a low one with a red swatch)
+  and per segment a colour swatch with the numbers of the report (:func:`legend_lines`): its
+  label, area in mm² (volume in ml for volumetric sources) and pixel count, the sum and mean of
+  the pixel values inside (counts for NM), and what the manifest's ``measurements:`` asks for:
+  the left / right share in % of a paired organ (or why it is missing), the number of connected
+  components and each one's size and equivalent diameter. The numbers are those of the whole
+  group (all frames of the SEG, as in the SR), computed once by the worker and given to both
+  builders, so the overlay and the report cannot disagree. The legend's text is also written to
+  Image Comments, one line per legend line.
 
 Small matrices are enlarged by an integer factor (nearest neighbour: every source pixel becomes
 ``scale x scale`` overlay pixels, see :func:`overlay_scale`) so the legend's text stays legible;
@@ -27,6 +34,7 @@ Sequence naming the source instance and frame. UIDs come from
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +45,7 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from dicom_node.modelstore.confidence import Confidence, flag_text
+from dicom_node.modelstore.measureplan import SegmentMeasurements
 from dicom_node.outputs.common import (
     copy_patient_study,
     fix_laterality,
@@ -44,7 +53,7 @@ from dicom_node.outputs.common import (
     source_frames,
     source_image_item,
 )
-from dicom_node.outputs.measurements import SegmentMeasurement, measure
+from dicom_node.outputs.measurements import SegmentMeasurement, intensity_unit, measure
 from dicom_node.seg import AlgorithmInfo, SegmentSpec, output_uids
 from dicom_node.seg.sop import SOFTWARE_VERSION
 
@@ -74,6 +83,18 @@ a 256-pixel-wide image)."""
 
 LOW_CONFIDENCE_COLOR = (255, 0, 0)
 """Swatch in front of the ``LOW CONFIDENCE`` line of the legend."""
+
+INDENT = "   "
+"""Before a segment's second and later legend lines (the width of its swatch)."""
+
+MAX_COMPONENT_LINES = 5
+"""Components listed per segment in the legend (all of them are in the report)."""
+
+UNIT_SHORT = {"{counts}": "counts", "[hnsf'U]": "HU"}
+"""Legend spelling of the UCUM unit of the pixel-value statistics (none for unit ``1``)."""
+
+LEGEND_SEPARATOR = "\r\n"
+"""Between the legend's lines in Image Comments (LT: CR LF separates lines)."""
 
 
 @dataclass(frozen=True)
@@ -189,25 +210,115 @@ def render_overlay(
     return RenderedOverlay(pixels=np.asarray(canvas), scale=scale, image_rows=image.shape[0])
 
 
-def _legend(
+def _number(value: float) -> str:
+    """A legend number: one decimal, or three significant digits in exponent form when large."""
+    return f"{value:.1f}" if abs(value) < 1e6 else f"{value:.3e}"
+
+
+def _size_text(volume_ml: float | None, area_mm2: float | None) -> str:
+    if volume_ml is not None:
+        return f"{volume_ml:.2f} ml"
+    return f"{area_mm2:.1f} mm2" if area_mm2 is not None else "-"
+
+
+def _segment_lines(value: SegmentMeasurement, unit: str, n_frames: int, width: int) -> list[str]:
+    """The legend lines of one segment: the report's numbers for it (see the module docstring).
+
+    The first line is the segment's (it gets the swatch); the others are indented.
+    """
+    pixels = f"{value.pixels} {'vx' if value.volume_ml is not None else 'px'}"
+    head = f"{value.label}: "
+    head += (
+        f"{_size_text(value.volume_ml, value.area_mm2)} ({pixels})"
+        if value.size_reported
+        else pixels
+    )
+    if value.size_reported and not value.spacing_known:
+        head += " (spacing unknown)"
+    lines = [head]
+    counts = []
+    if "sum" in value.counts_reported:
+        counts.append(f"sum {_number(value.intensity_sum)}")
+    if "mean" in value.counts_reported and value.intensity_mean is not None:
+        counts.append(f"mean {_number(value.intensity_mean)}")
+    if counts:
+        lines.append(f"{INDENT}{', '.join(counts)}{' ' + unit if unit else ''}")
+    if value.sides:
+        left, right = sorted(value.sides, key=lambda s: s.side)  # "left" < "right"
+        lines.append(
+            f"{INDENT}left {left.share_percent:.1f}% / right {right.share_percent:.1f}%"
+            f" of {'counts' if value.share_of == 'counts' else 'size'}"
+        )
+    elif value.laterality is not None:  # a split was asked for and is missing: say why
+        lines += textwrap.wrap(
+            f"no left/right split: {value.laterality}",
+            width,
+            initial_indent=INDENT,
+            subsequent_indent=INDENT,
+            max_lines=2,  # the node logs the whole reason
+            placeholder=" ...",
+        )
+    if value.components is not None:
+        parts = value.components
+        lines.append(f"{INDENT}{len(parts)} component(s)")
+        for part in parts[:MAX_COMPONENT_LINES]:
+            where = ""
+            if n_frames > 1 and part.volume_ml is None and part.outlines:
+                where = f", frame {part.outlines[0][0] + 1}"
+            size = _size_text(part.volume_ml, part.area_mm2)
+            lines.append(f"{INDENT}#{part.index} {size}, d {part.diameter_mm:.1f} mm{where}")
+        if len(parts) > MAX_COMPONENT_LINES:
+            lines.append(f"{INDENT}... {len(parts) - MAX_COMPONENT_LINES} more in the report")
+    return [line[:width] for line in lines]
+
+
+def legend_lines(
     algorithm: AlgorithmInfo,
-    frame_measurements: Sequence[SegmentMeasurement],
-    group_measurements: Sequence[SegmentMeasurement],
+    measurements: Sequence[SegmentMeasurement],
     segments: Sequence[SegmentSpec],
+    *,
+    modality: str | None = None,
+    n_frames: int = 1,
     confidence: Confidence | None = None,
+    width: int = LEGEND_WIDTH,
 ) -> list[tuple[str, tuple[int, int, int] | None]]:
+    """The legend of every overlay of one SEG: text lines, each with its swatch colour or ``None``.
+
+    Parameters
+    ----------
+    algorithm
+        The resolved model version (second line).
+    measurements
+        The group's measurements, the very ones the report is built from (the worker computes
+        them once with the manifest's ``measurements:`` plan).
+    segments
+        The SEG's segments in order (swatch colours).
+    modality
+        The sources' Modality: the unit of the pixel-value statistics (``counts``, ``HU``).
+    n_frames
+        Frames of the group: with more than one, a line says the numbers are over all of them.
+    confidence
+        The result's confidence (lines after the model's; a low one with a red swatch).
+    width
+        Characters per line.
+
+    Returns
+    -------
+    list of (str, colour or None)
+    """
     lines: list[tuple[str, tuple[int, int, int] | None]] = [
         (DISCLAIMER, None),
         (f"{algorithm.model} v{algorithm.version}", None),
     ]
     if confidence is not None:  # a low one is flagged by a red swatch on its first line
-        for n, text in enumerate(confidence.legend(LEGEND_WIDTH)):
+        for n, text in enumerate(confidence.legend(width)):
             lines.append((text, LOW_CONFIDENCE_COLOR if confidence.low and n == 0 else None))
-    for spec, here, whole in zip(segments, frame_measurements, group_measurements, strict=True):
-        text = here.summary()
-        if whole.volume_ml is not None:
-            text += f"; all slices {whole.volume_ml:.2f} ml"
-        lines.append((text, spec.color or DEFAULT_COLOR))
+    if n_frames > 1:
+        lines.append((f"measured over all {n_frames} frames (as the SR)"[:width], None))
+    unit = UNIT_SHORT.get(intensity_unit(modality)[0], "")
+    for spec, value in zip(segments, measurements, strict=True):
+        for n, text in enumerate(_segment_lines(value, unit, n_frames, width)):
+            lines.append((text, (spec.color or DEFAULT_COLOR) if n == 0 else None))
     return lines
 
 
@@ -227,6 +338,7 @@ def build_overlays(
     group: str | None = None,
     measurements: Sequence[SegmentMeasurement] | None = None,
     confidence: Confidence | None = None,
+    plan: Mapping[str, SegmentMeasurements] | None = None,
 ) -> list[hd.sc.SCImage]:
     """Build one RGB Secondary Capture per source frame of one SEG.
 
@@ -248,10 +360,13 @@ def build_overlays(
     group
         The SEG's group key (``SourceGroup.uid_group``), part of the UIDs.
     measurements
-        The group's measurements (:func:`dicom_node.outputs.measure`); computed when ``None``.
+        The group's measurements (:func:`dicom_node.outputs.measure`), the ones the report is
+        built from; computed with ``plan`` when ``None``.
     confidence
         The result's confidence: the legend says it (a low one with its reasons) and a low one
         prefixes the Series Description with ``LOW CONFIDENCE - ``.
+    plan
+        The manifest's ``measurements`` (used only when ``measurements`` is ``None``).
 
     Returns
     -------
@@ -270,8 +385,19 @@ def build_overlays(
         raise ValueError(
             f"frames must hold one array per source frame ({len(planes)}), got {len(frames)}"
         )
+    for spec in specs:  # measure() checks the same; given measurements skip it
+        shape = np.shape(masks[spec.key]) if spec.key in masks else None
+        if shape != (len(planes), *np.shape(frames[0])[:2]):
+            raise ValueError(
+                f"masks[{spec.key!r}] must be bool (frames, rows, cols) = "
+                f"{(len(planes), *np.shape(frames[0])[:2])}, got {shape}; keys: {sorted(masks)}"
+            )
     if measurements is None:
-        measurements = measure(sources, frames, masks, specs)
+        measurements = measure(sources, frames, masks, specs, plan)
+    if len(measurements) != len(specs):
+        raise ValueError(
+            f"measurements must hold one per segment ({len(specs)}), got {len(measurements)}"
+        )
     first = sources[0]
     series_uid, _ = output_uids(
         "overlay",
@@ -284,13 +410,19 @@ def build_overlays(
     number = series_number(first, "overlay")
     description = f"AI overlay ({algorithm.model} v{algorithm.version}) - not for diagnosis alone"
     images = []
+    legend = legend_lines(
+        algorithm,
+        measurements,
+        specs,
+        modality=first.get("Modality"),
+        n_frames=len(planes),
+        confidence=confidence,
+    )
     for index, ((source, frame_number), frame) in enumerate(zip(planes, frames, strict=True)):
-        here = {spec.key: np.asarray(masks[spec.key])[index : index + 1] for spec in specs}
-        frame_measurements = measure([source], [frame], here, specs)
         rendered = render_overlay(
             frame,
-            [(spec, here[spec.key][0]) for spec in specs],
-            _legend(algorithm, frame_measurements, measurements, specs, confidence),
+            [(spec, np.asarray(masks[spec.key])[index]) for spec in specs],
+            legend,
             source,
         )
         _, sop_uid = output_uids(
@@ -332,6 +464,8 @@ def build_overlays(
             f"Contours of {algorithm.model} {algorithm.version} on the source frame; {DISCLAIMER}"
         )[:1024]
         sc.SourceImageSequence = DicomSequence([source_image_item(source, frame_number)])
+        # the legend as text too: what a viewer's header shows, and what a program can check
+        sc.ImageComments = LEGEND_SEPARATOR.join(text for text, _ in legend)[:10240]  # LT
         images.append(sc)
     LOGGER.debug("built %d overlay image(s) for series %s", len(images), first.SeriesInstanceUID)
     return images

@@ -14,7 +14,9 @@ label on ``dicom_node_instances_rejected_total``; the handler never raises (pyne
 an exception into a mute 0xC211).
 
 May import: :mod:`dicom_node.receive.header`, :mod:`dicom_node.receive.spool`,
-``dicom_node.jobs.records``, ``dicom_node.metrics``, pynetdicom's public ``events``.
+:func:`dicom_node.receive._pynetdicom_tuned.dataset_crc32` (the data set's checksum, computed
+while it arrived), ``dicom_node.jobs.records``, ``dicom_node.metrics``, pynetdicom's public
+``events``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from dicom_node import metrics
 from dicom_node.jobs.records import IdentityConflict, InstanceRecord, patient_key, validate_uid
 from dicom_node.receive import disk
+from dicom_node.receive._pynetdicom_tuned import dataset_crc32
 from dicom_node.receive.header import Header, TooLarge, encode_file_meta, parse_header
 from dicom_node.receive.spool import InvalidUID, Spool
 
@@ -324,7 +327,10 @@ def handle_store(event: evt.Event, ctx: StoreContext) -> int:
         study, series = header.study_uid or "", header.series_uid or ""
         meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, calling_ae)
         try:
-            stored = ctx.spool.store(study, series, sop_instance, (meta, data))
+            # the data set's CRC-32 as the fast path computed it while receiving (None: the
+            # spool computes it): the checksum behind the one-flush durability (spool.py)
+            crc = dataset_crc32(request) if event.dataset_path is None else None
+            stored = ctx.spool.store(study, series, sop_instance, (meta, data), crcs=(None, crc))
         except InvalidUID as exc:
             return _refuse(STATUS_MISSING_UID, "missing_uid", calling_ae, str(exc))
         except OSError as exc:

@@ -50,7 +50,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,16 +83,22 @@ name (durable, with a checksum attribute) standing in for it until then; see the
 docstring. Only with ``fsync`` and ``fsync_directory`` on, and a prepared file."""
 
 STAGED_XATTR = "user.dicom_node.staged"
-"""Extended attribute of a staged file: ``b"<size>:<crc32 hex>"`` of the bytes written, set
-before its fsync; the start-up recovery trusts a staged file only when it matches."""
+"""Extended attribute of a staged file: ``b"<size>:<length>=<crc32 hex>,..."`` (size, then
+length and CRC-32 of each written piece: File Meta, data set), set before its fsync; the
+start-up recovery trusts a staged file only when it matches."""
 
 INCOMING_DIR = ".incoming"
 """Folder under the spool holding temporary files prepared for coming instances (files named
 ``.tmp-*``; never an acknowledged instance by that name, removed at start-up)."""
 
-PREPARED_TARGET = 16
+PREPARED_TARGET = 32
 """Temporary files the background thread keeps ready (each association uses one at a time); it
-tops them up when half are used, so that one folder flush makes a batch durable."""
+tops them up in batches (:data:`PREPARED_LOW`), so that one folder flush makes a batch durable."""
+
+PREPARED_LOW = 24
+"""The background thread is woken to top up when this few prepared files are left: early
+enough that a burst on a busy disk does not run them out (a store without one takes the
+strict path, two flushes)."""
 
 SETTLE_DELAY = 0.05
 """Seconds the background thread lets published instances gather before it flushes their
@@ -244,8 +250,7 @@ class Spool:
             return None  # prepared and never written, or written and never fsynced
         with open(staged, "rb") as fh:
             raw = fh.read()
-        size, _, crc = mark.partition(":")
-        if str(len(raw)) != size or f"{zlib.crc32(raw):08x}" != crc:
+        if not _matches_mark(raw, mark):
             LOGGER.warning("a staged spool file does not match its checksum; removed")
             return None
         try:
@@ -291,6 +296,7 @@ class Spool:
         series_uid: str,
         sop_instance_uid: str,
         chunks: Iterable[bytes | bytearray | memoryview],
+        crcs: Sequence[int | None] | None = None,
     ) -> StoredFile:
         """Write one instance durably, once.
 
@@ -300,6 +306,9 @@ class Spool:
             Where the instance goes; validated before they become path parts.
         chunks:
             The file's bytes (preamble + file meta, then the data set as received).
+        crcs:
+            CRC-32 (:func:`zlib.crc32`) of each chunk where the caller has it already (None
+            entries, or no list: computed here when the staged file's checksum needs them).
 
         Returns
         -------
@@ -332,7 +341,9 @@ class Spool:
         prepared = self._take_prepared()
         self._ensure_dir(folder, deferred=prepared is not None and self.defer_directory_fsync)
         try:
-            created = self._write(views, size, existing, final, folder, sop_instance_uid, prepared)
+            created = self._write(
+                views, size, existing, final, folder, sop_instance_uid, prepared, crcs
+            )
         except FileNotFoundError:
             # the prepared file's name vanished (another Spool on this storage started and
             # cleaned up): write the instance again through a temp file of its own
@@ -365,6 +376,7 @@ class Spool:
         folder: str,
         sop_instance_uid: str,
         prepared: tuple[int, str] | None,
+        crcs: Sequence[int | None] | None = None,
     ) -> bool:
         """Write ``views`` to a temp file (``prepared``, else one of its own in ``folder``) and
         publish it under ``final``; see :meth:`store`."""
@@ -374,19 +386,17 @@ class Spool:
             tmp = os.path.join(folder, f"{_TMP_PREFIX}{sop_instance_uid}.{threading.get_ident()}")
             fd = self._open_tmp(tmp, folder)
             self._settle()  # strict path: folders created deferred by others are flushed first
-        if self.prepare_ahead:
-            self.prepare()
+        if self.prepare_ahead and (self._preparer is None or len(self._prepared) <= PREPARED_LOW):
+            self.prepare()  # the thread wakes for a batch, not for every instance
         try:
-            crc = 0
             for view in views:
-                crc = zlib.crc32(view, crc)
                 while view:
                     view = view[os.write(fd, view) :]
             if existing is not None:
                 return self._replace(fd, tmp, final, folder)
             if prepared is not None and self.defer_directory_fsync:
                 try:
-                    os.setxattr(fd, STAGED_XATTR, f"{size}:{crc:08x}".encode("ascii"))
+                    os.setxattr(fd, STAGED_XATTR, _staged_mark(size, views, crcs))
                 except OSError as exc:  # no user xattrs here (some NFS, old tmpfs): strict path
                     LOGGER.warning(
                         "spool: no extended attributes on this file system (%s); every instance "
@@ -416,8 +426,11 @@ class Spool:
         with self._lock:
             self._unsynced_dirs.add(folder)
             self._staged_done.append(tmp)
-            if self._settle_due is None:
+            first = self._settle_due is None
+            if first:
                 self._settle_due = time.monotonic() + SETTLE_DELAY
+        if first:
+            self.prepare()  # the background thread learns when the flush is due
         return True
 
     def _settle(self) -> None:
@@ -468,7 +481,7 @@ class Spool:
             if woken:
                 while self._unlink_later:
                     _unlink_quietly(self._unlink_later.popleft())
-                if len(self._prepared) <= PREPARED_TARGET // 2:
+                if len(self._prepared) <= PREPARED_LOW:
                     self._refill()
             elif due is None:
                 with self._lock:
@@ -594,6 +607,38 @@ class Spool:
         """Return the bytes held in the spool (running total, initialised by a scan)."""
         with self._lock:
             return self._bytes
+
+
+def _staged_mark(
+    size: int, views: Sequence[memoryview], crcs: Sequence[int | None] | None
+) -> bytes:
+    """:data:`STAGED_XATTR` of a staged file: ``<size>:<len>=<crc32 hex>,...`` per chunk."""
+    pieces = []
+    for i, view in enumerate(views):
+        crc = crcs[i] if crcs is not None and i < len(crcs) else None
+        if crc is None:
+            crc = zlib.crc32(view)
+        pieces.append(f"{len(view)}={crc & 0xFFFFFFFF:08x}")
+    return f"{size}:{','.join(pieces)}".encode("ascii")
+
+
+def _matches_mark(raw: bytes, mark: str) -> bool:
+    """Whether ``raw`` is exactly what :func:`_staged_mark` described."""
+    size, _, pieces = mark.partition(":")
+    if size != str(len(raw)):
+        return False
+    pos = 0
+    view = memoryview(raw)
+    try:
+        for piece in pieces.split(","):
+            length, _, crc = piece.partition("=")
+            end = pos + int(length)
+            if end > len(raw) or f"{zlib.crc32(view[pos:end]):08x}" != crc:
+                return False
+            pos = end
+    except ValueError:
+        return False
+    return pos == len(raw)
 
 
 def _fsync_dir(path: str) -> None:

@@ -69,11 +69,13 @@ def _server_user() -> str | None:
             return name
         except KeyError:
             continue
-    subprocess.run(
+    made = subprocess.run(
         ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", FALLBACK_USER],
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if made.returncode not in (0, 9):  # 9: another xdist worker created it just now
+        raise RuntimeError(f"useradd {FALLBACK_USER} failed: {made.stderr.strip()}")
     return FALLBACK_USER
 
 

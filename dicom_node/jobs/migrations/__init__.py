@@ -208,9 +208,7 @@ def _first_line(exc: BaseException | None) -> str:
 
 def command_hint(config_path: str | None = None) -> str:
     """The command that upgrades the store of this configuration."""
-    if config_path:
-        return f"dicom-node migrate --config {config_path}"
-    return "dicom-node migrate` (with the --config the node runs with"
+    return f"dicom-node migrate --config {config_path or '<the node.yaml it runs with>'}"
 
 
 def prepare(engine: Engine, migrate: str = "auto", config_path: str | None = None) -> SchemaState:

@@ -1,5 +1,7 @@
 """Issue 11: several processes on one store: ``processes``, ``jobs.owner``; wider columns.
 
+Issue 14: ``shadow_results.scores`` (per segment 3-D Dice, IoU and HD95 of a shadow run).
+
 Every ``dicom-node serve`` process registers in ``processes`` and heartbeats there; a claimed
 job names its process in ``jobs.owner`` (existing jobs have none: a job ``running`` from before
 has no live owner and is taken back after its lease like any other). On PostgreSQL, which
@@ -37,6 +39,8 @@ def upgrade() -> None:
     )
     op.add_column("jobs", sa.Column("owner", sa.String(64)))
     op.create_index("ix_jobs_state_lease_until", "jobs", ["state", "lease_until"])
+    # issue 14: shadow agreement as 3-D Dice, IoU and HD95 per segment (null on older runs)
+    op.add_column("shadow_results", sa.Column("scores", sa.JSON))
     if op.get_context().dialect.name == "sqlite":
         return  # SQLite enforces neither integer nor string widths: nothing to rebuild
     for table in ("instances", "retention_pending"):
@@ -64,6 +68,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_column("shadow_results", "scores")
     op.drop_index("ix_jobs_state_lease_until", table_name="jobs")
     op.drop_column("jobs", "owner")
     op.drop_table("processes")
