@@ -149,6 +149,16 @@ class TestFamilyB:
         phantoms_alt.make_case(seed, 128).dataset.save_as(path, enforce_file_format=True)
         assert dciodvfy(path).errors == []
 
+    def test_classic_family_reproduces_version_1s_generator(self, tmp_path: Path) -> None:
+        from dicom_node.demo import phantoms_classic
+
+        (folder,) = write_cases(tmp_path / "c", 1, seed=9000, size=64, family="classic")
+        item = phantoms_classic.plan_cases(1, 9000)[0]
+        expected = phantoms_classic.make_case(
+            item["seed"], 64, patient_id=item["patient_id"], anatomy_seed=item["anatomy_seed"]
+        )
+        assert pydicom.dcmread(folder / "image.dcm").PixelData == expected.dataset.PixelData
+
     def test_write_cases_family_b_and_unknown_family(self, tmp_path: Path) -> None:
         folders = write_cases(tmp_path / "b", 3, seed=2, size=64, family="B")
         assert pydicom.dcmread(folders[0] / "image.dcm").Manufacturer == "AltGamma Medical"

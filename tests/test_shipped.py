@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dicom_node.config import load_config
-from dicom_node.demo.phantoms import make_case
+from dicom_node.demo.phantoms_classic import make_case  # what thyroid-seg:1 was trained on
 from dicom_node.modelstore import ModelStore
 from dicom_node.routing import load_rules
 from tests.conftest import REPO

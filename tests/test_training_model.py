@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_node.demo.phantoms import make_case
+from dicom_node.demo.phantoms_classic import make_case  # what thyroid-seg:1 was trained on
 from dicom_node.modelstore.runner import ModelRunner
 from dicom_node.modelstore.store import ModelStore
 from training.metrics import dice

@@ -82,11 +82,11 @@ def main(verbose: bool) -> None:
 )
 @click.option(
     "--family",
-    type=click.Choice(["A", "B"]),
+    type=click.Choice(["A", "B", "classic"]),
     default="A",
     show_default=True,
-    help="Phantom family: A = the training style, B = the independent held-out style "
-    "(training/README.md).",
+    help="Phantom family: A = the training style, B = the independent held-out style, "
+    "classic = the generator thyroid-seg:1 was trained on (training/README.md).",
 )
 def phantoms(out: Path, n: int, seed: int, sizes: tuple[int, ...], family: str) -> None:
     """Write N synthetic thyroid scintigraphy studies to OUT/<case>/image.dcm + truth.npz."""

@@ -684,8 +684,9 @@ def write_cases(
     progress : callable, optional
         Called with the number of cases done after each case.
     family : str
-        ``"A"`` (this module, the training style) or ``"B"``
-        (:mod:`dicom_node.demo.phantoms_alt`, the independent held-out style).
+        ``"A"`` (this module, the training style), ``"B"``
+        (:mod:`dicom_node.demo.phantoms_alt`, the independent held-out style) or ``"classic"``
+        (:mod:`dicom_node.demo.phantoms_classic`, the generator before issue 13).
 
     Returns
     -------
@@ -703,8 +704,12 @@ def write_cases(
         from dicom_node.demo import phantoms_alt  # imports this module: no import cycle at load
 
         return phantoms_alt.write_cases(out, n, seed, size, progress)
+    if family == "classic":
+        from dicom_node.demo import phantoms_classic
+
+        return phantoms_classic.write_cases(out, n, seed, size, progress)
     if family != "A":
-        raise ValueError(f"family must be 'A' or 'B', got {family!r}")
+        raise ValueError(f"family must be 'A', 'B' or 'classic', got {family!r}")
     out = Path(out)
     sizes = [size] if isinstance(size, int) else list(size)
     folders = []

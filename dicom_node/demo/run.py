@@ -21,7 +21,7 @@ from pydicom.uid import NuclearMedicineImageStorage, SegmentationStorage
 from pynetdicom import AE, evt
 
 from dicom_node.config import Destination, NodeConfig
-from dicom_node.demo.phantoms import make_case
+from dicom_node.demo.phantoms_classic import make_case  # what thyroid-seg:1 was trained on
 from dicom_node.modelstore.scoring import dice
 
 LOGGER = logging.getLogger(__name__)

@@ -298,10 +298,7 @@ class Worker:
             resolved = self.models.resolve_for_job(job.model_ref, job.study_uid)
         except (LookupError, ValueError) as exc:  # ModelStoreError and friends: their text
             raise JobError(f"model {job.model_ref or job.model_name}: {exc}") from exc
-        self.store.resolved(
-            job.id, resolved.name, resolved.version, resolved.alias, resolved.sha256
-        )
-        return resolved
+        return resolved  # recorded by _read, in the transaction that records what it read
 
     def _check_input(self, resolved: Any, modality: str | None) -> None:
         accepted = [m.upper() for m in (resolved.manifest.input.modalities or [])]
@@ -355,10 +352,17 @@ class Worker:
             confidence=confidence,
         )
 
-    def _read(self, job: Job) -> _Series:
+    def _read(self, job: Job, fresh: Any = None) -> _Series:
+        """Read the job's series; ``fresh``: the model version it just resolved to (recorded
+        with the instance count, one transaction: issue 15), None for a pinned version."""
         rows = self.store.series_instances(job.series_uid)
         # what this result is built from: an instance recorded after this read re-opens the job
-        self.store.used_instances(job.id, len(rows))
+        if fresh is not None:
+            self.store.resolved(
+                job.id, fresh.name, fresh.version, fresh.alias, fresh.sha256, len(rows)
+            )
+        else:
+            self.store.used_instances(job.id, len(rows))
         if not rows:
             raise JobError("the series has no instance in the job store; resend it")
         datasets, names = read_instances([self.config.storage / r.path for r in rows])
@@ -378,7 +382,7 @@ class Worker:
     def _infer_and_build(self, job: Job) -> Job | None:
         try:
             resolved = self._resolve(job)
-            found = self._read(job)
+            found = self._read(job, None if job.model_version else resolved)
             if not found.images:
                 outcome = "not an image, nothing to segment: " + "; ".join(found.left_out[:5])
                 if len(found.left_out) > 5:
@@ -699,9 +703,24 @@ class Worker:
         delivered = list(job.delivered or ())
         have = {seg.position: list(seg.delivered) for seg in segs}  # per SEG, kept current
         errors = []
+        # Deliveries not yet in the job store: written before the next destination is tried or
+        # a failure is recorded; those of the last one go into the done transaction (issue 15).
+        unsaved: dict[int, list[str]] = {}
+        unsaved_delivered = False
+
+        def save() -> None:
+            nonlocal unsaved_delivered
+            for position, names in unsaved.items():
+                self.store.result_delivered(job.id, position, names)
+            if unsaved_delivered:
+                self.store.delivered(job.id, delivered)
+            unsaved.clear()
+            unsaved_delivered = False
+
         for name in job.destinations or ():
             if name in delivered:
                 continue
+            save()
             dest = self.config.destinations.get(name)
             if dest is None:
                 error = f"destination {name!r} is not in the configuration; add it or fix the rule"
@@ -720,7 +739,7 @@ class Worker:
             for seg, result in zip(pending, outcomes, strict=True):
                 if result.ok:
                     have[seg.position].append(name)
-                    self.store.result_delivered(job.id, seg.position, have[seg.position])
+                    unsaved[seg.position] = list(have[seg.position])
                     metrics.EXPORT_SUCCESS.labels(destination=name).inc()
                 else:
                     missing += 1
@@ -731,14 +750,19 @@ class Worker:
                     errors.append(f"{name}: {which}{result.reason}")
             if not missing:
                 delivered.append(name)
-                self.store.delivered(job.id, delivered)
+                unsaved_delivered = True
         if not errors:
             what = _what(segs)
             outcome = f"{what} sent to {', '.join(delivered) or 'no destination'}"
             left_out = (job.details or {}).get("not_images")
             if left_out:
                 outcome += f"; {left_out} non-image instance(s) left out"
-            state = self.store.done(job.id, outcome)
+            state = self.store.done(
+                job.id,
+                outcome,
+                delivered=delivered if unsaved_delivered else None,
+                result_delivered=unsaved,
+            )
             self.audit.write(
                 "done",
                 job=job.id,
@@ -752,6 +776,7 @@ class Worker:
             if state is JobState.ROUTED:
                 self.audit.write("reopened", job=job.id, reason="instances arrived meanwhile")
             return
+        save()
         error = "; ".join(errors)
         attempts = job.export_attempts + 1
         if attempts > self.config.export_retries:

@@ -64,11 +64,18 @@ def for_job(engine: Engine, job_id: int) -> list[SegResult]:
 def delivered(engine: Engine, job_id: int, position: int, destinations: Sequence[str]) -> None:
     """Record the destinations that have the SEG at ``position`` of ``job_id`` so far."""
     with engine.begin() as conn:
-        conn.execute(
-            update(seg_results)
-            .where(seg_results.c.job_id == job_id, seg_results.c.position == position)
-            .values(delivered=list(destinations))
-        )
+        record_delivered(conn, job_id, position, destinations)
+
+
+def record_delivered(
+    conn: Connection, job_id: int, position: int, destinations: Sequence[str]
+) -> None:
+    """:func:`delivered` inside the caller's transaction."""
+    conn.execute(
+        update(seg_results)
+        .where(seg_results.c.job_id == job_id, seg_results.c.position == position)
+        .values(delivered=list(destinations))
+    )
 
 
 def delete_for(conn: Connection, job_ids: Sequence[int]) -> None:

@@ -116,9 +116,18 @@ class JobStore:
         return transitions.claim(self.engine, lease, owner=self.owner)
 
     def resolved(
-        self, job_id: int, name: str, version: str, alias: str | None, sha256: str
+        self,
+        job_id: int,
+        name: str,
+        version: str,
+        alias: str | None,
+        sha256: str,
+        n_instances: int | None = None,
     ) -> None:
-        """Record the model version a job resolved to; it finishes on this version."""
+        """Record the model version a job resolved to; it finishes on this version.
+
+        ``n_instances``: also :meth:`used_instances`, in the same transaction."""
+        used = {} if n_instances is None else {"n_instances": n_instances}
         transitions.set_fields(
             self.engine,
             job_id,
@@ -126,6 +135,7 @@ class JobStore:
             model_version=version,
             model_alias=alias,
             model_sha256=sha256,
+            **used,
         )
 
     def used_instances(self, job_id: int, n_instances: int) -> None:
@@ -166,9 +176,24 @@ class JobStore:
         """An export attempt failed; try again after ``delay`` seconds."""
         transitions.export_retry(self.engine, job_id, delay, error, held_by=self.owner)
 
-    def done(self, job_id: int, outcome: str) -> JobState:
-        """End an ``exporting`` job as delivered (see :func:`transitions.done`)."""
-        return transitions.done(self.engine, job_id, outcome, held_by=self.owner)
+    def done(
+        self,
+        job_id: int,
+        outcome: str,
+        *,
+        delivered: Sequence[str] | None = None,
+        result_delivered: Mapping[int, Sequence[str]] | None = None,
+    ) -> JobState:
+        """End an ``exporting`` job as delivered (see :func:`transitions.done`); the last
+        deliveries (``delivered``, ``result_delivered``) go into the same transaction."""
+        return transitions.done(
+            self.engine,
+            job_id,
+            outcome,
+            held_by=self.owner,
+            delivered=delivered,
+            result_delivered=result_delivered,
+        )
 
     def fail(self, job_id: int, error: str) -> JobState:
         """End a ``running`` or ``exporting`` job as failed (see :func:`transitions.fail`)."""

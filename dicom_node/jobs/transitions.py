@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Update, case, func, insert, select, update
@@ -394,21 +394,46 @@ def export_retry(
         )
 
 
-def done(engine: Engine, job_id: int, outcome: str, held_by: str | None = None) -> JobState:
+def done(
+    engine: Engine,
+    job_id: int,
+    outcome: str,
+    held_by: str | None = None,
+    *,
+    delivered: Sequence[str] | None = None,
+    result_delivered: Mapping[int, Sequence[str]] | None = None,
+) -> JobState:
     """End an ``exporting`` job as delivered; return its new state.
 
     ``ROUTED`` instead of ``DONE`` when instances arrived after the worker read the series
     (``n_instances`` of the job is below the series'): the result is rebuilt with them.
+
+    ``delivered`` (the job's destinations) and ``result_delivered`` (SEG position -> its
+    destinations) are recorded in the same transaction, before the state changes, and are kept
+    even when the job is no longer ``held_by``'s: one transaction instead of up to three for
+    the last export step (issue 15), with what the separate writes recorded.
 
     Raises
     ------
     TransitionError
         The job is not ``exporting``.
     """
+
+    def record(conn: Connection) -> None:
+        for position, destinations in (result_delivered or {}).items():
+            seg_results.record_delivered(conn, job_id, position, destinations)
+        if delivered is not None:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(delivered=list(delivered), updated_at=time.time())
+            )
+
     return _finish(
         engine,
         job_id,
         JobState.DONE,
+        before=record if delivered is not None or result_delivered else None,
         held_by=held_by,
         outcome=outcome,
         error=None,
@@ -440,33 +465,55 @@ def fail(engine: Engine, job_id: int, error: str, held_by: str | None = None) ->
 
 
 def _finish(
-    engine: Engine, job_id: int, state: JobState, held_by: str | None, **values: Any
+    engine: Engine,
+    job_id: int,
+    state: JobState,
+    held_by: str | None,
+    before: Callable[[Connection], None] | None = None,
+    **values: Any,
 ) -> JobState:
     now = time.time()
+    refused: TransitionError | None = None
     with engine.begin() as conn:
-        apply(conn, job_id, state, held_by=held_by, updated_at=now, **values)
-        row = conn.execute(
-            select(
-                jobs.c.rule,
-                jobs.c.n_instances.label("built_from"),
-                series.c.n_instances.label("recorded"),
-            )
-            .select_from(jobs.join(series, series.c.series_uid == jobs.c.series_uid))
-            .where(jobs.c.id == job_id)
-        ).first()
-        if (
-            row is not None
-            and row.rule is not None
-            and row.built_from is not None
-            and row.recorded > row.built_from
-        ):
-            LOGGER.info(
-                "job %s: %d instance(s) arrived while it ran: rebuilding",
-                job_id,
-                row.recorded - row.built_from,
-            )
-            apply(conn, job_id, JobState.ROUTED, sources=[state], **reopened_values(now))
-            return JobState.ROUTED
+        if before is not None:
+            before(conn)
+        try:
+            apply(conn, job_id, state, held_by=held_by, updated_at=now, **values)
+        except TransitionError as exc:
+            if before is None:
+                raise
+            refused = exc  # commit what `before` recorded, then refuse
+        else:
+            state = _reopen_if_grown(conn, job_id, state, now)
+    if refused is not None:
+        raise refused
+    return state
+
+
+def _reopen_if_grown(conn: Connection, job_id: int, state: JobState, now: float) -> JobState:
+    """Send a just-finished job back to ``routed`` if its series grew while it ran."""
+    row = conn.execute(
+        select(
+            jobs.c.rule,
+            jobs.c.n_instances.label("built_from"),
+            series.c.n_instances.label("recorded"),
+        )
+        .select_from(jobs.join(series, series.c.series_uid == jobs.c.series_uid))
+        .where(jobs.c.id == job_id)
+    ).first()
+    if (
+        row is not None
+        and row.rule is not None
+        and row.built_from is not None
+        and row.recorded > row.built_from
+    ):
+        LOGGER.info(
+            "job %s: %d instance(s) arrived while it ran: rebuilding",
+            job_id,
+            row.recorded - row.built_from,
+        )
+        apply(conn, job_id, JobState.ROUTED, sources=[state], **reopened_values(now))
+        return JobState.ROUTED
     return state
 
 
