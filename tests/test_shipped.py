@@ -40,6 +40,21 @@ def test_shipped_model_is_in_the_store_and_small() -> None:
     assert keys == ["thyroid", "nodule"]
 
 
+def test_shipped_production_is_version_1s_weights_with_a_serving_contract() -> None:
+    """v2 repackages v1 (same model.onnx), adding confidence and the SR's measurements."""
+    store = ModelStore(REPO / "models")
+    prod = store.resolve("thyroid-seg@production")
+    v1 = store.resolve("thyroid-seg:1")
+    store.verify(v1)
+    assert (prod.manifest.version, prod.manifest.sha256) == ("2", v1.manifest.sha256)
+    assert v1.manifest.confidence is None
+    assert prod.manifest.confidence is not None and prod.manifest.confidence.ood is not None
+    assert prod.manifest.confidence.method == "entropy"
+    assert not prod.manifest.postprocess and not prod.manifest.tta  # masks equal v1's
+    assert prod.manifest.measurements is not None
+    assert prod.manifest.measurements["thyroid"].laterality == "split"
+
+
 def test_shipped_rules_load_against_shipped_models_and_defaults() -> None:
     config = load_config(environ={})
     rules = load_rules(
@@ -94,7 +109,7 @@ def test_orthanc_push_gets_a_good_seg_from_the_shipped_model(
             assert (job.state, job.rule, job.model_version) == (
                 "done",
                 "thyroid-scintigraphy",
-                "1",
+                "2",  # production: version 1's weights with confidence and measurements
             ), job
         by_source = {str(c.dataset.SOPInstanceUID): c for c in cases}
         for seg_id in seg_ids:

@@ -1,4 +1,5 @@
-"""The shipped model ``models/thyroid-seg/1``: store-valid, small, and it segments fresh studies."""
+"""The shipped model ``models/thyroid-seg`` (production 2 = version 1's weights): store-valid,
+small, and it segments fresh studies."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ pytestmark = pytest.mark.skipif(
 
 
 class TestShippedModel:
-    def test_production_is_version_1_and_verifies(self) -> None:
+    def test_production_is_version_2_and_verifies(self) -> None:
         store = ModelStore(MODELS)
         resolved = store.resolve("thyroid-seg@production")
-        assert resolved.version == "1"
+        assert resolved.version == "2"  # version 1's weights + confidence and measurements
         store.verify(resolved)
         assert resolved.model_file.stat().st_size <= 10 * 1024 * 1024
         manifest = resolved.manifest
@@ -36,6 +37,8 @@ class TestShippedModel:
         assert manifest.metrics["nodule"]["dice"] >= 0.80
         assert manifest.metrics["nodule_fp_per_image"] <= 0.1
         assert (resolved.path / manifest.reference_data).is_dir()
+        # the low-confidence flag catches most of the worst held-out images
+        assert manifest.metrics["confidence"]["worst_recall"] >= 0.8
 
     @pytest.mark.parametrize("size", [256, 128])
     def test_segments_unseen_phantoms_through_the_node_runner(self, size: int) -> None:
