@@ -306,3 +306,23 @@ class TestOneFlushRecovery:
         spool.prepare()
         wait_until(lambda: final.stat().st_nlink == 1, timeout=10, what="staging name removed")
         assert spool._unsynced_dirs == set()
+
+
+def test_close_gives_back_every_prepared_descriptor(tmp_path: Path) -> None:
+    """A stopped receiver keeps no prepared file open: a process that starts and stops many
+    receivers (a test run, a reloading node) must not run out of file descriptors."""
+    import os
+    import time
+
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(5):
+        spool = Spool(tmp_path / f"s{i}", prepare_ahead=True)
+        spool.prepare()
+        deadline = time.monotonic() + 10
+        while spool.prepared_files() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert spool.prepared_files() > 0
+        spool.close()
+        assert spool.prepared_files() == 0
+        assert not any((tmp_path / f"s{i}" / "spool" / ".incoming").iterdir())
+    assert len(os.listdir("/proc/self/fd")) <= before + 2

@@ -390,6 +390,7 @@ class StorageSCP:
             LOGGER.warning("aborting an association still running at shutdown")
             assoc.abort()
         self._server = self._thread = self._ae = None
+        self.spool.close()  # no association is left to store: drop the prepared files
         set_unrestricted_storage(self._unrestricted_before)  # the flag is process-wide
         LOGGER.info("stopped listening")
 

@@ -180,6 +180,7 @@ class Spool:
         self._prepared_seq = itertools.count()
         self._prepare_wanted = threading.Event()
         self._preparer: threading.Thread | None = None
+        self._closed = False
         metrics.SPOOL_BYTES.set(self._bytes)
 
     def _scan(self, min_age: float = 0.0) -> int:
@@ -356,6 +357,22 @@ class Spool:
         metrics.SPOOL_BYTES.set(total)
         return StoredFile(rel, size, created=existing is None)
 
+    def close(self) -> None:
+        """Stop preparing files ahead, make pending stores' folders durable, and close and remove
+        the prepared temporary files (each holds an open descriptor: a process that starts and
+        stops many receivers, such as a test run, would otherwise run out of descriptors).
+
+        Stores after this still work, on the two-flush path. Idempotent."""
+        self.prepare_ahead = False
+        self._closed = True
+        # no join: the preparer thread ends on its own after its idle time, and a refill it is
+        # in the middle of closes its files itself once it sees the flag (see _refill)
+        self._settle()
+        while (prepared := self._take_prepared()) is not None:
+            fd, tmp = prepared
+            os.close(fd)
+            _unlink_quietly(tmp)
+
     def prepared_files(self) -> int:
         """Temporary files prepared, made durable and ready for the next stores."""
         return len(self._prepared)
@@ -481,7 +498,7 @@ class Spool:
             if woken:
                 while self._unlink_later:
                     _unlink_quietly(self._unlink_later.popleft())
-                if len(self._prepared) <= PREPARED_LOW:
+                if len(self._prepared) <= PREPARED_LOW and not self._closed:
                     self._refill()
             elif due is None:
                 with self._lock:
@@ -510,6 +527,11 @@ class Spool:
                     os.close(fd)
                     _unlink_quietly(tmp)
                 ready = []
+        if self._closed:  # closed while these were made: nobody will take them
+            for fd, tmp in ready:
+                os.close(fd)
+                _unlink_quietly(tmp)
+            return
         self._prepared.extend(ready)
 
     def _open_tmp(self, tmp: str, folder: str) -> int:
