@@ -43,11 +43,8 @@ def volume_record(
     for k, key in enumerate(keys):
         predicted = np.stack([m[key] for m in masks])
         truth = case.masks[k]
-        if predicted.shape[0] == 1:  # one frame: its outline, not a one-slice slab whose every
-            # pixel is surface (HD95 area-to-area: about 0 mm, and (pixels)^2 slow)
-            stats = volume_scores(predicted[0], truth[0], case.spacing)
-        else:
-            stats = volume_scores(predicted, truth, case.spacing, positions)
+        # a one-frame series is scored on its outline (scoring.hd95)
+        stats = volume_scores(predicted, truth, case.spacing, positions)
         stats["truth_voxels"] = int(truth.sum())
         stats["pred_voxels"] = int(predicted.sum())
         record[key] = stats

@@ -355,6 +355,32 @@ def exporting(
     TransitionError
         The job is not ``running``.
     """
+    _built(
+        engine,
+        job_id,
+        JobState.EXPORTING,
+        seg_path,
+        seg_sop_uid,
+        details,
+        results,
+        held_by,
+        next_attempt_at=0.0,
+    )
+
+
+def _built(
+    engine: Engine,
+    job_id: int,
+    target: JobState,
+    seg_path: str,
+    seg_sop_uid: str,
+    details: Mapping[str, Any] | None,
+    results: Sequence[SegResult] | None,
+    held_by: str | None,
+    **values: Any,
+) -> None:
+    """Record a ``running`` job's built results and move it to ``target`` in one transaction:
+    ``exporting`` (send them) or ``held`` (keep them back), the only two ends of a build."""
     with engine.begin() as conn:
         seg_results.replace(
             conn, job_id, list(results) if results else [SegResult(0, seg_path, seg_sop_uid)]
@@ -362,13 +388,13 @@ def exporting(
         apply(
             conn,
             job_id,
-            JobState.EXPORTING,
+            target,
             sources=[JobState.RUNNING],
             held_by=held_by,
             seg_path=seg_path,
             seg_sop_uid=seg_sop_uid,
-            next_attempt_at=0.0,
             details=dict(details) if details is not None else None,
+            **values,
         )
 
 
@@ -614,24 +640,20 @@ def hold(
     TransitionError
         The job is not ``running`` (or no longer ``held_by``'s).
     """
-    with engine.begin() as conn:
-        seg_results.replace(
-            conn, job_id, list(results) if results else [SegResult(0, seg_path, seg_sop_uid)]
-        )
-        apply(
-            conn,
-            job_id,
-            JobState.HELD,
-            sources=[JobState.RUNNING],
-            held_by=held_by,
-            seg_path=seg_path,
-            seg_sop_uid=seg_sop_uid,
-            outcome=outcome,
-            error=None,
-            lease_until=None,
-            details=dict(details) if details is not None else None,
-            owner=None,  # a held or ended job belongs to no process
-        )
+    _built(
+        engine,
+        job_id,
+        JobState.HELD,
+        seg_path,
+        seg_sop_uid,
+        details,
+        results,
+        held_by,
+        outcome=outcome,
+        error=None,
+        lease_until=None,
+        owner=None,  # a held or ended job belongs to no process
+    )
 
 
 def discard_running(

@@ -169,9 +169,9 @@ def hd95(
 ) -> float:
     """95th percentile Hausdorff distance in mm of a frame (H, W) or a volume (F, H, W).
 
-    Surfaces are the 4- (frame) or 6-connected (volume) boundary pixels; distances between pixel
-    centres, both directions pooled. Both masks empty: 0.0; exactly one empty: ``nan``
-    (undefined).
+    Surfaces are the 4- (frame, or volume of one slice) or 6-connected (volume) boundary
+    pixels; distances between pixel centres, both directions pooled. Both masks empty: 0.0;
+    exactly one empty: ``nan`` (undefined).
 
     Parameters
     ----------
@@ -191,9 +191,13 @@ def hd95(
     p, t = _as_bool(pred, truth)
     if p.ndim not in (2, 3):
         raise ValueError(f"masks must be 2-D or 3-D, got shape {p.shape}")
-    planar = p.ndim == 2
+    # a frame, or a volume of one slice (a planar NM series, a single CT slice): its outline.
+    # Every caller (evaluate, the gate, shadow agreement) gets the same rule from here.
+    planar = p.ndim == 2 or p.shape[0] == 1
+    if p.ndim == 2:
+        p, t = p[None], t[None]
     if planar:
-        p, t, positions = p[None], t[None], [0.0]
+        positions = [0.0]
     if positions is None:
         positions = [float(i) for i in range(p.shape[0])]
     z = np.asarray(positions, dtype=np.float64)
