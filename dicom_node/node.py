@@ -16,6 +16,7 @@ the same heartbeat renews the leases of the jobs it holds and takes back those o
 
 from __future__ import annotations
 
+import collections
 import gc
 import logging
 import os
@@ -53,6 +54,16 @@ METRICS_INTERVAL = 2.0
 PASS_MIN_GAP = 0.02
 """Seconds the driver rests after a pass: wake-ups from a burst of C-STOREs coalesce into at most
 one pass per gap instead of one per instance (the receiver keeps the CPU and the job store)."""
+
+SERIES_PASS_GAP = 0.2
+"""Seconds within which the driver passes after an instance of a series it has already seen
+(the first instance of a series wakes it at once). A series completes by its idle time or by an
+instance count, so one pass per gap finds it as well as one per instance would, at most this much
+later for a count, while a 600-instance association no longer pays a job-store pass (4-6
+statements) every 20 ms: measured, that pass held the GIL 21% of the time the receiver ran."""
+
+SEEN_SERIES = 4096
+"""Series UIDs the driver remembers as seen (most recent first); older ones count as new."""
 
 DRIVER_MAX_SILENCE = 30.0
 """Seconds without a successful driver pass (the clock wakes it every ``poll_interval``) after
@@ -162,7 +173,11 @@ class Node:
         self._slots = threading.BoundedSemaphore(config.workers)
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._stopping = threading.Event()
-        self._wake_event = threading.Event()
+        # the driver sleeps on this: _urgent asks for a pass now, _due for one by a deadline
+        self._wake_cond = threading.Condition()
+        self._urgent = False
+        self._due: float | None = None
+        self._seen_series: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._models_signature: tuple[tuple[str, int], ...] = ()
         self._held: dict[int, float] = {}  # job id -> monotonic time of its claim
         self._test_hold = float(os.environ.get(TESTHOOK_HOLD_JOB) or 0.0)
@@ -368,11 +383,51 @@ class Node:
     def _on_instance(self, record: InstanceRecord) -> None:
         """SCP callback after fsync: the job row must exist before the SCP answers Success."""
         self.store.record_instance(record)
-        self._wake()
+        if self._first_sight(record.series_uid):
+            self._wake()
+        else:
+            self._wake_soon()
+
+    def _first_sight(self, series_uid: str) -> bool:
+        """True the first time (in the last :data:`SEEN_SERIES`) a series' instance arrives."""
+        with self._wake_cond:
+            seen = self._seen_series
+            if series_uid in seen:
+                seen.move_to_end(series_uid)
+                return False
+            seen[series_uid] = None
+            if len(seen) > SEEN_SERIES:
+                seen.popitem(last=False)
+            return True
 
     def _wake(self) -> None:
         """Ask the driver for a pass now (cheap; wake-ups during a pass coalesce into one)."""
-        self._wake_event.set()
+        with self._wake_cond:
+            self._urgent = True
+            self._wake_cond.notify()
+
+    def _wake_soon(self) -> None:
+        """Ask the driver for a pass within :data:`SERIES_PASS_GAP` (one per gap, however many
+        instances ask)."""
+        with self._wake_cond:
+            if self._due is None and not self._urgent:
+                self._due = time.monotonic() + SERIES_PASS_GAP
+                self._wake_cond.notify()
+
+    def _wait_for_wake(self) -> None:
+        """Block until a pass is asked for now, its deadline passed, or the node stops."""
+        with self._wake_cond:
+            while not (self._urgent or self._stopping.is_set()):
+                due = self._due
+                if due is None:
+                    self._wake_cond.wait()
+                    continue
+                left = due - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake_cond.wait(left)
+            self._urgent = False
+            self._due = None
 
     def _drive(self) -> None:
         """The driver thread: one pass per wake-up until the node stops.
@@ -381,10 +436,9 @@ class Node:
         leave the node receiving but never routing or processing anything.
         """
         while True:
-            self._wake_event.wait()
+            self._wait_for_wake()
             if self._stopping.is_set():
                 return
-            self._wake_event.clear()
             try:
                 self._tick()
             except Exception as exc:  # noqa: BLE001 (the loop must survive its own bugs)

@@ -221,3 +221,59 @@ class TestJobsWithoutOwner:
             assert store.overdue_running(now=time.time() + 10_000) == 1
         finally:
             store.close()
+
+
+class TestDriverWakeUps:
+    def test_a_long_association_does_not_cost_a_pass_per_instance(
+        self, tmp_path: Path, models_dir: Path, rules_dir: Path, node_factory: Any
+    ) -> None:
+        """Issue 15: the first instance of a series wakes the pipeline driver at once, later ones
+        at most once per SERIES_PASS_GAP (each pass is several job-store statements that took
+        the CPU from the receiver); a pass still follows the last instance."""
+        from pynetdicom import AE
+        from pynetdicom.sop_class import NuclearMedicineImageStorage  # type: ignore[attr-defined]
+
+        from dicom_node.node import SERIES_PASS_GAP
+        from tests.helpers.dicom_factory import make_nm
+
+        config = make_config(tmp_path, models_dir, rules_dir, free_port(), poll_interval=30.0)
+        node = node_factory(config)
+        passes: list[float] = []
+        tick = node.assembler.tick
+
+        def counted() -> int:
+            passes.append(time.monotonic())
+            return tick()
+
+        node.assembler.tick = counted
+        time.sleep(0.3)  # the start-up pass is over
+        passes.clear()
+        first = make_nm(rows=32, cols=32, seed="wake-0")
+        series = [first] + [
+            make_nm(rows=32, cols=32, seed=f"wake-{i}", instance_number=i + 1) for i in range(1, 40)
+        ]
+        for ds in series[1:]:
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = (
+                first.StudyInstanceUID,
+                first.SeriesInstanceUID,
+            )
+            ds.PatientID, ds.PatientName = first.PatientID, first.PatientName
+        ae = AE(ae_title="WAKESCU")
+        ae.add_requested_context(NuclearMedicineImageStorage)
+        assoc = ae.associate("127.0.0.1", config.port, ae_title=config.ae_title)
+        assert assoc.is_established
+        started = time.monotonic()
+        try:
+            statuses = [int(assoc.send_c_store(ds).Status) for ds in series]
+        finally:
+            assoc.release()
+        took = time.monotonic() - started
+        assert statuses == [0] * len(series)
+        wait_until(
+            lambda: passes and passes[-1] > started + took - 0.05,
+            timeout=5,
+            what="a pass after the last instance",
+        )
+        during = [t for t in passes if t <= started + took]
+        allowed = 2 + took / SERIES_PASS_GAP
+        assert len(during) <= allowed, (len(during), took)

@@ -28,6 +28,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.receive import _pynetdicom_tuned as tuned
@@ -130,6 +131,9 @@ class TestCopiedCode:
                 "4307baf82f143a89",
             ),
             ("DIMSEServiceProvider.send_msg", DIMSEServiceProvider.send_msg, "b285f58a41affc09"),
+            # NodeDIMSE._serve_inline does what these two do for a C-STORE-RQ
+            ("Association._serve_request", Association._serve_request, "b9dad50a37d68ef7"),
+            ("StorageServiceClass.SCP", StorageServiceClass.SCP, "e52a51b4066c9fc1"),
         ],
     )
     def test_source_is_the_one_measured(
@@ -273,6 +277,18 @@ class TestDIMSE:
         )
         assert isinstance(DIMSEMessage().encoded_command_set, io.BytesIO), broken(
             "DIMSEMessage.encoded_command_set (a BytesIO)"
+        )
+
+    def test_names_the_inline_store_reads(self, acceptor: Association) -> None:
+        """``NodeDIMSE._serve_inline`` checks what ``_serve_request`` checks, by these names."""
+        require(acceptor, "_sent_release", "_accepted_cx", "is_established", label="Association")
+        assert isinstance(acceptor._accepted_cx, dict), broken("Association._accepted_cx (a dict)")
+        assert isinstance(acceptor.acceptor.accepted_common_extended, dict), broken(
+            "ServiceUser.accepted_common_extended (a dict)"
+        )
+        handlers = acceptor.get_handlers(evt.EVT_C_STORE)
+        assert isinstance(handlers, tuple) and len(handlers) == 2, broken(
+            "Association.get_handlers(EVT_C_STORE) (a (callable, args) pair)", "changed"
         )
 
     def test_c_store_private_attributes(self) -> None:

@@ -51,10 +51,14 @@ class Recorder:
 
     def __init__(self) -> None:
         self.records: list[InstanceRecord] = []
+        self.threads: list[str] = []
+        """The name of the thread of each call."""
         self.error: BaseException | None = None
         self._lock = threading.Lock()
 
     def __call__(self, record: InstanceRecord) -> None:
+        with self._lock:
+            self.threads.append(threading.current_thread().name)
         if self.error is not None:
             raise self.error
         with self._lock:
@@ -499,6 +503,33 @@ class TestBadInput:
         assert pynetdicom_store(node.port, [ds]) == [STATUS_SUCCESS]
         assert [r.sop_instance_uid for r in node.recorder.records] == [ds.SOPInstanceUID]
         assert len(node.spooled()) == 1
+
+    def test_c_stores_are_answered_on_the_reader_thread(
+        self, start_node: Callable[..., Node], tmp_path: Path
+    ) -> None:
+        """The per-instance path hands nothing to the association thread (issue 15): each
+        C-STORE is recorded on the DUL reader thread, and storescu hears every status."""
+        node = start_node()
+        datasets = [make_nm(rows=32, cols=32, seed=f"inline{i}") for i in range(3)]
+        result = storescu(write_series(datasets, tmp_path / "in"), node.port, NODE_AE)
+        assert result.returncode == 0, result.stderr
+        assert len(node.recorder.records) == 3
+        assert all("run_reactor" in name for name in node.recorder.threads), node.recorder.threads
+
+    def test_a_dimse_watcher_gets_pynetdicoms_way(self, start_node: Callable[..., Node]) -> None:
+        """A handler bound to EVT_DIMSE_SENT (pynetdicom's own debugging aid) sees every
+        C-STORE-RSP: the association then goes pynetdicom's way, with the same statuses."""
+        node = start_node()
+        server = node.scp._server
+        assert server is not None
+        sent: list[str] = []
+        server.bind(evt.EVT_DIMSE_SENT, lambda event: sent.append(type(event.message).__name__))
+        good = make_nm(rows=32, cols=32, seed="watched")
+        bad = make_nm(rows=32, cols=32, seed="watched-bad")
+        del bad.SeriesInstanceUID
+        assert pynetdicom_store(node.port, [good, bad]) == [STATUS_SUCCESS, STATUS_MISSING_UID]
+        assert sent == ["C_STORE_RSP", "C_STORE_RSP"]
+        assert not any("run_reactor" in name for name in node.recorder.threads)
 
     def test_association_limit(self, start_node: Callable[..., Node]) -> None:
         node = start_node(max_associations=1)

@@ -196,6 +196,29 @@ class TestPreparedFiles:
             f"{SOP}.dcm",
         ]
 
+    def test_prepared_files_reserve_the_last_size_and_a_smaller_store_gives_it_back(
+        self, tmp_path: Path
+    ) -> None:
+        """Blocks for the next instance are reserved off the C-STORE path (its flush then
+        allocates nothing); an instance smaller than the reservation keeps only its own."""
+        spool = Spool(tmp_path, prepare_ahead=True)
+        if not spool.preallocate:
+            pytest.skip("no fallocate on this platform")
+        big = 512 * 1024
+        spool.store(STUDY, SERIES, SOP, [b"\x01" * big])  # none prepared yet: sets the size
+        spool.prepare()
+        wait_until(
+            lambda: any(p.stat().st_blocks * 512 >= big for p in self.incoming(tmp_path)),
+            timeout=10,
+            what="a prepared file with the last instance's blocks reserved",
+        )
+        assert all(p.stat().st_size == 0 for p in self.incoming(tmp_path))  # size unchanged
+        small = spool.store(STUDY, SERIES, "1.2.3.4", [b"\x02" * 4096])
+        final = tmp_path / small.path
+        assert final.read_bytes() == b"\x02" * 4096
+        assert final.stat().st_blocks * 512 < big  # the unused reservation was given back
+        spool.close()
+
     def test_unused_prepared_files_are_removed_at_start_up_and_never_counted(
         self, tmp_path: Path
     ) -> None:

@@ -13,7 +13,9 @@ study. An instance that contradicts the store raises
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, text, update
@@ -174,7 +176,10 @@ def _record_instance_sqlite(engine: Engine, inst: Instance) -> bool | None:
     IdentityConflict
         As :func:`record_instance`; nothing was written.
     """
-    pooled = engine.raw_connection()  # with the connect-time PRAGMAs (WAL, NORMAL)
+    hot = _hot_connection(engine)
+    pooled = hot.take() if hot is not None else None
+    if pooled is None:  # another association has the hot connection: a pooled one
+        pooled = engine.raw_connection()  # with the connect-time PRAGMAs (WAL, NORMAL)
     try:
         db: Any = pooled.driver_connection
         db.execute("BEGIN IMMEDIATE")
@@ -206,7 +211,76 @@ def _record_instance_sqlite(engine: Engine, inst: Instance) -> bool | None:
                 db.execute("ROLLBACK")
             raise
     finally:
-        pooled.close()
+        if hot is not None and hot.owns(pooled):
+            hot.give_back()
+        else:
+            pooled.close()
+
+
+class _HotConnection:
+    """One DB-API connection kept out of the pool for :func:`_record_instance_sqlite`.
+
+    The pool's check-out and check-in (with its reset, a ROLLBACK) cost about half of the
+    instance's row on the C-STORE path (py-spy, ``bench/bench_ingest.py``, issue 15). The fast
+    path ends every transaction it begins, so the connection needs no reset between instances.
+    One association at a time uses it; the others take pooled connections as before.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._closed = False
+
+    def take(self) -> Any:
+        """The connection, or None when another thread has it (or the store closed)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        if self._closed:
+            self._lock.release()
+            return None
+        if self._conn is None:
+            try:
+                self._conn = self._engine.raw_connection()
+            except BaseException:
+                self._lock.release()
+                raise
+        return self._conn
+
+    def owns(self, conn: Any) -> bool:
+        return conn is self._conn and self._conn is not None
+
+    def give_back(self) -> None:
+        self._lock.release()
+
+    def close(self) -> None:
+        """Return the connection to its pool (before the engine is disposed)."""
+        with self._lock:
+            self._closed = True
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+_HOT_CONNECTIONS: weakref.WeakKeyDictionary[Engine, _HotConnection] = weakref.WeakKeyDictionary()
+_HOT_LOCK = threading.Lock()
+
+
+def _hot_connection(engine: Engine) -> _HotConnection | None:
+    with _HOT_LOCK:
+        hot = _HOT_CONNECTIONS.get(engine)
+        if hot is None:
+            hot = _HOT_CONNECTIONS[engine] = _HotConnection(engine)
+        return hot
+
+
+def release_hot_connection(engine: Engine) -> None:
+    """Give back the hot path's own connection (:class:`_HotConnection`); call before
+    ``engine.dispose()``, which closes only the connections in the pool."""
+    with _HOT_LOCK:
+        hot = _HOT_CONNECTIONS.pop(engine, None)
+    if hot is not None:
+        hot.close()
 
 
 def _reopen(conn: Connection, series_uid: str, now: float) -> None:

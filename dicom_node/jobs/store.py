@@ -84,6 +84,7 @@ class JobStore:
         return safe_url(str(self.engine.url))
 
     def close(self) -> None:
+        ingest.release_hot_connection(self.engine)
         self.engine.dispose()
 
     # -- receiving (jobs.ingest) ------------------------------------------------------------

@@ -20,6 +20,13 @@ the per-instance traffic (C-STORE-RQ in, C-STORE-RSP out) wherever pynetdicom's 
 the same. Anything else, and everything while pynetdicom's debug logging or another handler
 watches PDUs, DIMSE messages or state transitions, goes pynetdicom's way.
 
+The shortest cut (issue 15): a C-STORE-RQ assembled on the DUL thread is served there
+(``NodeDIMSE._serve_inline``): the node's handler runs, and the C-STORE-RSP is queued for the same
+loop iteration, instead of the request crossing to the association thread and the response crossing
+back. A sender waits for each response before it sends the next request (the node negotiates no
+asynchronous operations), so the reader has nothing to read meanwhile. On a 2-core machine each
+crossing is a thread wake-up that competes with the sender and the workers for a core.
+
 Limits and deadlines (hostile peers, issue 10)
 ----------------------------------------------
 pynetdicom reads a PDU with a blocking ``recv`` of the length the peer declares: a peer that
@@ -86,6 +93,7 @@ Re-measure whenever pynetdicom moves (``tests/test_receive_contract.py`` says wh
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import select
@@ -107,9 +115,16 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from dicom_node.receive.dimse import encode_c_store_rsp, parse_c_store_rq, split_pdvs
+from dicom_node.receive.dimse import (
+    encode_c_store_rsp,
+    encode_store_response,
+    parse_c_store_rq,
+    split_pdvs,
+)
 
 if TYPE_CHECKING:
     from pynetdicom import AE
@@ -229,6 +244,9 @@ def end_negotiation(assoc: Association) -> None:
 
 # -- DIMSE -----------------------------------------------------------------------------------
 
+_STATUS_HANDLER_FAILED = 0xC211
+"""What pynetdicom answers when the C-STORE handler raises (processing failure)."""
+
 _CRC_ATTRIBUTE = "_dicom_node_crc32"
 """Attribute of a fast-path C-STORE request: CRC-32 of its data set, computed as it arrived."""
 
@@ -243,6 +261,12 @@ def dataset_crc32(request: Any) -> int | None:
     """
     crc = getattr(request, _CRC_ATTRIBUTE, None)
     return crc if isinstance(crc, int) else None
+
+
+@functools.lru_cache(maxsize=512)  # bounded: a peer may send any number of distinct UIDs
+def _is_storage(sop_class: str) -> bool:
+    """Whether pynetdicom serves a C-STORE of ``sop_class`` with its storage service."""
+    return uid_to_service_class(sop_class) is StorageServiceClass
 
 
 def _c_store_request(fields: dict[str, Any], context_id: int) -> C_STORE:
@@ -287,6 +311,11 @@ class NodeDIMSE(DIMSEServiceProvider):
     """The encoded command set of ``_fast_request`` (to hand back to pynetdicom if need be)."""
     _fast_crc: int = 0
     """CRC-32 of the data set fragments of ``_fast_request`` so far."""
+    inline_store: bool = False
+    """Serve a fast-path C-STORE-RQ on the DUL thread that assembled it (:meth:`_serve_inline`)
+    instead of handing it to the association thread. Set only when the bound ``EVT_C_STORE``
+    handler returns an ``int`` status, never raises and never aborts the association (the node's
+    own handler, :func:`dicom_node.receive.handler.handle_store`)."""
 
     @property
     def receiving(self) -> bool:
@@ -402,7 +431,64 @@ class NodeDIMSE(DIMSEServiceProvider):
             setattr(request, _CRC_ATTRIBUTE, self._fast_crc)
             self._fast_request = self._fast_data = None
             self._fast_raw_command = b""
-            self.msg_queue.put((cast(int, request._context_id), request))
+            context_id = cast(int, request._context_id)
+            if not (self.inline_store and self._serve_inline(request, context_id)):
+                self.msg_queue.put((context_id, request))
+
+    def _serve_inline(self, request: C_STORE, context_id: int) -> bool:
+        """Run the C-STORE handler here and queue its C-STORE-RSP; False: pynetdicom's way.
+
+        What pynetdicom's association thread would do for this message (``_serve_request``,
+        ``StorageServiceClass.SCP``), minus two thread hand-offs (DIMSE queue in, wake-up pair
+        out) and the response primitive: the peer is waiting for this response before it sends
+        anything else (no asynchronous operations are negotiated), so the reader has nothing to
+        read while the handler runs, and the response leaves in the same loop iteration.
+        """
+        assoc = self.assoc
+        if not assoc.is_established or assoc._sent_release:
+            return False
+        sop_class = str(request.AffectedSOPClassUID)
+        if sop_class in assoc.acceptor.accepted_common_extended or not (
+            _config.UNRESTRICTED_STORAGE_SERVICE or _is_storage(sop_class)
+        ):
+            return False  # pynetdicom picks another service class for it: its way
+        context = assoc._accepted_cx.get(context_id)
+        # an intervention event's handlers: one (callable, args) pair, (None, None) when unbound
+        bound = cast(
+            "tuple[Callable[..., Any] | None, list[Any] | None]",
+            assoc.get_handlers(evt.EVT_C_STORE),
+        )
+        handler, args = bound
+        if context is None or handler is None or self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            return False
+        event = evt.Event(assoc, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple})
+        try:
+            status = handler(event, *args) if args else handler(event)
+            if not isinstance(status, int):  # a handler this path was not meant for
+                raise TypeError(f"C-STORE handler returned {type(status).__name__}, not an int")
+        except Exception:  # as pynetdicom answers a handler's exception
+            LOGGER.exception("Exception in handler bound to 'evt.EVT_C_STORE'")
+            status = _STATUS_HANDLER_FAILED
+        command = encode_store_response(
+            sop_class,
+            str(request.AffectedSOPInstanceUID),
+            int(request.MessageID or 0),
+            status,
+        )
+        max_pdu = self.maximum_pdu_size
+        if max_pdu and len(command) + 7 > max_pdu:  # a peer with a tiny PDU: pynetdicom splits
+            rsp = C_STORE()
+            rsp.MessageID = request.MessageID
+            rsp.MessageIDBeingRespondedTo = request.MessageID
+            rsp.AffectedSOPClassUID = request.AffectedSOPClassUID
+            rsp.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
+            rsp.Status = status
+            DIMSEServiceProvider.send_msg(self, rsp, context_id)
+            return True
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+        self.dul.send_pdu(pdata)
+        return True
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         """Send a DIMSE message; C-STORE-RSP in one P-DATA without building a pydicom Dataset."""
@@ -891,6 +977,7 @@ class NodeRequestHandler(RequestHandler):
         assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
         # The contexts are never modified by negotiation: share them instead of a deep copy
         assoc.acceptor.supported_contexts = server.contexts
+        cast(NodeDIMSE, assoc.dimse).inline_store = bool(getattr(server, "inline_store", False))
         assoc.requestor.address_info = self.remote
         for event, handlers in server._handlers.items():
             if event.is_intervention and handlers:

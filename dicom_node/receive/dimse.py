@@ -25,6 +25,7 @@ __all__ = [
     "C_STORE_RSP",
     "NO_DATA_SET",
     "encode_c_store_rsp",
+    "encode_store_response",
     "parse_c_store_rq",
     "split_pdvs",
 ]
@@ -75,14 +76,25 @@ def encode_c_store_rsp(rsp: C_STORE) -> bytes | None:
         return None
     if rsp.AffectedSOPClassUID is None or rsp.AffectedSOPInstanceUID is None:
         return None
+    return encode_store_response(
+        str(rsp.AffectedSOPClassUID),
+        str(rsp.AffectedSOPInstanceUID),
+        int(rsp.MessageIDBeingRespondedTo or 0),
+        int(rsp.Status or 0),
+    )
+
+
+def encode_store_response(sop_class: str, sop_instance: str, message_id: int, status: int) -> bytes:
+    """The command set of a plain C-STORE-RSP (no comment, no offending element) from its values:
+    byte for byte what pynetdicom encodes for the same response."""
     body = b"".join(
         (
-            _implicit(0x00000002, _uid_value(str(rsp.AffectedSOPClassUID))),
+            _implicit(0x00000002, _uid_value(sop_class)),
             _implicit(0x00000100, struct.pack("<H", C_STORE_RSP)),
-            _implicit(0x00000120, struct.pack("<H", int(rsp.MessageIDBeingRespondedTo or 0))),
+            _implicit(0x00000120, struct.pack("<H", message_id & 0xFFFF)),
             _implicit(0x00000800, struct.pack("<H", NO_DATA_SET)),
-            _implicit(0x00000900, struct.pack("<H", int(rsp.Status or 0))),
-            _implicit(0x00001000, _uid_value(str(rsp.AffectedSOPInstanceUID))),
+            _implicit(0x00000900, struct.pack("<H", status & 0xFFFF)),
+            _implicit(0x00001000, _uid_value(sop_instance)),
         )
     )
     return _implicit(0x00000000, struct.pack("<L", len(body))) + body

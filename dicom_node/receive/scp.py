@@ -351,6 +351,7 @@ class StorageSCP:
             ),
         )
         self._apply_limits(ae, server)
+        server.inline_store = True  # handle_store answers an int status and never raises
         register_server(ae, server)  # so that server.shutdown() finds itself there
         thread = threading.Thread(
             target=server.serve_forever,

@@ -119,6 +119,9 @@ class NodeAssociationServer(ThreadedAssociationServer):
     send_timeout: float = SEND_TIMEOUT
     max_per_host: int | None = None
     """Connections one host may hold at once; None: no per-host limit."""
+    inline_store: bool = False
+    """Serve C-STOREs on each association's reader thread (``NodeDIMSE.inline_store``): only for
+    a handler that returns an int status and never raises (the node's ``handle_store``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", NodeRequestHandler)
