@@ -40,19 +40,32 @@ def test_shipped_model_is_in_the_store_and_small() -> None:
     assert keys == ["thyroid", "nodule"]
 
 
-def test_shipped_production_is_version_1s_weights_with_a_serving_contract() -> None:
-    """v2 repackages v1 (same model.onnx), adding confidence and the SR's measurements."""
+def test_shipped_production_is_version_3_with_a_serving_contract() -> None:
+    """v3 (issue 13's retrained model) is production after a recorded, gated promotion; v1 and
+    v2 (v1's weights with confidence and measurements) stay in the store for rollback."""
     store = ModelStore(REPO / "models")
     prod = store.resolve("thyroid-seg@production")
-    v1 = store.resolve("thyroid-seg:1")
+    store.verify(prod)
+    v1, v2 = store.resolve("thyroid-seg:1"), store.resolve("thyroid-seg:2")
     store.verify(v1)
-    assert (prod.manifest.version, prod.manifest.sha256) == ("2", v1.manifest.sha256)
-    assert v1.manifest.confidence is None
+    store.verify(v2)
+    assert prod.manifest.version == "3" and prod.manifest.sha256 != v1.manifest.sha256
+    assert v2.manifest.sha256 == v1.manifest.sha256
     assert prod.manifest.confidence is not None and prod.manifest.confidence.ood is not None
     assert prod.manifest.confidence.method == "entropy"
-    assert not prod.manifest.postprocess and not prod.manifest.tta  # masks equal v1's
+    assert [step.op for step in prod.manifest.postprocess] == [
+        "largest_component",
+        "min_size",
+        "within",
+        "fill_holes",
+    ]
     assert prod.manifest.measurements is not None
     assert prod.manifest.measurements["thyroid"].laterality == "split"
+    history = (REPO / "models" / "thyroid-seg" / "history.yaml").read_text()
+    assert (
+        "promote: production 2 -> 3" in history
+        or '"from": "2", "to": "3", "reason": "promote"' in history
+    )
 
 
 def test_shipped_rules_load_against_shipped_models_and_defaults() -> None:
@@ -109,7 +122,7 @@ def test_orthanc_push_gets_a_good_seg_from_the_shipped_model(
             assert (job.state, job.rule, job.model_version) == (
                 "done",
                 "thyroid-scintigraphy",
-                "2",  # production: version 1's weights with confidence and measurements
+                "3",  # production: issue 13's retrained model
             ), job
         by_source = {str(c.dataset.SOPInstanceUID): c for c in cases}
         for seg_id in seg_ids:

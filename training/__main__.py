@@ -350,8 +350,8 @@ def cv_cmd(config_path: str, split_path: Path, out: Path, data_dir: Path | None)
     "inference_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="YAML with postprocess / tta / probabilities / thresholds chosen on validation data "
-    "(and the report's measurements); replaces the training config's model keys.",
+    help="YAML with postprocess / tta / probabilities / thresholds / confidence chosen on "
+    "validation data (and the report's measurements); replaces the training config's model keys.",
 )
 def export_cmd(
     checkpoint: Path,

@@ -126,17 +126,25 @@ def git_commit(cwd: Path | None = None) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-INFERENCE_FILE_KEYS = ("postprocess", "tta", "probabilities", "thresholds", "measurements")
-"""Keys of ``export --inference FILE``: the training config's inference keys and thresholds, and
-the report's ``measurements`` (none of them changes the weights, so a trained run can take them)."""
+INFERENCE_FILE_KEYS = (
+    "postprocess",
+    "tta",
+    "probabilities",
+    "thresholds",
+    "measurements",
+    "confidence",
+)
+"""Keys of ``export --inference FILE``: the training config's inference keys and thresholds, the
+report's ``measurements`` and the ``confidence`` settings (its threshold is chosen on a validation
+report, after training; none of them changes the weights, so a trained run can take them)."""
 
 
 def with_inference(config: dict[str, Any], inference: Any, source: str = "inference") -> dict:
     """A copy of training ``config`` whose ``model`` takes the inference settings given.
 
-    ``inference``: ``postprocess``, ``tta``, ``probabilities``, ``measurements`` (replacing
-    the config's ``model.`` keys) and ``thresholds: {segment key: value}`` (each segment's
-    ``threshold``).
+    ``inference``: ``postprocess``, ``tta``, ``probabilities``, ``measurements``,
+    ``confidence`` (replacing the config's ``model.`` keys) and ``thresholds: {segment key:
+    value}`` (each segment's ``threshold``).
 
     Raises
     ------

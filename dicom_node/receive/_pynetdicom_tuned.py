@@ -63,6 +63,8 @@ variant's time over the tuned module's (above 1: the override pays).
     no NodeDUL (select wait, PDV views)                1.21x / 1.28x   1.04x / 1.08x
     no C-STORE-RQ assembly (NodeDIMSE.receive_pdvs)    1.01x / 1.10x   1.13x / 1.11x
     contexts deep-copied per association               1.00x / 1.11x   1.02x / 1.15x
+    no reader-thread C-STORE (_serve_inline; node,
+      fsync on, issue 15 second pass)                  1.49x           -
     dropped: recv_into PDU reads (1 MiB)               0.94x - 0.98x   0.89x - 1.01x
     dropped: RSP sent from the association thread     0.90x - 1.12x   0.97x - 1.12x
 
