@@ -177,7 +177,7 @@ def _record_instance_sqlite(engine: Engine, inst: Instance) -> bool | None:
         As :func:`record_instance`; nothing was written.
     """
     hot = _hot_connection(engine)
-    pooled = hot.take() if hot is not None else None
+    pooled = hot.take()
     if pooled is None:  # another association has the hot connection: a pooled one
         pooled = engine.raw_connection()  # with the connect-time PRAGMAs (WAL, NORMAL)
     try:
@@ -211,7 +211,7 @@ def _record_instance_sqlite(engine: Engine, inst: Instance) -> bool | None:
                 db.execute("ROLLBACK")
             raise
     finally:
-        if hot is not None and hot.owns(pooled):
+        if hot.owns(pooled):
             hot.give_back()
         else:
             pooled.close()
@@ -266,7 +266,7 @@ _HOT_CONNECTIONS: weakref.WeakKeyDictionary[Engine, _HotConnection] = weakref.We
 _HOT_LOCK = threading.Lock()
 
 
-def _hot_connection(engine: Engine) -> _HotConnection | None:
+def _hot_connection(engine: Engine) -> _HotConnection:
     with _HOT_LOCK:
         hot = _HOT_CONNECTIONS.get(engine)
         if hot is None:

@@ -477,19 +477,14 @@ class NodeDIMSE(DIMSEServiceProvider):
             int(request.MessageID or 0),
             status,
         )
-        max_pdu = self.maximum_pdu_size
-        if max_pdu and len(command) + 7 > max_pdu:  # a peer with a tiny PDU: pynetdicom splits
+        if not self._send_command(command, context_id):  # a peer with a tiny PDU
             rsp = C_STORE()
             rsp.MessageID = request.MessageID
             rsp.MessageIDBeingRespondedTo = request.MessageID
             rsp.AffectedSOPClassUID = request.AffectedSOPClassUID
             rsp.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
             rsp.Status = status
-            DIMSEServiceProvider.send_msg(self, rsp, context_id)
-            return True
-        pdata = P_DATA()
-        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
-        self.dul.send_pdu(pdata)
+            DIMSEServiceProvider.send_msg(self, rsp, context_id)  # pynetdicom splits it
         return True
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
@@ -500,13 +495,20 @@ class NodeDIMSE(DIMSEServiceProvider):
             and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
         ):
             command = encode_c_store_rsp(primitive)
-            max_pdu = self.maximum_pdu_size
-            if command is not None and (not max_pdu or len(command) + 7 <= max_pdu):
-                pdata = P_DATA()
-                pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
-                self.dul.send_pdu(pdata)
+            if command is not None and self._send_command(command, context_id):
                 return
         super().send_msg(primitive, context_id)
+
+    def _send_command(self, command: bytes, context_id: int) -> bool:
+        """Send an encoded command set (no data set follows) as one P-DATA; False, with nothing
+        sent, when it does not fit the peer's Maximum Length (pynetdicom's encoder splits it)."""
+        max_pdu = self.maximum_pdu_size
+        if max_pdu and len(command) + 7 > max_pdu:
+            return False
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+        self.dul.send_pdu(pdata)
+        return True
 
 
 # -- DUL ---------------------------------------------------------------------------------------
