@@ -219,6 +219,16 @@ class TestOps:
         )
         assert not out["thyroid"][1:3].any() and out["thyroid"][10:16, 6:14].all()
 
+    def test_keep_in_region_border_false_drops_what_touches_the_frame_edge(self) -> None:
+        thyroid = _blank()
+        thyroid[0, 14:, 0:4] = True  # a shoulder in the corner, centred inside the box
+        thyroid[0, 8:12, 6:14] = True  # the gland
+        steps = {"op": "keep_in_region", "segment": "thyroid", "rows": [0.0, 1.0]}
+        (kept,) = apply_steps(_frames(thyroid=thyroid), _steps(steps))
+        assert kept["thyroid"][14:, 0:4].all()  # border: true (the default) keeps it
+        (out,) = apply_steps(_frames(thyroid=thyroid), _steps({**steps, "border": False}))
+        assert not out["thyroid"][14:, 0:4].any() and out["thyroid"][8:12, 6:14].all()
+
     def test_steps_run_in_order(self) -> None:
         thyroid, nodule = _blank(), _blank()
         thyroid[0, 2:10, 2:10] = True

@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.demo import phantoms_alt
+from dicom_node.demo import phantoms_alt, phantoms_c
 from dicom_node.demo.phantoms import NM_IMAGE_STORAGE, make_case, plan_cases, write_cases
 from dicom_node.modelstore.scoring import surface
 from tests.helpers.peers import dciodvfy
@@ -163,4 +163,125 @@ class TestFamilyB:
         folders = write_cases(tmp_path / "b", 3, seed=2, size=64, family="B")
         assert pydicom.dcmread(folders[0] / "image.dcm").Manufacturer == "AltGamma Medical"
         with pytest.raises(ValueError, match="family must be"):
-            write_cases(tmp_path / "c", 1, seed=1, family="C")
+            write_cases(tmp_path / "z", 1, seed=1, family="Z")
+
+
+class TestFamilyC:
+    """The third independent style (reporting only): same contract, a 3-D projected gland."""
+
+    def test_same_seeds_same_study_and_anatomy_is_shared(self) -> None:
+        a, b = phantoms_c.make_case(3, 128), phantoms_c.make_case(3, 128)
+        assert a.dataset.PixelData == b.dataset.PixelData and a.meta == b.meta
+        for key in ("thyroid", "nodule"):
+            np.testing.assert_array_equal(a.truth[key], b.truth[key])
+        other_study = phantoms_c.make_case(4, 128, anatomy_seed=3)
+        assert other_study.dataset.PixelData != a.dataset.PixelData
+        assert other_study.meta["cold_nodules"] == a.meta["cold_nodules"]
+        assert other_study.meta["lobes"] == a.meta["lobes"]
+        assert phantoms_c.make_case(5, 128).meta["lobes"] != a.meta["lobes"]
+
+    @pytest.mark.parametrize("seed", range(10))
+    def test_truth_contract(self, seed: int) -> None:
+        case = phantoms_c.make_case(seed, 128)
+        assert set(case.truth) == {"thyroid", "nodule"}
+        thyroid, nodule = case.truth["thyroid"], case.truth["nodule"]
+        assert thyroid.dtype == bool and nodule.dtype == bool
+        assert thyroid.shape == nodule.shape == (128, 128)
+        assert thyroid.sum() > 30
+        assert not (nodule & ~thyroid).any()
+        assert bool(nodule.any()) == bool(case.meta["cold_nodules"])
+        assert case.meta["family"] == "C" and case.meta["size"] == 128
+
+    def test_gland_is_brighter_than_its_surroundings_and_cold_nodules_darker(self) -> None:
+        """The truth sits where the image shows the gland; large cold nodules show as defects."""
+        inside, ring, gland, cold = [], [], [], []
+        for seed in range(24):
+            case = phantoms_c.make_case(seed, 128)
+            img = case.dataset.pixel_array.astype(float)
+            thyroid, nodule = case.truth["thyroid"], case.truth["nodule"]
+            grown = thyroid.copy()
+            for _ in range(4):
+                grown = grown | np.roll(grown, 1, 0) | np.roll(grown, -1, 0)
+                grown = grown | np.roll(grown, 1, 1) | np.roll(grown, -1, 1)
+            inside.append(img[thyroid].mean())
+            ring.append(img[grown & ~thyroid].mean())
+            big = [n for n in case.meta["cold_nodules"] if n["diameter_mm"] > 12]
+            if big and nodule.sum() > 15:
+                gland.append(img[thyroid & ~nodule].mean())
+                cold.append(img[nodule].mean())
+        assert np.median(np.array(inside) / np.array(ring)) > 2.0
+        assert len(cold) >= 3 and np.median(np.array(cold) / np.array(gland)) < 0.9
+
+    def test_the_generator_covers_the_documented_variety(self) -> None:
+        metas = [phantoms_c.make_case(seed, 64).meta for seed in range(60)]
+        nodules = [n for m in metas for n in m["cold_nodules"]]
+        on_edge = 0
+        for seed in range(20):
+            truth = phantoms_c.make_case(seed, 64).truth
+            on_edge += int((truth["nodule"] & surface(truth["thyroid"])).any())
+        assert on_edge >= 3, "some nodules must reach the gland's outline"
+        assert {m["geometry"] for m in metas} == {"pinhole", "parallel"}
+        assert {n["location"] for n in nodules} == {"inside", "surface", "pole"}
+        assert any(n["bulge"] for n in nodules) and any(n["big"] for n in nodules)
+        assert min(n["diameter_mm"] for n in nodules) < 7.0
+        assert any(m["hot_nodules"] for m in metas) and any(m["single_lobe"] for m in metas)
+        assert {m["habitus"] for m in metas} == {"normal", "goitre", "small"}
+        assert any(m["salivary_glands"] for m in metas)
+        assert len({m["marker_kind"] for m in metas}) >= 5
+        fwhm = [m["fwhm_mm"] for m in metas]
+        assert 0.8 <= min(fwhm) < 2.0 and 5.0 < max(fwhm) <= 7.5
+        totals = [m["total_counts"] for m in metas]
+        assert 1.0e4 < min(totals) < 5e4 and 3e5 < max(totals) < 1.1e6
+
+    def test_spacing_follows_the_matrix_and_header_matches_meta(self) -> None:
+        small, large = phantoms_c.make_case(7, 128), phantoms_c.make_case(7, 256)
+        s128, s256 = (float(c.dataset.PixelSpacing[0]) for c in (small, large))
+        assert s128 == pytest.approx(2 * s256, rel=1e-3)
+        for case, size in ((small, 128), (large, 256)):
+            ds = case.dataset
+            assert ds.Rows == ds.Columns == size
+            assert ds.pixel_array.shape == (size, size) and ds.pixel_array.dtype == np.uint16
+            assert float(ds.PixelSpacing[0]) == pytest.approx(case.meta["pixel_spacing_mm"])
+            assert ds.CountsAccumulated == int(ds.pixel_array.sum())
+        fovs = [phantoms_c.make_case(s, 64).meta for s in range(30)]
+        parallel = [m["fov_mm"] for m in fovs if m["geometry"] == "parallel"]
+        pinhole = [m["fov_mm"] for m in fovs if m["geometry"] == "pinhole"]
+        assert min(parallel) >= 100 and max(parallel) <= 320 and max(pinhole) <= 200
+
+    def test_header_style_differs_from_families_a_and_b(self) -> None:
+        a, b = make_case(4, 256).dataset, phantoms_alt.make_case(4, 256).dataset
+        c = phantoms_c.make_case(4, 256).dataset
+        assert len({a.Manufacturer, b.Manufacturer, c.Manufacturer}) == 3
+        assert c.Manufacturer == "Cygnus Nuclear"
+        assert c.SeriesDescription not in (a.SeriesDescription, b.SeriesDescription)
+        assert c.Modality == "NM" and c.SOPClassUID == NM_IMAGE_STORAGE
+        window = c.EnergyWindowInformationSequence[0].EnergyWindowRangeSequence[0]
+        assert float(window.EnergyWindowLowerLimit) < 140 < float(window.EnergyWindowUpperLimit)
+        headers = [phantoms_c.make_case(s, 64).dataset for s in range(10)]
+        assert {"WindowCenter" in ds for ds in headers} == {True, False}
+
+    def test_small_or_odd_size_is_refused(self) -> None:
+        for size in (16, 130):
+            with pytest.raises(ValueError, match="size must be a multiple of 4"):
+                phantoms_c.make_case(1, size)
+
+    @pytest.mark.parametrize(("seed", "size"), [(1, 128), (2, 256), (6, 128), (7, 256)])
+    def test_dciodvfy_finds_no_error(self, tmp_path: Path, seed: int, size: int) -> None:
+        path = tmp_path / "nm.dcm"
+        phantoms_c.make_case(seed, size).dataset.save_as(path, enforce_file_format=True)
+        result = dciodvfy(path)
+        assert result.errors == [], result.output
+
+    def test_write_cases_family_c(self, tmp_path: Path) -> None:
+        folders = write_cases(tmp_path / "c", 4, seed=2, size=[128, 64], family="C")
+        assert [f.name for f in folders] == [f"case{i:04d}" for i in range(4)]
+        for folder in folders:
+            ds = pydicom.dcmread(folder / "image.dcm")
+            assert ds.Manufacturer == "Cygnus Nuclear" and ds.PatientID.startswith("CPH")
+            with np.load(folder / "truth.npz") as truth:
+                assert set(truth.files) == {"thyroid", "nodule"}
+                assert truth["thyroid"].shape == (ds.Rows, ds.Columns)
+        direct = phantoms_c.write_cases(tmp_path / "d", 4, seed=2, size=[128, 64])
+        assert [pydicom.dcmread(f / "image.dcm").PixelData for f in direct] == [
+            pydicom.dcmread(f / "image.dcm").PixelData for f in folders
+        ]

@@ -119,6 +119,61 @@ class TestTrain:
         ):
             assert np.array_equal(pa.numpy(), pb.numpy()), name
 
+    def test_init_starts_from_an_earlier_run(
+        self, pipeline: dict[str, Path], tmp_path: Path
+    ) -> None:
+        """Fine-tuning: --init takes the weights of a checkpoint, the optimiser starts afresh."""
+        from ruamel.yaml import YAML
+
+        config = load_config(TINY)
+        config["train"].update(epochs=1, lr=1e-12, warmup_epochs=0)  # the weights hardly move
+        cfg = tmp_path / "tune.yaml"
+        YAML(typ="safe").dump(config, cfg)
+        source = pipeline["run"] / "best.pt"
+        _run(
+            "train",
+            "--config",
+            str(cfg),
+            "--data",
+            str(pipeline["train"]),
+            "--out",
+            str(tmp_path / "tuned"),
+            "--init",
+            str(source),
+        )
+        _run(
+            "train",
+            "--config",
+            str(cfg),
+            "--data",
+            str(pipeline["train"]),
+            "--out",
+            str(tmp_path / "fresh"),
+        )
+        start, _ = load_checkpoint(source)
+        tuned, _ = load_checkpoint(tmp_path / "tuned" / "best.pt")
+        fresh, _ = load_checkpoint(tmp_path / "fresh" / "best.pt")
+        for name, weight in start.named_parameters():
+            assert np.allclose(
+                dict(tuned.named_parameters())[name].detach(), weight.detach(), atol=1e-6
+            ), name
+        assert not all(
+            np.allclose(dict(fresh.named_parameters())[n].detach(), w.detach(), atol=1e-3)
+            for n, w in start.named_parameters()
+        )
+        record = json.loads((tmp_path / "tuned" / "run.json").read_text())
+        assert record["init"]["checkpoint"] == str(source)
+        assert len(record["init"]["sha256"]) == 64 and record["init"]["epoch"] >= 1
+
+    def test_init_of_another_network_says_which_part_differs(
+        self, pipeline: dict[str, Path], tmp_path: Path
+    ) -> None:
+        config = load_config(TINY)
+        config["network"]["base_channels"] = int(config["network"]["base_channels"]) + 2
+        config["train"]["init"] = str(pipeline["run"] / "best.pt")
+        with pytest.raises(ValueError, match="base_channels .* there, .* in the config"):
+            train(config, tmp_path / "bad", data_dir=pipeline["train"])
+
 
 class TestExport:
     def test_manifest_follows_the_contract(self, pipeline: dict[str, Path]) -> None:

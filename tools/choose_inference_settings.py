@@ -49,6 +49,20 @@ CHAINS: dict[str, list[dict[str, Any]]] = {
         {"op": "within", "segment": LESION, "of": ORGAN},
         {"op": "fill_holes", "segment": ORGAN, "where": LESION},
     ],
+    # a wide field's body outline or shoulders taken for the gland touch the frame's edge
+    "no-border+keep2+clean+fill": [
+        {"op": "keep_in_region", "segment": ORGAN, "border": False},
+        {"op": "largest_component", "segment": ORGAN, "keep": 2},
+        {"op": "min_size", "segment": LESION, "mm2": 12},
+        {"op": "within", "segment": LESION, "of": ORGAN},
+        {"op": "fill_holes", "segment": ORGAN, "where": LESION},
+    ],
+    "no-border+clean+fill": [
+        {"op": "keep_in_region", "segment": ORGAN, "border": False},
+        {"op": "min_size", "segment": LESION, "mm2": 12},
+        {"op": "within", "segment": LESION, "of": ORGAN},
+        {"op": "fill_holes", "segment": ORGAN, "where": LESION},
+    ],
     "organ-specks+clean+fill": [
         {"op": "min_size", "segment": ORGAN, "mm2": 20},
         {"op": "min_size", "segment": LESION, "mm2": 12},
@@ -57,7 +71,7 @@ CHAINS: dict[str, list[dict[str, Any]]] = {
     ],
 }
 ORGAN_THRESHOLDS = (0.4, 0.5)
-LESION_THRESHOLDS = (0.3, 0.4, 0.5)
+LESION_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def predictions(

@@ -82,10 +82,11 @@ def main(verbose: bool) -> None:
 )
 @click.option(
     "--family",
-    type=click.Choice(["A", "B", "classic"]),
+    type=click.Choice(["A", "B", "C", "classic"]),
     default="A",
     show_default=True,
     help="Phantom family: A = the training style, B = the independent held-out style, "
+    "C = a third independent style for reporting only (never trained on), "
     "classic = the generator thyroid-seg:1 was trained on (training/README.md).",
 )
 def phantoms(out: Path, n: int, seed: int, sizes: tuple[int, ...], family: str) -> None:
@@ -143,6 +144,14 @@ def phantoms(out: Path, n: int, seed: int, sizes: tuple[int, ...], family: str) 
     help="Cross-validation fold K (1-based) of the split file's folds: validate on fold K, "
     "train on the others.",
 )
+@click.option(
+    "--init",
+    "init_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Start from this checkpoint's weights (fine-tuning, e.g. a best.pt of an earlier run; "
+    "default the config's train.init). Optimiser and schedule start afresh.",
+)
 def train_cmd(
     config_path: str | None,
     out: Path,
@@ -151,6 +160,7 @@ def train_cmd(
     resume_dir: Path | None,
     split_path: Path | None,
     fold: int | None,
+    init_path: Path | None,
 ) -> None:
     """Train a U-Net from a config; writes best.pt, last.pt, history.csv/json, run.json to OUT."""
     from training.data import DataError
@@ -178,6 +188,7 @@ def train_cmd(
                 resume=resume_dir is not None,
                 split=split_path,
                 fold=fold,
+                init=None if resume_dir is not None else init_path,
             )
     except (DataError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))

@@ -65,6 +65,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "max_minutes",
         "num_workers",
         "threads",
+        "init",
     ),
 }
 """Keys of the plain sections."""

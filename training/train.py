@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -213,6 +214,7 @@ def train(
     resume: bool = False,
     split: Path | str | Split | None = None,
     fold: int | None = None,
+    init: Path | str | None = None,
 ) -> TrainResult:
     """Train a U-Net as ``config`` says and write checkpoints and the learning curve.
 
@@ -238,6 +240,10 @@ def train(
     fold : int, optional
         Cross-validation fold (1-based) of the split file: validate on that fold, train on the
         others.
+    init : path, optional
+        Start from this checkpoint's weights (fine-tuning; default the config's ``train.init``).
+        The optimiser, schedule and epochs start afresh; the network must have the config's
+        shape. Recorded in ``run.json`` and the checkpoints (path, sha256, its epoch and data).
 
     Returns
     -------
@@ -250,9 +256,10 @@ def train(
     ValueError
         No usable case, or fewer than two patients for a validation split; a split file that
         is invalid or does not fit the data (:class:`~training.splits.SplitError`); with
-        ``resume``, the data changed since the run started, or the run has already finished.
+        ``resume``, the data changed since the run started, or the run has already finished;
+        an ``init`` checkpoint whose network differs from the config's.
     FileNotFoundError
-        With ``resume``: ``out_dir`` has no ``resume.pt``.
+        With ``resume``: ``out_dir`` has no ``resume.pt``; no ``init`` checkpoint at that path.
     """
     schema.check_config(config)
     out = Path(out_dir)
@@ -304,6 +311,10 @@ def train(
     net = build_unet(
         input_spec.channels, len(refs), int(net_cfg["depth"]), int(net_cfg["base_channels"])
     )
+    init = init if init is not None else tcfg.get("init")
+    # a resumed run has its weights from resume.pt; run.json keeps the record of its start
+    warm = init and not resume
+    init_record = _warm_start(net, Path(init), net_cfg, input_spec, refs) if warm else None
     # torch's stub omits Module.to(memory_format=...), which the runtime accepts
     net = net.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimiser = torch.optim.AdamW(
@@ -351,6 +362,7 @@ def train(
         "parameters": count_parameters(net),
         "device": str(device),
         "torch": torch.__version__,
+        "init": init_record,
     }
     record: dict[str, Any] = {
         "status": "running",
@@ -365,6 +377,7 @@ def train(
         "threads": int(threads),
         "budget_minutes": max_minutes,
         "split": _split_record(split_file, fold),
+        "init": init_record,
     }
     generators: list[Randomizable] = [
         cast("Randomizable", t) for t in augment.transforms if isinstance(t, Randomizable)
@@ -400,6 +413,7 @@ def train(
         if first_epoch > epochs:
             raise ValueError(f"cannot resume {out}: all {epochs} epoch(s) are done")
         record["resumed_from_epoch"] = int(state["epoch"])
+        record["init"] = meta["init"] = previous.get("init")
         LOGGER.info("resuming %s after epoch %d", out, state["epoch"])
     meta["git"], meta["versions"] = record["git"], record["versions"]
     runrecord.write_run_record(out, record)
@@ -550,6 +564,46 @@ def _save(
         **meta,
     }
     atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+def _warm_start(
+    net: torch.nn.Module,
+    path: Path,
+    net_cfg: dict[str, Any],
+    input_spec: InputSpec,
+    refs: list[SegmentRef],
+) -> dict[str, Any]:
+    """Load ``path``'s weights into ``net``; return what run.json records of the checkpoint.
+
+    A checkpoint of another shape would load nothing useful (or fail deep inside torch with a
+    list of tensor names), so the shapes are compared first and the error says which differs.
+    """
+    source, ckpt = load_checkpoint(path)
+    wanted = {
+        "in_channels": input_spec.channels,
+        "out_channels": len(refs),
+        "depth": int(net_cfg["depth"]),
+        "base_channels": int(net_cfg["base_channels"]),
+    }
+    differs = {
+        k: (ckpt["network"].get(k), v) for k, v in wanted.items() if ckpt["network"].get(k) != v
+    }
+    if differs:
+        detail = ", ".join(f"{k} {a} there, {b} in the config" for k, (a, b) in differs.items())
+        raise ValueError(
+            f"cannot start from {path}: its network differs from the config's ({detail}); "
+            f"fine-tune with the network section it was trained with"
+        )
+    net.load_state_dict(source.state_dict())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    LOGGER.info("starting from the weights of %s (epoch %s)", path, ckpt.get("epoch"))
+    return {
+        "checkpoint": str(path),
+        "sha256": digest,
+        "epoch": ckpt.get("epoch"),
+        "data_dir": ckpt.get("data_dir"),
+        "data_hash": ckpt.get("data_hash"),
+    }
 
 
 def _write_history(out: Path, history: list[dict[str, float]]) -> None:

@@ -239,12 +239,15 @@ class KeepInRegion(_Step):
     """Keep only the components of ``segment`` whose centre lies in a box of the frame.
 
     ``rows`` / ``cols``: ``[from, to]`` as fractions of the frame's height / width (0 = top /
-    left edge, 1 = bottom / right edge).
+    left edge, 1 = bottom / right edge). ``border: false`` also drops every component that
+    touches the frame's edge (the body outline and shoulders of a wide field do; a framed
+    organ does not).
     """
 
     op: Literal["keep_in_region"]
     rows: tuple[float, float] = (0.0, 1.0)
     cols: tuple[float, float] = (0.0, 1.0)
+    border: bool = True
 
     @field_validator("rows", "cols")
     @classmethod

@@ -451,6 +451,9 @@ def _keep_in_region(mask: np.ndarray, step: KeepInRegion) -> np.ndarray:
         & (centre_c >= step.cols[0])
         & (centre_c <= step.cols[1])
     )
+    if not step.border:
+        edges = (labels[..., 0, :], labels[..., -1, :], labels[..., :, 0], labels[..., :, -1])
+        kept[np.unique(np.concatenate([e.ravel() for e in edges]))] = False
     return _keep(labels, kept)
 
 
