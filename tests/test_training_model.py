@@ -1,5 +1,5 @@
-"""The shipped model ``models/thyroid-seg`` (production 4, issue 13's model fine-tuned on two phantom styles):
-store-valid, small, and it segments fresh studies."""
+"""The shipped model ``models/thyroid-seg`` (production 4, issue 13's model fine-tuned on two
+phantom styles): store-valid, small, and it segments fresh studies."""
 
 from __future__ import annotations
 
