@@ -85,7 +85,8 @@ def main(verbose: bool) -> None:
     type=click.Choice(["A", "B", "C", "classic"]),
     default="A",
     show_default=True,
-    help="Phantom family: A = the training style, B = the independent held-out style, "
+    help="Phantom family: A = the training style, B = a second style written independently "
+    "(held out until version 3, trained on by version 4), "
     "C = a third independent style for reporting only (never trained on), "
     "classic = the generator thyroid-seg:1 was trained on (training/README.md).",
 )
