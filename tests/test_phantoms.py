@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.demo import phantoms_alt, phantoms_c
+from dicom_node.demo import phantoms_alt, phantoms_c, phantoms_d
 from dicom_node.demo.phantoms import NM_IMAGE_STORAGE, make_case, plan_cases, write_cases
 from dicom_node.modelstore.scoring import surface
 from tests.helpers.peers import dciodvfy
@@ -285,3 +286,165 @@ class TestFamilyC:
         assert [pydicom.dcmread(f / "image.dcm").PixelData for f in direct] == [
             pydicom.dcmread(f / "image.dcm").PixelData for f in folders
         ]
+
+
+class TestFamilyD:
+    """The fourth independent style (reporting only): same contract, spline lobes, metaballs."""
+
+    def test_same_seeds_same_study_and_anatomy_is_shared(self) -> None:
+        a, b = phantoms_d.make_case(3, 128), phantoms_d.make_case(3, 128)
+        assert a.dataset.PixelData == b.dataset.PixelData and a.meta == b.meta
+        for key in ("thyroid", "nodule"):
+            np.testing.assert_array_equal(a.truth[key], b.truth[key])
+        other_study = phantoms_d.make_case(4, 128, anatomy_seed=3)
+        assert other_study.dataset.PixelData != a.dataset.PixelData
+        assert other_study.dataset.StudyInstanceUID != a.dataset.StudyInstanceUID
+        assert other_study.dataset.PatientID == a.dataset.PatientID == "DEL-00000003"
+        assert other_study.dataset.PatientName == a.dataset.PatientName
+        for key in ("cold_nodules", "hot_nodules", "lobe_lengths_mm", "single_lobe", "isthmus"):
+            assert other_study.meta[key] == a.meta[key]
+        assert phantoms_d.make_case(5, 128).meta["lobe_lengths_mm"] != a.meta["lobe_lengths_mm"]
+        ds = a.dataset
+        uids = {ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID}
+        assert len(uids) == 3 and all(u.startswith("1.2.826.0.1.3680043.8.498.") for u in uids)
+
+    @pytest.mark.parametrize("seed", range(12))
+    def test_truth_contract(self, seed: int) -> None:
+        case = phantoms_d.make_case(seed, 128)
+        assert set(case.truth) == {"thyroid", "nodule"}
+        thyroid, nodule = case.truth["thyroid"], case.truth["nodule"]
+        assert thyroid.dtype == bool and nodule.dtype == bool
+        assert thyroid.shape == nodule.shape == (128, 128)
+        assert thyroid.sum() > 30
+        assert not (nodule & ~thyroid).any()
+        assert bool(nodule.any()) == bool(case.meta["cold_nodules"])
+        # the gland lies inside the field, never on the frame's edge
+        assert not (thyroid[0].any() or thyroid[-1].any() or thyroid[:, 0].any())
+        assert not thyroid[:, -1].any()
+        assert case.meta["family"] == "D" and case.meta["size"] == 128
+        assert json.loads(json.dumps(case.meta)) == case.meta
+
+    def test_gland_is_brighter_than_its_surroundings_and_cold_nodules_darker(self) -> None:
+        """The truth sits where the image shows the gland; large cold nodules show as defects."""
+        inside, ring, gland, cold = [], [], [], []
+        for seed in range(24):
+            case = phantoms_d.make_case(seed, 128)
+            img = case.dataset.pixel_array.astype(float)
+            thyroid, nodule = case.truth["thyroid"], case.truth["nodule"]
+            grown = thyroid.copy()
+            for _ in range(4):
+                grown = grown | np.roll(grown, 1, 0) | np.roll(grown, -1, 0)
+                grown = grown | np.roll(grown, 1, 1) | np.roll(grown, -1, 1)
+            inside.append(img[thyroid].mean())
+            ring.append(img[grown & ~thyroid].mean())
+            big = [n for n in case.meta["cold_nodules"] if n["diameter_mm"] > 12]
+            if big and nodule.sum() > 15:
+                gland.append(img[thyroid & ~nodule].mean())
+                cold.append(img[nodule].mean())
+        assert np.median(np.array(inside) / np.array(ring)) > 2.0
+        assert len(cold) >= 3 and np.median(np.array(cold) / np.array(gland)) < 0.8
+
+    def test_hot_nodules_are_gland_and_never_nodule(self) -> None:
+        hot = [s for s in range(60) if phantoms_d.make_case(s, 64).meta["hot_nodules"]]
+        assert len(hot) >= 5
+        for seed in hot[:4]:
+            case = phantoms_d.make_case(seed, 128)
+            img = case.dataset.pixel_array.astype(float)
+            thyroid, nodule = case.truth["thyroid"], case.truth["nodule"]
+            # the hottest pixel of the study is in the gland (an adenoma), not in a cold nodule
+            peak = np.unravel_index(np.argmax(img * thyroid), img.shape)
+            assert thyroid[peak] and not nodule[peak]
+
+    def test_the_generator_covers_the_documented_variety(self) -> None:
+        metas = [phantoms_d.make_case(seed, 64).meta for seed in range(60)]
+        nodules = [n for m in metas for n in m["cold_nodules"]]
+        on_edge = 0
+        for seed in range(20):
+            truth = phantoms_d.make_case(seed, 64).truth
+            on_edge += int((truth["nodule"] & surface(truth["thyroid"])).any())
+        assert on_edge >= 3, "some nodules must reach the gland's outline"
+        assert {m["geometry"] for m in metas} == {"pinhole", "parallel"}
+        assert {m["nuclide"] for m in metas} == {"Tc-99m", "I-123"}
+        assert {n["location"] for n in nodules} == {"inside", "surface", "pole"}
+        assert any(n["bulge"] for n in nodules) and not all(n["bulge"] for n in nodules)
+        assert min(n["diameter_mm"] for n in nodules) < 6.0
+        assert max(n["diameter_mm"] for n in nodules) > 25.0
+        residual = [n["residual"] for n in nodules]
+        assert 0.0 <= min(residual) < 0.05 and 0.35 < max(residual) <= 0.4
+        assert any(m["hot_nodules"] for m in metas) and any(m["single_lobe"] for m in metas)
+        assert {m["isthmus"] for m in metas} == {"absent", "thin", "broad"}
+        assert any(m["pyramidal_lobe"] for m in metas)
+        assert {"normal", "goitre", "small", "slender"} == {m["habitus"] for m in metas}
+        assert len({m["marker_kind"] for m in metas}) >= 5
+        assert any(m["coarse_zoom"] for m in metas) and any(m["circular_field"] for m in metas)
+        assert any(abs(m["tilt_deg"]) > 8 for m in metas)
+        fwhm = [m["fwhm_mm"] for m in metas]
+        assert 1.2 <= min(fwhm) < 2.0 and 5.5 < max(fwhm) <= 7.5
+        totals = [m["total_counts"] for m in metas]
+        assert 1.0e4 <= min(totals) < 3e4 and 4e5 < max(totals) < 1.3e6
+
+    def test_spacing_follows_the_matrix_and_header_matches_meta(self) -> None:
+        small, large = phantoms_d.make_case(7, 128), phantoms_d.make_case(7, 256)
+        s128, s256 = (float(c.dataset.PixelSpacing[0]) for c in (small, large))
+        assert s128 == pytest.approx(2 * s256, rel=1e-3)
+        for case, size in ((small, 128), (large, 256)):
+            ds = case.dataset
+            assert ds.Rows == ds.Columns == size
+            assert ds.pixel_array.shape == (size, size) and ds.pixel_array.dtype == np.uint16
+            assert float(ds.PixelSpacing[0]) == pytest.approx(case.meta["pixel_spacing_mm"])
+            assert ds.CountsAccumulated == int(ds.pixel_array.sum()) == case.meta["pixel_sum"]
+            assert ds.BitsAllocated == 16 and ds.NumberOfFrames == 1
+        metas = [phantoms_d.make_case(s, 64).meta for s in range(30)]
+        parallel = [m["fov_mm"] for m in metas if m["geometry"] == "parallel"]
+        pinhole = [m["fov_mm"] for m in metas if m["geometry"] == "pinhole"]
+        assert min(parallel) >= 200 and max(parallel) <= 320
+        assert min(pinhole) >= 80 and max(pinhole) <= 200
+
+    def test_header_style_differs_from_families_a_b_and_c(self) -> None:
+        a, b = make_case(4, 256).dataset, phantoms_alt.make_case(4, 256).dataset
+        c, d = phantoms_c.make_case(4, 256).dataset, phantoms_d.make_case(4, 256).dataset
+        assert len({a.Manufacturer, b.Manufacturer, c.Manufacturer, d.Manufacturer}) == 4
+        assert d.Manufacturer == "Delphinus Imaging"
+        assert d.SeriesDescription not in (a.SeriesDescription, b.SeriesDescription)
+        assert d.SeriesDescription != c.SeriesDescription
+        assert d.Modality == "NM" and d.SOPClassUID == NM_IMAGE_STORAGE
+        assert d.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert list(d.ImageType)[2:] == ["STATIC", "EMISSION"]
+        for seed in range(12):  # the window holds the photopeak unless it was set wrong
+            case = phantoms_d.make_case(seed, 32)
+            item = case.dataset.EnergyWindowInformationSequence[0].EnergyWindowRangeSequence[0]
+            peak = 140.5 if case.meta["nuclide"] == "Tc-99m" else 159.0
+            low, high = float(item.EnergyWindowLowerLimit), float(item.EnergyWindowUpperLimit)
+            assert low < peak < high or case.meta["wrong_window"]
+
+    def test_small_or_odd_size_is_refused(self) -> None:
+        for size in (16, 28, 130):
+            with pytest.raises(ValueError, match="size must be a multiple of 4"):
+                phantoms_d.make_case(1, size)
+        assert phantoms_d.make_case(1, 32).truth["thyroid"].shape == (32, 32)
+
+    @pytest.mark.parametrize(("seed", "size"), [(1, 128), (2, 256), (6, 128), (9, 256)])
+    def test_dciodvfy_finds_no_error(self, tmp_path: Path, seed: int, size: int) -> None:
+        path = tmp_path / "nm.dcm"
+        phantoms_d.make_case(seed, size).dataset.save_as(path, enforce_file_format=True)
+        result = dciodvfy(path)
+        assert result.errors == [], result.output
+
+    def test_write_cases_family_d(self, tmp_path: Path) -> None:
+        folders = write_cases(tmp_path / "d", 4, seed=2, size=[128, 64], family="D")
+        assert [f.name for f in folders] == [f"case{i:04d}" for i in range(4)]
+        plan = plan_cases(4, 2)
+        for folder, item in zip(folders, plan, strict=True):
+            ds = pydicom.dcmread(folder / "image.dcm")
+            assert ds.Manufacturer == "Delphinus Imaging"
+            assert ds.PatientID == "D" + item["patient_id"]
+            assert ds.Rows == [128, 64][item["seed"] % 2]
+            with np.load(folder / "truth.npz") as truth:
+                assert set(truth.files) == {"thyroid", "nodule"}
+                assert truth["thyroid"].shape == (ds.Rows, ds.Columns)
+        direct = phantoms_d.write_cases(tmp_path / "e", 4, seed=2, size=[128, 64])
+        assert [pydicom.dcmread(f / "image.dcm").PixelData for f in direct] == [
+            pydicom.dcmread(f / "image.dcm").PixelData for f in folders
+        ]
+        with pytest.raises(ValueError, match="n must be at least 1"):
+            phantoms_d.write_cases(tmp_path / "f", 0, seed=2)

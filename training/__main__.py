@@ -82,12 +82,13 @@ def main(verbose: bool) -> None:
 )
 @click.option(
     "--family",
-    type=click.Choice(["A", "B", "C", "classic"]),
+    type=click.Choice(["A", "B", "C", "D", "classic"]),
     default="A",
     show_default=True,
     help="Phantom family: A = the training style, B = a second style written independently "
     "(held out until version 3, trained on by version 4), "
     "C = a third independent style for reporting only (never trained on), "
+    "D = a fourth style, for reporting only, never trained on, "
     "classic = the generator thyroid-seg:1 was trained on (training/README.md).",
 )
 def phantoms(out: Path, n: int, seed: int, sizes: tuple[int, ...], family: str) -> None:
@@ -148,10 +149,11 @@ def phantoms(out: Path, n: int, seed: int, sizes: tuple[int, ...], family: str) 
 @click.option(
     "--init",
     "init_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, path_type=Path),
     default=None,
-    help="Start from this checkpoint's weights (fine-tuning, e.g. a best.pt of an earlier run; "
-    "default the config's train.init). Optimiser and schedule start afresh.",
+    help="Start from these weights (fine-tuning): a checkpoint of an earlier run (best.pt) or a "
+    "published version's folder (models/NAME/VERSION); default the config's train.init. "
+    "Optimiser and schedule start afresh.",
 )
 def train_cmd(
     config_path: str | None,

@@ -687,8 +687,9 @@ def write_cases(
         ``"A"`` (this module, the training style), ``"B"``
         (:mod:`dicom_node.demo.phantoms_alt`, the independent held-out style), ``"C"``
         (:mod:`dicom_node.demo.phantoms_c`, a third independent style for reporting only, never
-        trained on) or ``"classic"`` (:mod:`dicom_node.demo.phantoms_classic`, the generator
-        before issue 13).
+        trained on), ``"D"`` (:mod:`dicom_node.demo.phantoms_d`, a fourth independent style for
+        reporting only, never trained on) or ``"classic"``
+        (:mod:`dicom_node.demo.phantoms_classic`, the generator before issue 13).
 
     Returns
     -------
@@ -710,12 +711,16 @@ def write_cases(
         from dicom_node.demo import phantoms_c  # reporting only, never trained on
 
         return phantoms_c.write_cases(out, n, seed, size, progress)
+    if family == "D":
+        from dicom_node.demo import phantoms_d  # reporting only, never trained on
+
+        return phantoms_d.write_cases(out, n, seed, size, progress)
     if family == "classic":
         from dicom_node.demo import phantoms_classic
 
         return phantoms_classic.write_cases(out, n, seed, size, progress)
     if family != "A":
-        raise ValueError(f"family must be 'A', 'B', 'C' or 'classic', got {family!r}")
+        raise ValueError(f"family must be 'A', 'B', 'C', 'D' or 'classic', got {family!r}")
     out = Path(out)
     sizes = [size] if isinstance(size, int) else list(size)
     folders = []
