@@ -165,6 +165,67 @@ class TestTrain:
         assert record["init"]["checkpoint"] == str(source)
         assert len(record["init"]["sha256"]) == 64 and record["init"]["epoch"] >= 1
 
+    def test_init_from_a_published_version_starts_from_the_served_model(
+        self, pipeline: dict[str, Path], tmp_path: Path
+    ) -> None:
+        """The run folder may be gone: --init models/NAME/VERSION rebuilds the served network."""
+        import onnxruntime as ort
+        import pydicom
+        import torch
+
+        from training.unet import UNet
+        from training.warmstart import calibrate_norms, load_published
+
+        config = load_config(TINY)
+        net = UNet(1, 2, int(config["network"]["depth"]), int(config["network"]["base_channels"]))
+        load_published(net, pipeline["model"])
+        images = []
+        for case in sorted(pipeline["test"].iterdir()):
+            pixels = pydicom.dcmread(case / "image.dcm").pixel_array.astype(np.float32)
+            images.append(pixels / max(float(np.percentile(pixels, 99.5)), 1.0))
+        x = np.stack(images)[:, None]
+        session = ort.InferenceSession(str(pipeline["model"] / "model.onnx"))
+        served = session.run(None, {session.get_inputs()[0].name: x})[0]
+        calibrate_norms(net, [torch.from_numpy(x)])
+        with torch.no_grad():
+            rebuilt = net.eval()(torch.from_numpy(x)).numpy()
+            training_mode = net.train()(torch.from_numpy(x)).numpy()
+        # eval mode: the served logits; train mode (batch statistics): the same up to the batch
+        assert np.allclose(rebuilt, served, atol=1e-4)
+        assert np.abs(training_mode - served).max() < 1e-3 * max(1.0, np.abs(served).max())
+
+        config["train"].update(epochs=1, lr=1e-12, warmup_epochs=0)
+        cfg = tmp_path / "tune.yaml"
+        from ruamel.yaml import YAML
+
+        YAML(typ="safe").dump(config, cfg)
+        _run(
+            "train",
+            "--config",
+            str(cfg),
+            "--data",
+            str(pipeline["train"]),
+            "--out",
+            str(tmp_path / "tuned"),
+            "--init",
+            str(pipeline["model"]),
+        )
+        record = json.loads((tmp_path / "tuned" / "run.json").read_text())["init"]
+        assert record["version"] == load_manifest(pipeline["model"] / "manifest.yaml").version
+        assert record["sha256"] == load_manifest(pipeline["model"] / "manifest.yaml").sha256
+        assert record["calibration_samples"] >= 1
+
+    def test_init_from_a_published_version_of_another_network_is_refused(
+        self, pipeline: dict[str, Path], tmp_path: Path
+    ) -> None:
+        from training.unet import UNet
+        from training.warmstart import PublishedModelError, load_published
+
+        config = load_config(TINY)
+        wider = int(config["network"]["base_channels"]) + 2
+        with pytest.raises(PublishedModelError, match="network section it was trained with"):
+            load_published(UNet(1, 2, int(config["network"]["depth"]), wider), pipeline["model"])
+
     def test_init_of_another_network_says_which_part_differs(
         self, pipeline: dict[str, Path], tmp_path: Path
     ) -> None:

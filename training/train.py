@@ -42,7 +42,7 @@ from ruamel.yaml import YAML
 
 from dicom_node.modelstore.files import atomic_write
 from dicom_node.modelstore.manifest import InputSpec
-from training import runrecord, schema
+from training import runrecord, schema, warmstart
 from training.data import (
     Case,
     DataError,
@@ -314,7 +314,9 @@ def train(
     init = init if init is not None else tcfg.get("init")
     # a resumed run has its weights from resume.pt; run.json keeps the record of its start
     warm = init and not resume
-    init_record = _warm_start(net, Path(init), net_cfg, input_spec, refs) if warm else None
+    init_record = (
+        _warm_start(net, Path(init), net_cfg, input_spec, refs, train_set) if warm else None
+    )
     # torch's stub omits Module.to(memory_format=...), which the runtime accepts
     net = net.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimiser = torch.optim.AdamW(
@@ -572,12 +574,22 @@ def _warm_start(
     net_cfg: dict[str, Any],
     input_spec: InputSpec,
     refs: list[SegmentRef],
+    train_set: FrameDataset,
 ) -> dict[str, Any]:
     """Load ``path``'s weights into ``net``; return what run.json records of the checkpoint.
 
-    A checkpoint of another shape would load nothing useful (or fail deep inside torch with a
-    list of tensor names), so the shapes are compared first and the error says which differs.
+    ``path`` is a checkpoint of an earlier run or a published version's folder
+    (``models/<name>/<version>``, :mod:`training.warmstart`: its folded batch norms are
+    re-calibrated on up to 64 augmented training samples). A checkpoint of another shape would
+    load nothing useful (or fail deep inside torch with a list of tensor names), so the shapes
+    are compared first and the error says which differs.
     """
+    if warmstart.is_published_version(path):
+        record = warmstart.load_published(net, path)
+        samples = [train_set[i] for i in range(min(len(train_set), 64))]
+        batches = [_collate(samples[i : i + 16])[0] for i in range(0, len(samples), 16)]
+        record["calibration_samples"] = warmstart.calibrate_norms(net, batches)
+        return record
     source, ckpt = load_checkpoint(path)
     wanted = {
         "in_channels": input_spec.channels,
