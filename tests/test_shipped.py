@@ -40,23 +40,23 @@ def test_shipped_model_is_in_the_store_and_small() -> None:
     assert keys == ["thyroid", "nodule"]
 
 
-def test_shipped_production_is_version_4_with_a_serving_contract() -> None:
-    """v4 (v3 fine-tuned on two phantom styles) is production after a recorded, gated
-    promotion; v1, v2 (v1's weights with confidence and measurements) and v3 stay for
+def test_shipped_production_is_version_5_with_a_serving_contract() -> None:
+    """v5 (v4 fine-tuned on three phantom styles) is production after a recorded, gated
+    promotion; v1, v2 (v1's weights with confidence and measurements), v3 and v4 stay for
     rollback."""
     store = ModelStore(REPO / "models")
     prod = store.resolve("thyroid-seg@production")
     store.verify(prod)
-    v1, v2, v3 = (store.resolve(f"thyroid-seg:{n}") for n in (1, 2, 3))
-    for older in (v1, v2, v3):
+    v1, v2, v3, v4 = (store.resolve(f"thyroid-seg:{n}") for n in (1, 2, 3, 4))
+    for older in (v1, v2, v3, v4):
         store.verify(older)
-    assert prod.manifest.version == "4"
-    assert prod.manifest.sha256 not in (v1.manifest.sha256, v3.manifest.sha256)
+    assert prod.manifest.version == "5"
+    assert prod.manifest.sha256 not in (v1.manifest.sha256, v3.manifest.sha256, v4.manifest.sha256)
     assert v2.manifest.sha256 == v1.manifest.sha256
     assert prod.manifest.confidence is not None and prod.manifest.confidence.ood is not None
     assert prod.manifest.confidence.method == "entropy"
+    # chosen on validation draws of A, B and C: no border step (version 4 had one)
     assert [step.op for step in prod.manifest.postprocess] == [
-        "keep_in_region",  # border: false (a wide field's body outline and shoulders)
         "largest_component",
         "min_size",
         "within",
@@ -66,8 +66,8 @@ def test_shipped_production_is_version_4_with_a_serving_contract() -> None:
     assert prod.manifest.measurements["thyroid"].laterality == "split"
     history = (REPO / "models" / "thyroid-seg" / "history.yaml").read_text()
     assert (
-        "promote: production 3 -> 4" in history
-        or '"from": "3", "to": "4", "reason": "promote"' in history
+        "promote: production 4 -> 5" in history
+        or '"from": "4", "to": "5", "reason": "promote"' in history
     )
 
 
@@ -125,7 +125,7 @@ def test_orthanc_push_gets_a_good_seg_from_the_shipped_model(
             assert (job.state, job.rule, job.model_version) == (
                 "done",
                 "thyroid-scintigraphy",
-                "4",  # production: issue 13's model, fine-tuned on two phantom styles
+                "5",  # production: issue 13's model, fine-tuned on three phantom styles
             ), job
         by_source = {str(c.dataset.SOPInstanceUID): c for c in cases}
         for seg_id in seg_ids:

@@ -1,4 +1,4 @@
-"""The shipped model ``models/thyroid-seg`` (production 4, issue 13's model fine-tuned on two
+"""The shipped model ``models/thyroid-seg`` (production 5, issue 13's model fine-tuned on three
 phantom styles): store-valid, small, and it segments fresh studies."""
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ pytestmark = pytest.mark.skipif(
 
 
 class TestShippedModel:
-    def test_production_is_version_4_and_verifies(self) -> None:
+    def test_production_is_version_5_and_verifies(self) -> None:
         store = ModelStore(MODELS)
         resolved = store.resolve("thyroid-seg@production")
-        assert resolved.version == "4"  # issue 13's model, fine-tuned on families A and B
+        assert resolved.version == "5"  # issue 13's model, fine-tuned on families A, B and C
         store.verify(resolved)
         assert resolved.model_file.stat().st_size <= 10 * 1024 * 1024
         manifest = resolved.manifest
@@ -33,16 +33,20 @@ class TestShippedModel:
             "thyroid": "69748006",
             "nodule": "27925004",
         }
-        # every evaluation is carried: the never-trained-on family C first (the top-level
-        # figures), the training styles B and A, and version 1's own test set
-        assert list(manifest.metrics["evaluations"]) == ["testC", "testB", "testA", "testV1"]
-        assert manifest.metrics["thyroid"] == manifest.metrics["evaluations"]["testC"]["thyroid"]
+        # every evaluation is carried: the never-trained-on family D first (the top-level
+        # figures), the training styles C, B and A, and version 1's own test set
+        evaluations = ["testD", "testC", "testB", "testA", "testV1"]
+        assert list(manifest.metrics["evaluations"]) == evaluations
+        assert manifest.metrics["thyroid"] == manifest.metrics["evaluations"]["testD"]["thyroid"]
         own = manifest.metrics["evaluations"]["testV1"]
         assert own["thyroid"]["dice"] >= 0.95 and own["nodule"]["dice"] >= 0.85
         assert own["nodule_sensitivity"] >= 0.9 and own["nodule_fp_per_image"] <= 0.1
         assert (resolved.path / manifest.reference_data).is_dir()
-        # the low-confidence flag catches most of the worst held-out images (family B)
-        assert manifest.metrics["confidence"]["worst_recall"] >= 0.8
+        # the low-confidence flag catches most of the worst images of the unseen family D
+        # without firing on most good ones (version 4's flag caught 19/20 there but was raised
+        # on 53 % of the good images; a flag on every other image is one readers stop reading)
+        flag = manifest.metrics["confidence"]
+        assert flag["worst_recall"] >= 0.7 and flag["other_false_alarm_rate"] <= 0.35
         # a series without PixelSpacing still gets its specks removed
         assert any(getattr(step, "pixels", None) for step in manifest.postprocess)
 
