@@ -11,7 +11,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from dicom_node.demo import phantoms_alt, phantoms_c
+from dicom_node.demo import phantoms_alt, phantoms_c, phantoms_d
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "phantom_ceiling.py"
@@ -40,7 +40,7 @@ def test_a_sharp_disc_is_read_exactly_and_a_faint_rim_is_not() -> None:
 
 @pytest.mark.parametrize(
     ("family", "module", "anatomy_salt", "study_salt"),
-    [("B", phantoms_alt, 11, 12), ("C", phantoms_c, 31, 32)],
+    [("B", phantoms_alt, 11, 12), ("C", phantoms_c, 31, 32), ("D", phantoms_d, 0, 0)],
 )
 def test_renders_the_same_study_as_make_case(
     family: str, module: ModuleType, anatomy_salt: int, study_salt: int
