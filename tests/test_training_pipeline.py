@@ -27,6 +27,17 @@ def _run(*args: str) -> Result:
     return result
 
 
+def _tune(pipeline: dict[str, Path], out: Path, *extra: str) -> None:
+    """One epoch of the tiny config at a learning rate that hardly moves the weights."""
+    from ruamel.yaml import YAML
+
+    config = load_config(TINY)
+    config["train"].update(epochs=1, lr=1e-12, warmup_epochs=0)
+    cfg = out.parent / f"{out.name}.yaml"
+    YAML(typ="safe").dump(config, cfg)
+    _run("train", "--config", str(cfg), "--data", str(pipeline["train"]), "--out", str(out), *extra)
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pipeline")
@@ -123,33 +134,9 @@ class TestTrain:
         self, pipeline: dict[str, Path], tmp_path: Path
     ) -> None:
         """Fine-tuning: --init takes the weights of a checkpoint, the optimiser starts afresh."""
-        from ruamel.yaml import YAML
-
-        config = load_config(TINY)
-        config["train"].update(epochs=1, lr=1e-12, warmup_epochs=0)  # the weights hardly move
-        cfg = tmp_path / "tune.yaml"
-        YAML(typ="safe").dump(config, cfg)
         source = pipeline["run"] / "best.pt"
-        _run(
-            "train",
-            "--config",
-            str(cfg),
-            "--data",
-            str(pipeline["train"]),
-            "--out",
-            str(tmp_path / "tuned"),
-            "--init",
-            str(source),
-        )
-        _run(
-            "train",
-            "--config",
-            str(cfg),
-            "--data",
-            str(pipeline["train"]),
-            "--out",
-            str(tmp_path / "fresh"),
-        )
+        _tune(pipeline, tmp_path / "tuned", "--init", str(source))
+        _tune(pipeline, tmp_path / "fresh")
         start, _ = load_checkpoint(source)
         tuned, _ = load_checkpoint(tmp_path / "tuned" / "best.pt")
         fresh, _ = load_checkpoint(tmp_path / "fresh" / "best.pt")
@@ -194,22 +181,7 @@ class TestTrain:
         assert np.allclose(rebuilt, served, atol=1e-4)
         assert np.abs(training_mode - served).max() < 1e-3 * max(1.0, np.abs(served).max())
 
-        config["train"].update(epochs=1, lr=1e-12, warmup_epochs=0)
-        cfg = tmp_path / "tune.yaml"
-        from ruamel.yaml import YAML
-
-        YAML(typ="safe").dump(config, cfg)
-        _run(
-            "train",
-            "--config",
-            str(cfg),
-            "--data",
-            str(pipeline["train"]),
-            "--out",
-            str(tmp_path / "tuned"),
-            "--init",
-            str(pipeline["model"]),
-        )
+        _tune(pipeline, tmp_path / "tuned", "--init", str(pipeline["model"]))
         record = json.loads((tmp_path / "tuned" / "run.json").read_text())["init"]
         assert record["version"] == load_manifest(pipeline["model"] / "manifest.yaml").version
         assert record["sha256"] == load_manifest(pipeline["model"] / "manifest.yaml").sha256

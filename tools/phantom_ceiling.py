@@ -63,29 +63,11 @@ def _family_c(seed: int, anatomy_seed: int, size: int) -> tuple:
 
 
 def _family_d(seed: int, anatomy_seed: int, size: int) -> tuple:
-    # phantoms_d.make_case up to its Poisson step (zoomed like the stored counts when coarse)
-    d = phantoms_d
-    anatomy = d._anatomy(anatomy_seed)
-    study = d._study(seed, anatomy)
-    placed = d._place(anatomy, study)
-    acq = size // 2 if study["coarse_zoom"] else size
-    ss = 2 if acq <= 128 else 1
-    render = d._Grid(acq * ss, placed["fov"])
-    activity, thyroid, cold = d._gland(anatomy, placed, render)
-    if render.n != size:
-        _, thyroid, cold = d._gland(anatomy, placed, d._Grid(size, placed["fov"]))
-    near, deep = d._distractors(anatomy, study, placed, render, float(activity.sum()))
-    pad = max(8, render.n // 8)
-    shape = (render.n + 2 * pad, render.n + 2 * pad)
-    image = d._convolve(activity + near, d._kernel_hat(study, shape, render.sp, 1.0), pad)
-    blur = study["background_blur"]
-    image += d._convolve(deep, d._kernel_hat(study, shape, render.sp, blur), pad)
-    image = np.clip(image, 0.0, None) * d._detector(study, render, placed["fov"])
-    if ss > 1:
-        image = image.reshape(acq, ss, acq, ss).sum((1, 3))
+    # phantoms_d.make_case's own noise-free image (zoomed like the stored counts when coarse)
+    _, study, _, image, thyroid, cold = phantoms_d.render_expected(seed, size, anatomy_seed)
     if study["coarse_zoom"]:
-        image = d._zoom2(image)
-    return image, {"thyroid": thyroid, "nodule": cold}, {"fwhm_mm": d._fwhm_of(study)}
+        image = phantoms_d._zoom2(image)
+    return image, {"thyroid": thyroid, "nodule": cold}, {"fwhm_mm": phantoms_d._fwhm_of(study)}
 
 
 RENDERERS: dict[str, Render] = {

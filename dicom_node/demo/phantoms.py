@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -721,19 +722,35 @@ def write_cases(
         return phantoms_classic.write_cases(out, n, seed, size, progress)
     if family != "A":
         raise ValueError(f"family must be 'A', 'B', 'C', 'D' or 'classic', got {family!r}")
+    folders = write_planned_cases(make_case, out, n, seed, size, progress)
+    LOGGER.info("wrote %d phantom studies to %s", n, out)
+    return folders
+
+
+def write_planned_cases(
+    make: Callable[..., PhantomCase],
+    out: Path | str,
+    n: int,
+    seed: int,
+    size: int | list[int] = 256,
+    progress: Any = None,
+    prefix: str = "",
+) -> list[Path]:
+    """Write the :func:`plan_cases` studies of a family's ``make(seed, size, *, patient_id,
+    anatomy_seed)``; PatientIDs get ``prefix`` (one layout and patient grouping for all)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n!r}")
     out = Path(out)
     sizes = [size] if isinstance(size, int) else list(size)
     folders = []
     for i, item in enumerate(plan_cases(n, seed)):
-        case_size = sizes[item["seed"] % len(sizes)]
-        case = make_case(
+        case = make(
             item["seed"],
-            case_size,
-            patient_id=item["patient_id"],
+            sizes[item["seed"] % len(sizes)],
+            patient_id=prefix + item["patient_id"],
             anatomy_seed=item["anatomy_seed"],
         )
         folders.append(write_case(case, out / item["case"]))
         if progress is not None:
             progress(i + 1)
-    LOGGER.info("wrote %d phantom studies to %s", n, out)
     return folders

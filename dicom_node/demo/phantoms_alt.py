@@ -38,7 +38,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
-from dicom_node.demo.phantoms import NM_IMAGE_STORAGE, PhantomCase, plan_cases, write_case
+from dicom_node.demo.phantoms import NM_IMAGE_STORAGE, PhantomCase, write_planned_cases
 
 LOGGER = logging.getLogger(__name__)
 
@@ -482,20 +482,6 @@ def write_cases(
 
     Same layout, patient grouping and arguments as :func:`dicom_node.demo.phantoms.write_cases`.
     """
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n!r}")
-    out = Path(out)
-    sizes = [size] if isinstance(size, int) else list(size)
-    folders = []
-    for i, item in enumerate(plan_cases(n, seed)):
-        case = make_case(
-            item["seed"],
-            sizes[item["seed"] % len(sizes)],
-            patient_id="B" + item["patient_id"],
-            anatomy_seed=item["anatomy_seed"],
-        )
-        folders.append(write_case(case, out / item["case"]))
-        if progress is not None:
-            progress(i + 1)
+    folders = write_planned_cases(make_case, out, n, seed, size, progress, prefix="B")
     LOGGER.info("wrote %d family-B phantom studies to %s", n, out)
     return folders

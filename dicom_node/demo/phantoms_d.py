@@ -57,7 +57,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
-from dicom_node.demo.phantoms import NM_IMAGE_STORAGE, PhantomCase, plan_cases, write_case
+from dicom_node.demo.phantoms import NM_IMAGE_STORAGE, PhantomCase, write_planned_cases
 
 __all__ = ["make_case", "write_cases"]
 
@@ -971,26 +971,19 @@ def _header(
 
 
 # --------------------------------------------------------------------------- public API
-def make_case(
-    seed: int,
-    size: int = 256,
-    *,
-    patient_id: str | None = None,
-    anatomy_seed: int | None = None,
-) -> PhantomCase:
-    """One family-D study: NM dataset, truth masks (``thyroid``, ``nodule``) and meta.
+def render_expected(
+    seed: int, size: int, anatomy_seed: int
+) -> tuple[dict, dict, dict, np.ndarray, np.ndarray, np.ndarray]:
+    """The study before its counts: (anatomy, study, placement, image, thyroid, cold nodules).
 
-    ``anatomy_seed`` (default ``seed``) fixes the patient, ``seed`` the study.
+    ``image`` is the noise-free activity on the acquisition matrix (half ``size`` for a coarse
+    acquisition, which :func:`make_case` zooms after drawing counts); the masks are on ``size``.
+    ``tools/phantom_ceiling.py`` reads the outline's visibility from it.
     """
-    if size < 32 or size % 4:
-        raise ValueError(f"size must be a multiple of 4 and at least 32, got {size!r}")
-    anatomy_seed = seed if anatomy_seed is None else anatomy_seed
-    patient_id = patient_id or f"DEL-{anatomy_seed:08d}"
     anatomy = _anatomy(anatomy_seed)
     study = _study(seed, anatomy)
     placed = _place(anatomy, study)
     fov = placed["fov"]
-
     truth_grid = _Grid(size, fov)
     acq = size // 2 if study["coarse_zoom"] else size
     ss = 2 if acq <= 128 else 1  # finer rendering, binned: no aliasing of small structures
@@ -1007,6 +1000,27 @@ def make_case(
     image = np.clip(image, 0.0, None) * _detector(study, render, fov)
     if ss > 1:
         image = image.reshape(acq, ss, acq, ss).sum((1, 3))
+    return anatomy, study, placed, image, thyroid, cold
+
+
+def make_case(
+    seed: int,
+    size: int = 256,
+    *,
+    patient_id: str | None = None,
+    anatomy_seed: int | None = None,
+) -> PhantomCase:
+    """One family-D study: NM dataset, truth masks (``thyroid``, ``nodule``) and meta.
+
+    ``anatomy_seed`` (default ``seed``) fixes the patient, ``seed`` the study.
+    """
+    if size < 32 or size % 4:
+        raise ValueError(f"size must be a multiple of 4 and at least 32, got {size!r}")
+    anatomy_seed = seed if anatomy_seed is None else anatomy_seed
+    patient_id = patient_id or f"DEL-{anatomy_seed:08d}"
+    anatomy, study, placed, image, thyroid, cold = render_expected(seed, size, anatomy_seed)
+    fov = placed["fov"]
+    acq = size // 2 if study["coarse_zoom"] else size
     rng = np.random.default_rng([seed, _STUDY, 1])
     expected = image * (study["total_counts"] / image.sum())
     counts = rng.poisson(expected).astype(np.float64)
@@ -1097,19 +1111,4 @@ def write_cases(
     Same plan as the other families (:func:`dicom_node.demo.phantoms.plan_cases`); patient IDs
     get a ``D`` prefix.
     """
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n!r}")
-    out = Path(out)
-    sizes = [size] if isinstance(size, int) else list(size)
-    folders = []
-    for i, item in enumerate(plan_cases(n, seed)):
-        case = make_case(
-            item["seed"],
-            sizes[item["seed"] % len(sizes)],
-            patient_id="D" + item["patient_id"],
-            anatomy_seed=item["anatomy_seed"],
-        )
-        folders.append(write_case(case, out / item["case"]))
-        if progress is not None:
-            progress(i + 1)
-    return folders
+    return write_planned_cases(make_case, out, n, seed, size, progress, prefix="D")
